@@ -1,0 +1,26 @@
+"""capsspec: the capsule network of "Dynamic Routing Between Capsules" as a specification.
+
+The reference is plain NumPy (capsspec.ops, capsspec.model, capsspec.optim). Backends for
+PyTorch, TensorFlow and CuPy implement the same names and are found by name through
+get_backend. Importing capsspec imports no framework: a framework is imported only when its
+backend is used.
+"""
+
+from __future__ import annotations
+
+from .backend import Availability, Backend, BackendUnavailable
+from .config import AdamConfig, CapsNetConfig
+from .model import forward, init_params, loss, predict, value_and_grad
+from .optim import adam_init, adam_update, train_step
+from .registry import available_backends, backend_names, describe_backends, get_backend
+from .spec import OPS, SPEC_NAMES, CapsNetOutput, LossParts, StepMetrics
+from . import ops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamConfig", "Availability", "Backend", "BackendUnavailable", "CapsNetConfig", "CapsNetOutput",
+    "LossParts", "OPS", "SPEC_NAMES", "StepMetrics", "adam_init", "adam_update", "available_backends",
+    "backend_names", "describe_backends", "forward", "get_backend", "init_params", "loss", "ops", "predict",
+    "train_step", "value_and_grad", "__version__",
+]

@@ -1,0 +1,139 @@
+"""The backend protocol: what a capsspec backend is, and the base class backends derive from.
+
+A backend is an object with
+  * ``name``, ``framework`` (the import name it needs) and ``install_hint``;
+  * ``availability()`` -> Availability(available, reason, version, device), which must not
+    raise, and ``is_available()``;
+  * ``dtypes``: the float dtypes it supports ("float32", "float64");
+  * conversions: ``asarray(np_array)`` / ``to_numpy(array)`` for arrays, and
+    ``params_from_numpy(params, config)`` / ``params_to_numpy(params)`` for the canonical
+    parameter dict, ``state_from_numpy`` / ``state_to_numpy`` for optimizer state. What a backend
+    uses as "params" is its own business (a dict of arrays, an nn.Module, a tf.Module); callers
+    only pass it back to the same backend or convert it;
+  * every name in ``capsspec.spec.SPEC_NAMES`` with the reference's signature: the ops and their
+    VJPs on the backend's arrays, forward / loss / value_and_grad / predict on its params, and
+    adam_init / adam_update / train_step.
+
+Backends subclass ``Backend`` and list the modules that implement the spec's names in
+``impl_modules``; those modules are imported on first use, so constructing a backend or asking
+for its availability never imports more than the availability check needs. Importing this
+module imports no framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .config import CapsNetConfig
+from .spec import SPEC_NAMES
+
+__all__ = ["Availability", "Backend", "BackendUnavailable"]
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend exists but cannot run here (framework missing, no device). The message says why."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str = ""  # why not, when not available
+    version: str | None = None  # the framework's version, when importable
+    device: str | None = None  # where it would run (e.g. "cpu", "cuda:0 (NVIDIA H100)")
+
+
+class Backend:
+    """Base class: lazy loading of the implementing modules, availability, and common plumbing."""
+
+    name: str = ""
+    framework: str | None = None  # import name of the framework, None for NumPy only
+    install_hint: str = ""
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    impl_modules: tuple[str, ...] = ()  # modules that define the spec's names, searched in order
+    # Relative speed for choosing a default training backend (higher is faster).
+    speed_rank: int = 0
+
+    def __init__(self, device: str | None = None, **options: Any) -> None:
+        if options:
+            raise ValueError(f"backend {self.name!r} takes no options {sorted(options)}")
+        self.device = device
+
+    # ------------------------------------------------------------------------- availability
+    def availability(self) -> Availability:
+        """Whether this backend can run here, and if not, why. Never raises."""
+        if self.framework is None:
+            return Availability(True, version=np.__version__, device="cpu")
+        try:
+            mod = importlib.import_module(self.framework)
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            return Availability(False, f"{self.framework} is not importable ({exc}); install it with: {self.install_hint}")
+        return Availability(True, version=getattr(mod, "__version__", None), device=self.device or "cpu")
+
+    def is_available(self) -> bool:
+        return self.availability().available
+
+    def require_available(self) -> None:
+        a = self.availability()
+        if not a.available:
+            raise BackendUnavailable(f"backend {self.name!r} is unavailable: {a.reason}")
+
+    # ------------------------------------------------------------------------- spec names
+    def __getattr__(self, attr: str) -> Callable[..., Any]:
+        # Only reached when normal lookup fails: resolve the spec's names from impl_modules.
+        if attr.startswith("_") or attr not in SPEC_NAMES:
+            raise AttributeError(f"{type(self).__name__!s} has no attribute {attr!r}")
+        for fn in self._implementations():
+            if attr in fn:
+                return fn[attr]
+        raise AttributeError(f"backend {self.name!r} does not implement the spec's {attr!r}")
+
+    def _implementations(self) -> list[Mapping[str, Any]]:
+        cache = self.__dict__.get("_impl_cache")
+        if cache is None:
+            self.require_available()
+            cache = [vars(importlib.import_module(m)) for m in self.impl_modules]
+            self.__dict__["_impl_cache"] = cache
+        return cache
+
+    def missing_names(self) -> list[str]:
+        """Spec names this backend does not provide (empty for a complete backend)."""
+        return [n for n in SPEC_NAMES if not _has(self, n)]
+
+    # ------------------------------------------------------------------------- conversions
+    def asarray(self, a: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def params_from_numpy(self, params: Mapping[str, np.ndarray], config: CapsNetConfig) -> Any:
+        raise NotImplementedError
+
+    def params_to_numpy(self, params: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
+        """Optimizer state from {"step", "m", "v"} of NumPy arrays, for these (native) params."""
+        raise NotImplementedError
+
+    def state_to_numpy(self, state: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing). A no-op where work is synchronous."""
+
+    def __repr__(self) -> str:
+        dev = f", device={self.device!r}" if self.device else ""
+        return f"<capsspec backend {self.name!r}{dev}>"
+
+
+def _has(obj: Any, name: str) -> bool:
+    try:
+        getattr(obj, name)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,537 @@
+"""The spec's ops: every layer of the capsule network as a pure NumPy function, with its VJP.
+
+This module *is* the specification of the model's arithmetic. Every backend implements the
+same names with the same signatures, and the conformance suite compares them to these.
+
+Conventions
+-----------
+* Arrays are batch-first; images are NCHW. float32 and float64 are supported and never mixed
+  within a call; results keep the input dtype.
+* For each op ``f(*args)`` there is ``f_vjp(g, *args) -> tuple``: the vector-Jacobian product of
+  the cotangent ``g`` (shaped like f's output) with respect to f's differentiable arguments, in
+  the order listed in ``capsspec.spec.OPS``. Gradients are derived by hand (no autodiff) and are
+  checked against central finite differences in float64 by the tests.
+* No Python loop runs over examples or capsules. (conv2d's VJP loops over kernel offsets, and
+  routing over its iterations, which are the only sequential dimensions.)
+
+What the spec decides where the paper is silent (also in the README's SPEC section)
+-----------------------------------------------------------------------------------
+* squash(s) = s |s| / (1 + |s|^2) exactly, with value and gradient 0 at s = 0: no epsilon.
+* The length |v| has gradient 0 at v = 0.
+* Routing: b starts at 0 for each example; the softmax runs over the parents (classes) j;
+  gradients flow through every iteration (b, c and v are never detached); the returned
+  coupling coefficients are those used in the last iteration.
+* No bias on the class capsules; no 1/32 scaling of PrimaryCaps; no ReLU before squash in
+  PrimaryCaps (conv1 has a ReLU).
+* Primary capsule i = (t * Gh + y) * Gw + x for type t at grid position (y, x); its dim d is
+  conv channel t * D + d (channels moved last before the reshape).
+* The margin loss sums over classes and averages over the batch; the reconstruction loss is
+  the per-image sum of squared pixel errors times the scale, averaged over the batch.
+* Masking keeps the true class's capsule (training) or the longest one (inference; ties go to
+  the lowest class index), flattened class-major: feature j * E + e.
+
+What this module must never do: import a framework, keep state, or change its inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .validation import check_float_array, check_labels, check_same_dtype
+
+__all__ = [
+    "conv2d", "conv2d_vjp",
+    "squash", "squash_vjp",
+    "primary_capsules", "primary_capsules_vjp",
+    "predictions", "predictions_vjp",
+    "routing", "routing_vjp",
+    "capsule_lengths", "capsule_lengths_vjp",
+    "margin_loss", "margin_loss_vjp",
+    "mask", "mask_vjp",
+    "decoder", "decoder_vjp",
+    "reconstruction_loss", "reconstruction_loss_vjp",
+]
+
+
+def _check_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+# ============================================================================== conv2d
+def _im2col(x: np.ndarray, kh: int, kw: int, stride: int) -> tuple[np.ndarray, int, int]:
+    """Rows are output positions (b, y, x); columns are (c, i, j) like weight.reshape(O, -1)."""
+    b, c = x.shape[:2]
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    ho, wo = win.shape[2], win.shape[3]
+    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
+    return cols, ho, wo
+
+
+def _conv2d_fwd(x, weight, bias, stride):
+    o, _, kh, kw = weight.shape
+    cols, ho, wo = _im2col(x, kh, kw, stride)
+    y = cols @ weight.reshape(o, -1).T
+    y += bias
+    y = y.reshape(x.shape[0], ho, wo, o).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(y), (x.shape, cols, weight, stride)
+
+
+def _conv2d_bwd(cache, g, need_input_grad=True):
+    x_shape, cols, weight, stride = cache
+    b, c, h, w = x_shape
+    o, _, kh, kw = weight.shape
+    ho, wo = g.shape[2], g.shape[3]
+    g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
+    gweight = (g2.T @ cols).reshape(weight.shape)
+    gbias = g2.sum(axis=0)
+    if not need_input_grad:
+        return None, gweight, gbias
+    gcols = (g2 @ weight.reshape(o, -1)).reshape(b, ho, wo, c, kh, kw)
+    gx = np.zeros(x_shape, dtype=g.dtype)
+    # col2im: each kernel offset (i, j) scatters one strided slice; the loop is over the
+    # kernel, never over examples or positions.
+    for i in range(kh):
+        for j in range(kw):
+            gx[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += (
+                gcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+            )
+    return gx, gweight, gbias
+
+
+def _check_conv2d(x, weight, bias, stride):
+    check_float_array("x", x, ndim=4)
+    check_float_array("weight", weight, ndim=4)
+    stride = _check_int("stride", stride)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight must have shape (out, {x.shape[1]}, kh, kw) to match x's {x.shape[1]} channels, "
+            f"got {tuple(weight.shape)}"
+        )
+    check_float_array("bias", bias, shape=(weight.shape[0],))
+    if weight.shape[2] > x.shape[2] or weight.shape[3] > x.shape[3]:
+        raise ValueError(f"weight's kernel {tuple(weight.shape[2:])} is larger than x's spatial size {tuple(x.shape[2:])}")
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    return stride
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1) -> np.ndarray:
+    """Cross-correlation with valid padding: x (B,C,H,W), weight (O,C,kh,kw), bias (O,) -> (B,O,Ho,Wo)."""
+    stride = _check_conv2d(x, weight, bias, stride)
+    return _conv2d_fwd(x, weight, bias, stride)[0]
+
+
+def conv2d_vjp(g: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1):
+    """Gradients of conv2d with respect to (x, weight, bias)."""
+    stride = _check_conv2d(x, weight, bias, stride)
+    y, cache = _conv2d_fwd(x, weight, bias, stride)
+    check_float_array("g", g, shape=y.shape)
+    check_same_dtype(x=x, g=g)
+    return _conv2d_bwd(cache, g)
+
+
+# ============================================================================== squash
+def _norm_terms(s: np.ndarray, axis: int):
+    """|s|, the unit direction (0 where s = 0) and f(|s|) = |s| / (1 + |s|^2), overflow-safe."""
+    n = np.sqrt(np.sum(s * s, axis=axis, keepdims=True))
+    nz = n > 0
+    safe_n = np.where(nz, n, 1)
+    unit = np.where(nz, s / safe_n, 0)
+    # n / (1 + n^2) written as 1 / (n + 1/n) so that a huge n gives ~1/n instead of inf/inf.
+    f = np.where(nz, 1 / (safe_n + 1 / safe_n), 0).astype(s.dtype, copy=False)
+    return n, unit, f
+
+
+def _squash_fwd(s, axis=-1):
+    n, unit, f = _norm_terms(s, axis)
+    return f * s, (s, axis)
+
+
+def _squash_bwd(cache, g):
+    s, axis = cache
+    n, unit, f = _norm_terms(s, axis)
+    # d/ds [f(n) s] applied to g: f g + n f'(n) unit (unit . g), with n f'(n) = f q and
+    # q = (1 - n^2) / (1 + n^2) = 2 / (1 + n^2) - 1 (finite even when n^2 overflows).
+    with np.errstate(over="ignore"):
+        q = 2 / (1 + n * n) - 1
+    return f * (g + q * unit * np.sum(unit * g, axis=axis, keepdims=True))
+
+
+def squash(s: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
+    check_float_array("s", s)
+    return _squash_fwd(s, axis)[0]
+
+
+def squash_vjp(g: np.ndarray, s: np.ndarray, axis: int = -1):
+    """Gradient of squash with respect to (s,); 0 at s = 0."""
+    check_float_array("s", s)
+    check_float_array("g", g, shape=s.shape)
+    check_same_dtype(s=s, g=g)
+    return (_squash_bwd((s, axis), g),)
+
+
+# ============================================================================== primary capsules
+def _to_capsules(a: np.ndarray, capsule_dim: int) -> np.ndarray:
+    b, ch, gh, gw = a.shape
+    t = ch // capsule_dim
+    # Channels to the last axis *before* the reshape, so one capsule is D channels at one
+    # grid position (not D neighbouring positions of one channel).
+    return a.reshape(b, t, capsule_dim, gh, gw).transpose(0, 1, 3, 4, 2).reshape(b, t * gh * gw, capsule_dim)
+
+
+def _from_capsules(g: np.ndarray, shape: tuple[int, ...], capsule_dim: int) -> np.ndarray:
+    b, ch, gh, gw = shape
+    t = ch // capsule_dim
+    return g.reshape(b, t, gh, gw, capsule_dim).transpose(0, 1, 4, 2, 3).reshape(shape)
+
+
+def _primary_fwd(h, weight, bias, capsule_dim, stride):
+    a, conv_cache = _conv2d_fwd(h, weight, bias, stride)
+    s = _to_capsules(a, capsule_dim)
+    u, sq_cache = _squash_fwd(s)
+    return u, (conv_cache, sq_cache, a.shape, capsule_dim)
+
+
+def _primary_bwd(cache, g, need_input_grad=True):
+    conv_cache, sq_cache, a_shape, capsule_dim = cache
+    gs = _squash_bwd(sq_cache, g)
+    ga = _from_capsules(gs, a_shape, capsule_dim)
+    return _conv2d_bwd(conv_cache, np.ascontiguousarray(ga), need_input_grad)
+
+
+def _check_primary(h, weight, bias, capsule_dim, stride):
+    stride = _check_conv2d(h, weight, bias, stride)
+    capsule_dim = _check_int("capsule_dim", capsule_dim)
+    if weight.shape[0] % capsule_dim:
+        raise ValueError(
+            f"weight's {weight.shape[0]} output channels are not a whole number of {capsule_dim}-D capsule types"
+        )
+    return capsule_dim, stride
+
+
+def primary_capsules(h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsule_dim: int, stride: int) -> np.ndarray:
+    """PrimaryCaps: conv (no ReLU), channels o = t*D + d regrouped into capsules, squashed.
+
+    h (B,C,H,W), weight (T*D,C,k,k) -> u (B, T*Gh*Gw, D) with capsule i = (t*Gh + y)*Gw + x.
+    """
+    capsule_dim, stride = _check_primary(h, weight, bias, capsule_dim, stride)
+    return _primary_fwd(h, weight, bias, capsule_dim, stride)[0]
+
+
+def primary_capsules_vjp(g: np.ndarray, h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsule_dim: int, stride: int):
+    """Gradients of primary_capsules with respect to (h, weight, bias)."""
+    capsule_dim, stride = _check_primary(h, weight, bias, capsule_dim, stride)
+    u, cache = _primary_fwd(h, weight, bias, capsule_dim, stride)
+    check_float_array("g", g, shape=u.shape)
+    check_same_dtype(h=h, g=g)
+    return _primary_bwd(cache, g)
+
+
+# ============================================================================== predictions
+def _predictions_fwd(u, weight):
+    n, j, e, d = weight.shape
+    b = u.shape[0]
+    w = weight.reshape(n, j * e, d)
+    # One (B, D) x (D, J*E) matmul per child capsule, batched over children by BLAS.
+    out = np.matmul(u.transpose(1, 0, 2), w.transpose(0, 2, 1))  # (N, B, J*E)
+    return out.transpose(1, 0, 2).reshape(b, n, j, e), (u, weight)
+
+
+def _predictions_bwd(cache, g):
+    u, weight = cache
+    n, j, e, d = weight.shape
+    g_t = g.reshape(g.shape[0], n, j * e).transpose(1, 0, 2)  # (N, B, J*E)
+    u_t = u.transpose(1, 0, 2)  # (N, B, D)
+    gw = np.matmul(g_t.transpose(0, 2, 1), u_t).reshape(weight.shape)
+    gu = np.matmul(g_t, weight.reshape(n, j * e, d)).transpose(1, 0, 2)
+    return np.ascontiguousarray(gu), gw
+
+
+def _check_predictions(u, weight):
+    check_float_array("u", u, ndim=3)
+    check_float_array("weight", weight, ndim=4)
+    n, d = u.shape[1], u.shape[2]
+    if weight.shape[0] != n or weight.shape[3] != d:
+        raise ValueError(
+            f"weight must have shape ({n}, J, E, {d}) to match u's {n} capsules of {d} dims, got {tuple(weight.shape)}"
+        )
+    check_same_dtype(u=u, weight=weight)
+
+
+def predictions(u: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """u_hat[b, i, j] = weight[i, j] @ u[b, i]: u (B,N,D), weight (N,J,E,D) -> (B,N,J,E)."""
+    _check_predictions(u, weight)
+    return _predictions_fwd(u, weight)[0]
+
+
+def predictions_vjp(g: np.ndarray, u: np.ndarray, weight: np.ndarray):
+    """Gradients of predictions with respect to (u, weight)."""
+    _check_predictions(u, weight)
+    b, n, _ = u.shape
+    check_float_array("g", g, shape=(b, n, weight.shape[1], weight.shape[2]))
+    check_same_dtype(u=u, g=g)
+    return _predictions_bwd((u, weight), g)
+
+
+# ============================================================================== routing
+def _softmax(b: np.ndarray, axis: int) -> np.ndarray:
+    z = np.exp(b - b.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)
+
+
+def _routing_fwd(u_hat, iterations):
+    bsz, n, j, e = u_hat.shape
+    # Work in (B, J, N, E) so both contractions below are batched BLAS matmuls.
+    ut = np.ascontiguousarray(u_hat.transpose(0, 2, 1, 3))
+    logits = np.zeros((bsz, j, n), dtype=u_hat.dtype)  # b_ij, one per example, starts at 0
+    cs, ss, vs = [], [], []
+    for t in range(iterations):
+        c = _softmax(logits, axis=1)  # over the parents j, never over the children
+        s = np.matmul(c[:, :, None, :], ut)[:, :, 0, :]  # (B, J, E)
+        v, _ = _squash_fwd(s)
+        cs.append(c), ss.append(s), vs.append(v)
+        if t + 1 < iterations:  # the last update of b cannot change any output
+            logits = logits + np.matmul(ut, v[:, :, :, None])[..., 0]
+    c_out = np.ascontiguousarray(cs[-1].transpose(0, 2, 1))
+    return (vs[-1], c_out), (ut, cs, ss, vs)
+
+
+def _routing_bwd(cache, g_v, g_c=None):
+    ut, cs, ss, vs = cache
+    iterations = len(cs)
+    g_ut = np.zeros_like(ut)
+    g_logits = None  # gradient with respect to b after the current iteration's update
+    for t in reversed(range(iterations)):
+        c, s, v = cs[t], ss[t], vs[t]
+        gv = g_v.copy() if t == iterations - 1 else np.zeros_like(v)
+        if g_logits is not None:
+            # b_t = b_{t-1} + <u_hat, v_t>
+            gv += np.matmul(g_logits[:, :, None, :], ut)[:, :, 0, :]
+            g_ut += g_logits[..., None] * v[:, :, None, :]
+        gs = _squash_bwd((s, -1), gv)
+        # s_t = sum_i c_t u_hat
+        g_ut += c[..., None] * gs[:, :, None, :]
+        gc = np.matmul(ut, gs[:, :, :, None])[..., 0]
+        if t == iterations - 1 and g_c is not None:
+            gc = gc + g_c.transpose(0, 2, 1)
+        # c_t = softmax_j(b_{t-1}); b_{t-1} also passes straight through to b_t.
+        g_prev = c * (gc - np.sum(c * gc, axis=1, keepdims=True))
+        g_logits = g_prev if g_logits is None else g_logits + g_prev
+    return np.ascontiguousarray(g_ut.transpose(0, 2, 1, 3))
+
+
+def routing(u_hat: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
+
+    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
+    """
+    check_float_array("u_hat", u_hat, ndim=4)
+    iterations = _check_int("iterations", iterations)
+    return _routing_fwd(u_hat, iterations)[0]
+
+
+def routing_vjp(g: tuple[np.ndarray, np.ndarray | None], u_hat: np.ndarray, iterations: int):
+    """Gradient of routing with respect to (u_hat,), given g = (g_v, g_c); g_c may be None."""
+    check_float_array("u_hat", u_hat, ndim=4)
+    iterations = _check_int("iterations", iterations)
+    if not isinstance(g, (tuple, list)) or len(g) != 2:
+        raise ValueError(f"g must be a pair (g_v, g_c) with g_c possibly None, got {type(g).__name__}")
+    g_v, g_c = g
+    bsz, n, j, e = u_hat.shape
+    check_float_array("g_v", g_v, shape=(bsz, j, e))
+    if g_c is not None:
+        check_float_array("g_c", g_c, shape=(bsz, n, j))
+    check_same_dtype(u_hat=u_hat, g_v=g_v, g_c=g_c)
+    _, cache = _routing_fwd(u_hat, iterations)
+    return (_routing_bwd(cache, g_v, g_c),)
+
+
+# ============================================================================== lengths
+def capsule_lengths(v: np.ndarray) -> np.ndarray:
+    """|v_j| along the last axis: (..., E) -> (...)."""
+    check_float_array("v", v)
+    return np.sqrt(np.sum(v * v, axis=-1))
+
+
+def _lengths_bwd(v, g):
+    n = np.sqrt(np.sum(v * v, axis=-1, keepdims=True))
+    nz = n > 0
+    return np.where(nz, v / np.where(nz, n, 1), 0) * g[..., None]
+
+
+def capsule_lengths_vjp(g: np.ndarray, v: np.ndarray):
+    """Gradient of capsule_lengths with respect to (v,): g v / |v|, and 0 where v = 0."""
+    check_float_array("v", v)
+    check_float_array("g", g, shape=v.shape[:-1])
+    check_same_dtype(v=v, g=g)
+    return (_lengths_bwd(v, g),)
+
+
+# ============================================================================== margin loss
+def _check_margin(lengths, labels, m_plus, m_minus, lambda_):
+    check_float_array("lengths", lengths, ndim=2)
+    check_labels("labels", labels, lengths.shape[0], lengths.shape[1])
+    for name, value in (("m_plus", m_plus), ("m_minus", m_minus), ("lambda_", lambda_)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _margin_terms(lengths, labels, m_plus, m_minus):
+    present = np.zeros(lengths.shape, dtype=lengths.dtype)
+    present[np.arange(lengths.shape[0]), labels] = 1
+    up = np.maximum(m_plus - lengths, 0)
+    down = np.maximum(lengths - m_minus, 0)
+    return present, up, down
+
+
+def margin_loss(lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9, m_minus: float = 0.1,
+                lambda_: float = 0.5) -> np.ndarray:
+    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
+    _check_margin(lengths, labels, m_plus, m_minus, lambda_)
+    t, up, down = _margin_terms(lengths, labels, m_plus, m_minus)
+    per_class = t * up * up + lambda_ * (1 - t) * down * down
+    return per_class.sum(axis=1).mean(dtype=lengths.dtype)
+
+
+def margin_loss_vjp(g: np.ndarray, lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9,
+                    m_minus: float = 0.1, lambda_: float = 0.5):
+    """Gradient of margin_loss with respect to (lengths,)."""
+    _check_margin(lengths, labels, m_plus, m_minus, lambda_)
+    g = np.asarray(g, dtype=lengths.dtype)
+    if g.shape != ():
+        raise ValueError(f"g must be a scalar (the loss is a scalar), got shape {g.shape}")
+    t, up, down = _margin_terms(lengths, labels, m_plus, m_minus)
+    grad = (-2 * t * up + 2 * lambda_ * (1 - t) * down) * (g / lengths.shape[0])
+    return (grad.astype(lengths.dtype, copy=False),)
+
+
+# ============================================================================== masking
+def _mask_onehot(v, labels):
+    if labels is None:
+        labels = np.argmax(np.sum(v * v, axis=-1), axis=1)  # ties: the lowest class index
+    onehot = np.zeros(v.shape[:2], dtype=v.dtype)
+    onehot[np.arange(v.shape[0]), labels] = 1
+    return onehot
+
+
+def _check_mask(v, labels):
+    check_float_array("v", v, ndim=3)
+    if labels is not None:
+        check_labels("labels", labels, v.shape[0], v.shape[1])
+
+
+def mask(v: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
+
+    The kept capsule is the true class's when labels are given, else the longest.
+    """
+    _check_mask(v, labels)
+    return (v * _mask_onehot(v, labels)[:, :, None]).reshape(v.shape[0], -1)
+
+
+def mask_vjp(g: np.ndarray, v: np.ndarray, labels: np.ndarray | None = None):
+    """Gradient of mask with respect to (v,) (the choice of capsule is piecewise constant)."""
+    _check_mask(v, labels)
+    check_float_array("g", g, shape=(v.shape[0], v.shape[1] * v.shape[2]))
+    check_same_dtype(v=v, g=g)
+    return (g.reshape(v.shape) * _mask_onehot(v, labels)[:, :, None],)
+
+
+# ============================================================================== decoder
+def _sigmoid(z):
+    # The tanh form never overflows, for any finite z.
+    return 0.5 * (1 + np.tanh(0.5 * z))
+
+
+def _decoder_fwd(x, weights, biases):
+    hs = [x]
+    h = x
+    last = len(weights) - 1
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        z = h @ w.T + b
+        h = _sigmoid(z) if k == last else np.maximum(z, 0)
+        hs.append(h)
+    return h, hs
+
+
+def _decoder_bwd(hs, weights, g, need_input_grad=True):
+    gws, gbs = [None] * len(weights), [None] * len(weights)
+    out = hs[-1]
+    gz = g * out * (1 - out)
+    for k in reversed(range(len(weights))):
+        gws[k] = gz.T @ hs[k]
+        gbs[k] = gz.sum(axis=0)
+        if k == 0 and not need_input_grad:
+            return None, gws, gbs
+        gh = gz @ weights[k]
+        if k > 0:
+            gz = gh * (hs[k] > 0)
+    return gh, gws, gbs
+
+
+def _check_decoder(x, weights, biases):
+    check_float_array("x", x, ndim=2)
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise ValueError("weights and biases must be sequences of arrays, one per layer")
+    if len(weights) == 0 or len(weights) != len(biases):
+        raise ValueError(f"weights and biases must be non-empty and of equal length, got {len(weights)} and {len(biases)}")
+    width = x.shape[1]
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        check_float_array(f"weights[{k}]", w, shape=(None, width))
+        check_float_array(f"biases[{k}]", b, shape=(w.shape[0],))
+        check_same_dtype(x=x, **{f"weights[{k}]": w, f"biases[{k}]": b})
+        width = w.shape[0]
+
+
+def decoder(x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> np.ndarray:
+    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
+    _check_decoder(x, weights, biases)
+    return _decoder_fwd(x, weights, biases)[0]
+
+
+def decoder_vjp(g: np.ndarray, x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]):
+    """Gradients of decoder with respect to (x, weights, biases); the last two are lists."""
+    _check_decoder(x, weights, biases)
+    out, hs = _decoder_fwd(x, weights, biases)
+    check_float_array("g", g, shape=out.shape)
+    check_same_dtype(x=x, g=g)
+    return _decoder_bwd(hs, weights, g)
+
+
+# ============================================================================== reconstruction loss
+def _check_reconstruction(reconstruction, images, scale):
+    check_float_array("reconstruction", reconstruction, ndim=2)
+    check_float_array("images", images)
+    if images.shape[0] != reconstruction.shape[0] or int(np.prod(images.shape[1:])) != reconstruction.shape[1]:
+        raise ValueError(
+            f"images {tuple(images.shape)} do not match reconstruction {tuple(reconstruction.shape)}: "
+            "each image must flatten to one reconstruction row"
+        )
+    check_same_dtype(reconstruction=reconstruction, images=images)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+
+def reconstruction_loss(reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005) -> np.ndarray:
+    """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
+
+    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
+    """
+    _check_reconstruction(reconstruction, images, scale)
+    d = reconstruction - images.reshape(reconstruction.shape)
+    return (scale * np.sum(d * d, axis=1)).mean(dtype=d.dtype)
+
+
+def reconstruction_loss_vjp(g: np.ndarray, reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005):
+    """Gradient of reconstruction_loss with respect to (reconstruction,)."""
+    _check_reconstruction(reconstruction, images, scale)
+    g = np.asarray(g, dtype=reconstruction.dtype)
+    if g.shape != ():
+        raise ValueError(f"g must be a scalar (the loss is a scalar), got shape {g.shape}")
+    d = reconstruction - images.reshape(reconstruction.shape)
+    return ((2 * scale / reconstruction.shape[0]) * g * d,)

@@ -1,0 +1,91 @@
+"""The spec's vocabulary: the names every backend implements, and the result types.
+
+This module lists the ops, model functions and optimizer functions that make up the spec,
+once, so that the registry, the conformance suite and the API-surface checks all read from
+one table. It imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+__all__ = [
+    "OpSpec", "OPS", "OP_NAMES", "MODEL_FUNCTIONS", "OPTIMIZER_FUNCTIONS", "SPEC_NAMES",
+    "CapsNetOutput", "LossParts", "StepMetrics",
+]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the spec: its array arguments, which of them are differentiable, its static args."""
+
+    name: str
+    array_args: tuple[str, ...]
+    differentiable: tuple[str, ...]
+    static_args: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("out",)
+
+    @property
+    def vjp_name(self) -> str:
+        return self.name + "_vjp"
+
+
+# The VJP of each op takes (g, *args) and returns a tuple with one gradient per name in
+# `differentiable`, in that order (decoder's weights and biases gradients are lists).
+OPS: tuple[OpSpec, ...] = (
+    OpSpec("conv2d", ("x", "weight", "bias"), ("x", "weight", "bias"), ("stride",)),
+    OpSpec("squash", ("s",), ("s",), ("axis",)),
+    OpSpec("primary_capsules", ("h", "weight", "bias"), ("h", "weight", "bias"), ("capsule_dim", "stride")),
+    OpSpec("predictions", ("u", "weight"), ("u", "weight")),
+    OpSpec("routing", ("u_hat",), ("u_hat",), ("iterations",), outputs=("v", "c")),
+    OpSpec("capsule_lengths", ("v",), ("v",)),
+    OpSpec("margin_loss", ("lengths", "labels"), ("lengths",), ("m_plus", "m_minus", "lambda_")),
+    OpSpec("mask", ("v", "labels"), ("v",)),
+    OpSpec("decoder", ("x", "weights", "biases"), ("x", "weights", "biases")),
+    OpSpec("reconstruction_loss", ("reconstruction", "images"), ("reconstruction",), ("scale",)),
+)
+OP_NAMES: tuple[str, ...] = tuple(op.name for op in OPS)
+
+# forward(params, x, config, labels=None) -> CapsNetOutput
+# loss(params, x, labels, config) -> LossParts
+# value_and_grad(params, x, labels, config) -> (total loss, grads keyed like params)
+# predict(params, x, config) -> integer class per example
+MODEL_FUNCTIONS: tuple[str, ...] = ("forward", "loss", "value_and_grad", "predict")
+
+# adam_init(params) -> state; adam_update(params, grads, state, adam) -> (params, state);
+# train_step(params, state, x, labels, config, adam) -> (params, state, StepMetrics)
+OPTIMIZER_FUNCTIONS: tuple[str, ...] = ("adam_init", "adam_update", "train_step")
+
+SPEC_NAMES: tuple[str, ...] = (
+    *(n for op in OPS for n in (op.name, op.vjp_name)),
+    *MODEL_FUNCTIONS,
+    *OPTIMIZER_FUNCTIONS,
+)
+
+
+class CapsNetOutput(NamedTuple):
+    """What forward returns. Arrays are the backend's own."""
+
+    v: Any  # (B, J, E) class capsules
+    lengths: Any  # (B, J) their lengths: the class scores
+    coupling: Any  # (B, N, J) coupling coefficients of the last routing iteration
+    reconstruction: Any  # (B, C*H*W), or None without the decoder
+
+
+class LossParts(NamedTuple):
+    """The total loss and its two terms, as scalars of the backend."""
+
+    total: Any
+    margin: Any
+    reconstruction: Any
+
+
+class StepMetrics(NamedTuple):
+    """What one train_step reports. Scalars may stay on the device until a caller reads them."""
+
+    total: Any
+    margin: Any
+    reconstruction: Any
+    correct: Any  # training examples of the batch classified correctly (before the update)
+    lr: float  # the learning rate this step used
