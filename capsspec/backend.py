@@ -126,6 +126,10 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (for timing). A no-op where work is synchronous."""
 
+    def peak_memory_bytes(self) -> int | None:
+        """Peak device memory this process allocated through the backend, if it can tell (else None)."""
+        return None
+
     def __repr__(self) -> str:
         dev = f", device={self.device!r}" if self.device else ""
         return f"<capsspec backend {self.name!r}{dev}>"

@@ -17,6 +17,8 @@ Conventions
 What the spec decides where the paper is silent (also in the README's SPEC section)
 -----------------------------------------------------------------------------------
 * squash(s) = s |s| / (1 + |s|^2) exactly, with value and gradient 0 at s = 0: no epsilon.
+  Its domain is every s whose |s|^2 is finite in the dtype (up to ~1e19 per vector in float32,
+  ~1e154 in float64); within it no intermediate overflows.
 * The length |v| has gradient 0 at v = 0.
 * Routing: b starts at 0 for each example; the softmax runs over the parents (classes) j;
   gradients flow through every iteration (b, c and v are never detached); the returned
@@ -38,7 +40,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .validation import check_float_array, check_labels, check_same_dtype
 
@@ -63,21 +64,32 @@ def _check_int(name: str, value: object, minimum: int = 1) -> int:
 
 
 # ============================================================================== conv2d
+# im2col in kernel-offset-major order: cols[(i, j, c), (b, y, x)] = x[b, c, y*stride + i, x*stride + j].
+# With the offset outermost, both im2col and its adjoint (col2im) move one contiguous block per
+# kernel offset; the loops run over kernel offsets, never over examples or positions.
 def _im2col(x: np.ndarray, kh: int, kw: int, stride: int) -> tuple[np.ndarray, int, int]:
-    """Rows are output positions (b, y, x); columns are (c, i, j) like weight.reshape(O, -1)."""
-    b, c = x.shape[:2]
-    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
-    ho, wo = win.shape[2], win.shape[3]
-    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
-    return cols, ho, wo
+    b, c, h, w = x.shape
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    xt = np.ascontiguousarray(x.transpose(1, 0, 2, 3))  # (C, B, H, W)
+    cols = np.empty((kh, kw, c, b, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[i, j] = xt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+    return cols.reshape(kh * kw * c, b * ho * wo), ho, wo
+
+
+def _weight_matrix(weight: np.ndarray) -> np.ndarray:
+    """(O, C, kh, kw) -> (O, kh*kw*C), matching the rows of _im2col."""
+    o = weight.shape[0]
+    return weight.transpose(0, 2, 3, 1).reshape(o, -1)
 
 
 def _conv2d_fwd(x, weight, bias, stride):
     o, _, kh, kw = weight.shape
     cols, ho, wo = _im2col(x, kh, kw, stride)
-    y = cols @ weight.reshape(o, -1).T
-    y += bias
-    y = y.reshape(x.shape[0], ho, wo, o).transpose(0, 3, 1, 2)
+    y = _weight_matrix(weight) @ cols  # (O, B*Ho*Wo)
+    y += bias[:, None]
+    y = y.reshape(o, x.shape[0], ho, wo).transpose(1, 0, 2, 3)
     return np.ascontiguousarray(y), (x.shape, cols, weight, stride)
 
 
@@ -86,21 +98,17 @@ def _conv2d_bwd(cache, g, need_input_grad=True):
     b, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     ho, wo = g.shape[2], g.shape[3]
-    g2 = g.transpose(0, 2, 3, 1).reshape(-1, o)
-    gweight = (g2.T @ cols).reshape(weight.shape)
-    gbias = g2.sum(axis=0)
+    g2 = np.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, B*Ho*Wo)
+    gweight = (g2 @ cols.T).reshape(o, kh, kw, c).transpose(0, 3, 1, 2)
+    gbias = g2.sum(axis=1)
     if not need_input_grad:
-        return None, gweight, gbias
-    gcols = (g2 @ weight.reshape(o, -1)).reshape(b, ho, wo, c, kh, kw)
-    gx = np.zeros(x_shape, dtype=g.dtype)
-    # col2im: each kernel offset (i, j) scatters one strided slice; the loop is over the
-    # kernel, never over examples or positions.
+        return None, np.ascontiguousarray(gweight), gbias
+    gcols = (_weight_matrix(weight).T @ g2).reshape(kh, kw, c, b, ho, wo)
+    gxt = np.zeros((c, b, h, w), dtype=g.dtype)
     for i in range(kh):
         for j in range(kw):
-            gx[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += (
-                gcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-            )
-    return gx, gweight, gbias
+            gxt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += gcols[i, j]
+    return np.ascontiguousarray(gxt.transpose(1, 0, 2, 3)), np.ascontiguousarray(gweight), gbias
 
 
 def _check_conv2d(x, weight, bias, stride):

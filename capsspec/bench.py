@@ -1,0 +1,205 @@
+"""`capsspec bench`: training and inference speed of any backend, through the protocol.
+
+It times train_step and predict of a model (the paper's by default) on random images, and a
+dense matmul on the same backend in the same run (through the spec's decoder op with one
+square layer, so no backend needs extra code), then reports images per second, seconds per
+60k-image epoch, peak memory, and achieved FLOP/s as a fraction of that matmul's rate.
+Results print as a table and, with --json, as one JSON object per run for comparison over time.
+A benchmark only: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import AdamConfig, CapsNetConfig
+from .model import init_params
+from .registry import get_backend
+
+__all__ = ["model_flops", "run_benchmark", "main"]
+
+EPOCH_IMAGES = 60_000
+
+
+def model_flops(config: CapsNetConfig) -> dict[str, float]:
+    """Multiply-adds counted as 2 FLOPs, per image: forward, and training (forward + backward ~ 3x)."""
+    c = config
+    h1, w1 = c.conv1_output_hw
+    gh, gw = c.primary_grid
+    conv1 = 2 * h1 * w1 * c.conv1_channels * c.input_channels * c.conv1_kernel ** 2
+    primary = 2 * gh * gw * c.primary_channels * c.conv1_channels * c.primary_kernel ** 2
+    preds = 2 * c.num_primary * c.num_classes * c.class_dim * c.primary_dim
+    # Each iteration: s = sum_i c u_hat, and (but the last) the agreement u_hat . v.
+    routing = 2 * c.num_primary * c.num_classes * c.class_dim * (2 * c.routing_iterations - 1)
+    decoder = 0
+    if c.use_decoder:
+        widths = [c.num_classes * c.class_dim, *c.decoder_widths, c.image_size]
+        decoder = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+    forward = conv1 + primary + preds + routing + decoder
+    return {"forward": float(forward), "train": float(3 * forward)}
+
+
+def _median_time(fn, repeats: int, sync) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _matmul_rate(backend, n: int, dtype: str, repeats: int) -> float:
+    """FLOP/s of an n x n by n x n product on this backend (the spec's decoder op, one layer)."""
+    rng = np.random.default_rng(0)
+    x = backend.asarray(rng.standard_normal((n, n)).astype(dtype))
+    w = backend.asarray((rng.standard_normal((n, n)) / np.sqrt(n)).astype(dtype))
+    b = backend.asarray(np.zeros(n, dtype))
+    run = lambda: backend.decoder(x, [w], [b])  # noqa: E731
+    run()
+    backend.synchronize()
+    return 2 * n ** 3 / _median_time(run, repeats, backend.synchronize)
+
+
+def _peak_memory(backend) -> dict[str, Any]:
+    dev = getattr(backend, "peak_memory_bytes", None)
+    value = dev() if callable(dev) else None
+    if value is not None:
+        return {"peak_memory_bytes": int(value), "peak_memory_kind": "device"}
+    # ru_maxrss is in KiB on Linux: the whole process's peak resident memory.
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "process RSS (host)"}
+
+
+def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsNetConfig | None = None,
+                  batch_size: int = 128, dtype: str = "float32", steps: int = 5, warmup: int = 2,
+                  matmul_size: int = 2048, progress=None, **backend_options: Any) -> dict[str, Any]:
+    """Time one backend; return a dict of figures (see module docstring)."""
+    config = config or CapsNetConfig()
+    if batch_size < 1 or steps < 1 or warmup < 0:
+        raise ValueError(f"batch_size and steps must be >= 1 and warmup >= 0, got {batch_size}, {steps}, {warmup}")
+    backend = get_backend(backend_name, device=device, **backend_options)
+    if dtype not in backend.dtypes:
+        raise ValueError(f"backend {backend_name!r} supports dtypes {backend.dtypes}, not {dtype!r}")
+    say = progress or (lambda msg: None)
+    rng = np.random.default_rng(0)
+    x_np = rng.uniform(size=(batch_size, *config.input_shape)).astype(dtype)
+    y_np = rng.integers(0, config.num_classes, size=batch_size)
+    params = backend.params_from_numpy(init_params(config, 0, dtype), config)
+    state = backend.adam_init(params)
+    x, y = backend.asarray(x_np), backend.asarray(y_np)
+    adam = AdamConfig()
+
+    holder = {"params": params, "state": state}
+
+    def train_once():
+        holder["params"], holder["state"], metrics = backend.train_step(holder["params"], holder["state"], x, y,
+                                                                        config, adam)
+        holder["metrics"] = metrics
+
+    say(f"warming up {backend.name} ({warmup} training steps)")
+    for _ in range(warmup):
+        train_once()
+    backend.synchronize()
+    say(f"timing {steps} training steps at batch {batch_size}")
+    t_train = _median_time(train_once, steps, backend.synchronize)
+    float(backend.to_numpy(holder["metrics"].total))  # the step really finished
+    infer = lambda: backend.predict(holder["params"], x, config)  # noqa: E731
+    infer()
+    backend.synchronize()
+    say(f"timing {steps} inference batches")
+    t_infer = _median_time(infer, steps, backend.synchronize)
+    say(f"timing a {matmul_size}x{matmul_size} matmul")
+    mm_rate = _matmul_rate(backend, matmul_size, dtype, max(3, steps))
+
+    flops = model_flops(config)
+    train_ips = batch_size / t_train
+    train_rate = flops["train"] * train_ips
+    avail = backend.availability()
+    return {
+        "backend": backend.name,
+        "backend_version": avail.version,
+        "device": avail.device,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "routing_iterations": config.routing_iterations,
+        "use_decoder": config.use_decoder,
+        "paper_config": config == CapsNetConfig(),
+        "train_step_seconds": t_train,
+        "train_images_per_second": train_ips,
+        "epoch_seconds_60k": EPOCH_IMAGES / train_ips,
+        "inference_images_per_second": batch_size / t_infer,
+        "train_gflops_per_image": flops["train"] / 1e9,
+        "achieved_tflops": train_rate / 1e12,
+        "matmul_tflops": mm_rate / 1e12,
+        "fraction_of_matmul_rate": train_rate / mm_rate,
+        **_peak_memory(backend),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _format(r: dict[str, Any]) -> str:
+    mem = r["peak_memory_bytes"] / 2**20
+    return (
+        f"{r['backend']} {r['backend_version']} on {r['device']} ({r['dtype']}, batch {r['batch_size']}, "
+        f"{r['routing_iterations']} routing iterations{', decoder' if r['use_decoder'] else ''})\n"
+        f"  training:   {r['train_images_per_second']:10.1f} images/s   {r['epoch_seconds_60k']:10.1f} s per 60k epoch\n"
+        f"  inference:  {r['inference_images_per_second']:10.1f} images/s\n"
+        f"  compute:    {r['achieved_tflops'] * 1e3:10.2f} GFLOP/s achieved, dense matmul {r['matmul_tflops'] * 1e3:.2f} "
+        f"GFLOP/s -> {100 * r['fraction_of_matmul_rate']:.1f}% of it\n"
+        f"  peak memory: {mem:9.1f} MiB ({r['peak_memory_kind']})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="capsspec bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", action="append", help="backend to time (repeatable; default: every available one)")
+    p.add_argument("--device", default=None, help="device for the backend, e.g. cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--routing-iterations", type=int, default=3)
+    p.add_argument("--no-decoder", action="store_true")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--fast", action="store_true", help="ask the backend for its fast path (backends that have one)")
+    p.add_argument("--json", metavar="FILE", help="append one JSON object per backend to FILE ('-' for stdout)")
+    args = p.parse_args(argv)
+    from .registry import available_backends
+
+    names = args.backend or available_backends()
+    config = CapsNetConfig(routing_iterations=args.routing_iterations, use_decoder=not args.no_decoder)
+    status = 0
+    for name in names:
+        options = {"fast": True} if args.fast else {}
+        try:
+            r = run_benchmark(name, device=args.device, config=config, batch_size=args.batch_size, dtype=args.dtype,
+                              steps=args.steps, warmup=args.warmup, matmul_size=args.matmul_size,
+                              progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True), **options)
+        except (ValueError, RuntimeError) as exc:
+            print(f"capsspec bench: {name}: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        print(_format(r), flush=True)
+        if args.json == "-":
+            print(json.dumps(r))
+        elif args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Bad input gets a ValueError that names the argument, what was expected and what came."""
+
+import numpy as np
+import pytest
+
+from capsspec import AdamConfig, CapsNetConfig, adam_init, forward, init_params, ops, predict, train_step, value_and_grad
+
+SMALL = CapsNetConfig(input_height=8, input_width=8, conv1_channels=2, conv1_kernel=3, primary_types=2, primary_dim=2,
+                      primary_kernel=3, num_classes=3, class_dim=2, decoder_widths=(4,))
+
+
+@pytest.fixture
+def setup():
+    params = init_params(SMALL, 0)
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    return params, x, np.array([0, 2])
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("conv1_kernel", 30, ["conv1_kernel", "larger than the input"]),
+    ("primary_kernel", 7, ["primary_kernel", "zero primary capsules"]),
+    ("primary_types", 0, ["primary_types", "at least 1"]),
+    ("num_classes", 1, ["num_classes", "at least 2"]),
+    ("routing_iterations", 0, ["routing_iterations"]),
+    ("routing_iterations", 2.5, ["routing_iterations", "int"]),
+    ("m_plus", 1.5, ["m_plus", "unreachable"]),
+    ("m_minus", 0.95, ["m_minus", "below m_plus"]),
+    ("decoder_widths", (0,), ["decoder_widths"]),
+    ("reconstruction_scale", float("nan"), ["reconstruction_scale", "finite"]),
+])
+def test_impossible_config(field, value, words):
+    with pytest.raises(ValueError) as e:
+        SMALL.replace(**{field: value})
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_config_round_trip_and_unknown_field():
+    assert CapsNetConfig.from_dict(SMALL.to_dict()) == SMALL
+    with pytest.raises(ValueError, match="unknown fields.*routing"):
+        CapsNetConfig.from_dict({"routing": 3})
+
+
+def test_paper_sizes():
+    c = CapsNetConfig()
+    assert c.primary_grid == (6, 6) and c.num_primary == 1152
+    assert c.parameter_count() == 8_215_568  # PAPER.md: conv1 20,992 + primary 5,308,672 + W 1,474,560 + decoder 1,411,344
+    assert c.replace(use_decoder=False).parameter_count() == 6_804_224
+    assert c.param_shapes()["digit.weight"] == (1152, 10, 16, 8)
+
+
+def test_missing_extra_misshapen_params(setup):
+    params, x, y = setup
+    p = dict(params)
+    del p["conv1.bias"]
+    with pytest.raises(ValueError, match=r"missing \['conv1.bias'\]"):
+        forward(p, x, SMALL)
+    p = dict(params, extra=np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        forward(p, x, SMALL)
+    p = dict(params, **{"digit.weight": np.zeros((1, 3, 2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"params\['digit.weight'\] must have shape \(\d+, 3, 2, 2\), got \(1, 3, 2, 2\)"):
+        forward(p, x, SMALL)
+    p = dict(params, **{"conv1.bias": params["conv1.bias"].astype(np.float64)})
+    with pytest.raises(ValueError, match="mixes dtypes"):
+        forward(p, x, SMALL)
+
+
+def test_nan_in_params_or_input(setup):
+    params, x, y = setup
+    p = {k: v.copy() for k, v in params.items()}
+    p["primary.weight"][0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"params\['primary.weight'\].*finite"):
+        value_and_grad(p, x, y, SMALL)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="x must contain only finite values"):
+        predict(params, bad, SMALL)
+
+
+def test_wrong_shapes_and_dtypes(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match=r"x must have shape \(\*, 1, 8, 8\), got shape \(2, 1, 9, 8\)"):
+        forward(params, np.zeros((2, 1, 9, 8), np.float32), SMALL)
+    with pytest.raises(ValueError, match="x has dtype float64 but params have dtype float32"):
+        forward(params, x.astype(np.float64), SMALL)
+    with pytest.raises(ValueError, match="dtype float32 or float64, got int64"):
+        forward(params, x.astype(np.int64), SMALL)
+    with pytest.raises(ValueError, match="numpy.ndarray"):
+        forward(params, x.tolist(), SMALL)
+
+
+def test_labels(setup):
+    params, x, _ = setup
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got a label 3"):
+        value_and_grad(params, x, np.array([0, 3]), SMALL)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got a label -1"):
+        value_and_grad(params, x, np.array([-1, 0]), SMALL)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
+        value_and_grad(params, x, np.array([0]), SMALL)
+    with pytest.raises(ValueError, match="integer dtype, got float64"):
+        value_and_grad(params, x, np.array([0.0, 1.0]), SMALL)
+
+
+def test_op_level_errors():
+    with pytest.raises(ValueError, match=r"weight must have shape \(3, J, E, 2\)"):
+        ops.predictions(np.zeros((1, 3, 2)), np.zeros((4, 2, 2, 2)))
+    with pytest.raises(ValueError, match="iterations must be an int >= 1, got 0"):
+        ops.routing(np.zeros((1, 2, 2, 2)), 0)
+    with pytest.raises(ValueError, match="g has dtype float32 but s has dtype float64|s has dtype"):
+        ops.squash_vjp(np.zeros(3, np.float32), np.zeros(3))
+    with pytest.raises(ValueError, match="not a whole number of 3-D capsule types"):
+        ops.primary_capsules(np.zeros((1, 1, 5, 5)), np.zeros((4, 1, 3, 3)), np.zeros(4), 3, 1)
+
+
+def test_adam_config_and_state_errors(setup):
+    params, x, y = setup
+    with pytest.raises(ValueError, match="AdamConfig.beta1"):
+        AdamConfig(beta1=1.0)
+    state = adam_init(params)
+    state["m"].pop("conv1.weight")
+    with pytest.raises(ValueError, match=r"state\['m'\] has keys"):
+        train_step(params, state, x, y, SMALL)
