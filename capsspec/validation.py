@@ -2,9 +2,9 @@
 
 Every public function of the reference validates what it is given and raises ValueError with
 a message that names the argument, what was expected and what came. These helpers keep those
-messages uniform. They work on anything with .shape and .dtype, so backends may reuse them on
-their own arrays for shape and dtype checks (finiteness checks convert to NumPy and are only
-for NumPy inputs).
+messages uniform. check_float_array, check_labels and check_images take NumPy arrays only;
+check_params and check_same_dtype take anything with .shape and .dtype (framework tensors too),
+and check finiteness only of the NumPy arrays among them.
 """
 
 from __future__ import annotations
