@@ -1,0 +1,233 @@
+"""The capsule network as torch.nn.Modules, and the spec's model functions on top of them.
+
+    x -> conv1 (nn.Conv2d) -> ReLU -> primary (PrimaryCaps) -> digit (DigitCaps: predictions,
+    routing) -> capsule lengths;  mask -> decoder (Decoder, an nn.Sequential) -> reconstruction
+    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, x)
+
+The backend's native params are one CapsNet. Its submodules are named so that its
+state_dict keys *are* the canonical parameter names of CapsNetConfig.param_shapes, in the
+same order, with no mapping table:
+
+    conv1.weight, conv1.bias          nn.Conv2d
+    primary.weight, primary.bias      PrimaryCaps, an nn.Conv2d whose forward makes capsules
+    digit.weight                      DigitCaps, nn.Parameter (N, J, E, D)
+    decoder.K.weight, decoder.K.bias  Decoder, an nn.Sequential whose Linear layers are named
+                                      "0", "1", ... and its activations "relu0", ..., "sigmoid"
+                                      (so decoder[1] is the first ReLU, but decoder.get_submodule("1")
+                                      and the state_dict key decoder.1.weight are the second Linear)
+
+Every layer's forward calls the ops of backends/torch/ops.py (their unchecked forms), so each
+piece of the spec's math is written once; value_and_grad is autograd through them.
+
+The spec's functional names take (params, x, config, ...) where params is a CapsNet built for
+that config; they validate what they are given (shapes, dtypes, devices, label ranges) and
+raise ValueError naming the argument. They never mutate params.
+
+What this module must never do: import the reference's implementation.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from capsspec.config import CapsNetConfig
+from capsspec.spec import CapsNetOutput, LossParts
+
+from . import ops
+
+__all__ = ["CapsNet", "PrimaryCaps", "DigitCaps", "Decoder", "forward", "loss", "value_and_grad", "predict",
+           "check_model_inputs"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+
+
+class PrimaryCaps(nn.Conv2d):
+    """PrimaryCaps: a 9x9 convolution (no ReLU) whose T*D channels are regrouped into T*Gh*Gw
+    capsules of D dims and squashed. An nn.Conv2d, so its parameters are weight and bias."""
+
+    def __init__(self, in_channels: int, types: int, capsule_dim: int, kernel_size: int, stride: int,
+                 **factory: Any) -> None:
+        super().__init__(in_channels, types * capsule_dim, kernel_size, stride=stride, **factory)
+        self.capsule_dim = capsule_dim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, T*Gh*Gw, D)
+        return ops._primary_capsules(h, self.weight, self.bias, self.capsule_dim, self.stride[0])
+
+
+class DigitCaps(nn.Module):
+    """The class capsules: predictions u_hat = W u (one W per child/parent pair, no bias), then
+    routing by agreement. forward(u) -> (v (B, J, E), coupling c (B, N, J))."""
+
+    def __init__(self, num_primary: int, num_classes: int, class_dim: int, primary_dim: int,
+                 routing_iterations: int, **factory: Any) -> None:
+        super().__init__()
+        self.routing_iterations = routing_iterations
+        self.weight = nn.Parameter(torch.empty(num_primary, num_classes, class_dim, primary_dim, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The spec's initial distribution (capsspec.model.init_params): short class capsules,
+        # so routing starts undecided.
+        nn.init.normal_(self.weight, 0.0, 0.01)
+
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops._routing(ops._predictions(u, self.weight), self.routing_iterations)
+
+
+class Decoder(nn.Sequential):
+    """Linear -> ReLU -> ... -> Linear -> Sigmoid, with the Linear layers named "0", "1", ... so
+    the state_dict keys are the canonical decoder.K.weight / decoder.K.bias."""
+
+    def __init__(self, widths: list[int], **factory: Any) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        last = len(widths) - 2
+        for k in range(len(widths) - 1):
+            layers[str(k)] = nn.Linear(widths[k], widths[k + 1], **factory)
+            layers["sigmoid" if k == last else f"relu{k}"] = nn.Sigmoid() if k == last else nn.ReLU()
+        super().__init__(layers)
+
+    def linears(self) -> list[nn.Linear]:
+        return [m for m in self if isinstance(m, nn.Linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The spec's decoder op, on this module's layers (the same math nn.Sequential would do).
+        layers = self.linears()
+        return ops._decoder(x, [m.weight for m in layers], [m.bias for m in layers])
+
+
+class CapsNet(nn.Module):
+    """The capsule network of Sabour et al. (2017) for one CapsNetConfig.
+
+    CapsNet(config, dtype="float32", device=None) initialises from the spec's distributions
+    (conv and linear layers uniform in +-1/sqrt(fan_in), which is PyTorch's default for them;
+    digit.weight normal with std 0.01) with torch's RNG; for the spec's exact values build it
+    with TorchBackend.params_from_numpy(capsspec.model.init_params(config, seed), config).
+    forward(x, labels=None) -> CapsNetOutput; the decoder sees the true class's capsule when
+    labels are given, else the longest one.
+    """
+
+    def __init__(self, config: CapsNetConfig | None = None, dtype: Any = "float32",
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        config = config if config is not None else CapsNetConfig()
+        if not isinstance(config, CapsNetConfig):
+            raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
+        self.config = config
+        factory = {"dtype": _torch_dtype(dtype), "device": device}
+        c = config
+        # Registration order = the canonical order of CapsNetConfig.param_shapes.
+        self.conv1 = nn.Conv2d(c.input_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, **factory)
+        self.primary = PrimaryCaps(c.conv1_channels, c.primary_types, c.primary_dim, c.primary_kernel,
+                                   c.primary_stride, **factory)
+        self.digit = DigitCaps(c.num_primary, c.num_classes, c.class_dim, c.primary_dim, c.routing_iterations,
+                               **factory)
+        self.decoder = (Decoder([c.num_classes * c.class_dim, *c.decoder_widths, c.image_size], **factory)
+                        if c.use_decoder else None)
+        # Set by TorchBackend (fast=True / compile=True on CUDA): train_step takes the fast path.
+        self.fast = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.digit.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.digit.weight.device
+
+    def canonical_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters under their canonical names, in the canonical order."""
+        return dict(self.named_parameters())
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+        h1 = torch.relu(self.conv1(x))
+        u = self.primary(h1)
+        v, c = self.digit(u)
+        lengths = ops._lengths(v)
+        recon = self.decoder(ops._mask(v, labels)) if self.decoder is not None else None
+        return CapsNetOutput(v=v, lengths=lengths, coupling=c, reconstruction=recon)
+
+    def loss_parts(self, out: CapsNetOutput, x: torch.Tensor, labels: torch.Tensor) -> LossParts:
+        """The spec's loss of a forward output (built with these labels)."""
+        c = self.config
+        margin = ops._margin_loss(out.lengths, labels, c.m_plus, c.m_minus, c.lambda_)
+        if out.reconstruction is not None:
+            recon = ops._reconstruction_loss(out.reconstruction, x, c.reconstruction_scale)
+        else:
+            recon = torch.zeros((), dtype=x.dtype, device=x.device)
+        return LossParts(total=margin + recon, margin=margin, reconstruction=recon)
+
+
+# ============================================================================== spec functions
+def check_model_inputs(params: Any, x: Any, config: CapsNetConfig, labels: Any | None, *,
+                       check_label_range: bool = True) -> None:
+    """Validates the arguments of a model function (no host synchronisation unless label ranges
+    are checked)."""
+    if not isinstance(config, CapsNetConfig):
+        raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
+    if not isinstance(params, CapsNet):
+        raise ValueError(
+            f"params must be a CapsNet (what TorchBackend.params_from_numpy returns), got {type(params).__name__}"
+        )
+    if params.config != config:
+        raise ValueError(f"config does not match the config params were built for: got {config}, "
+                         f"params have {params.config}")
+    ops.check_tensor("x", x, shape=(None, *config.input_shape))
+    if x.dtype != params.dtype:
+        raise ValueError(f"x has dtype {str(x.dtype).replace('torch.', '')} but params have dtype "
+                         f"{str(params.dtype).replace('torch.', '')}: they must match")
+    if x.device != params.device:
+        raise ValueError(f"x is on {x.device} but params are on {params.device}: they must share a device")
+    if labels is not None:
+        ops.check_label_tensor("labels", labels, x.shape[0], config.num_classes, check_range=check_label_range)
+        if labels.device != x.device:
+            raise ValueError(f"labels are on {labels.device} but x on {x.device}: they must share a device")
+
+
+def forward(params: CapsNet, x: torch.Tensor, config: CapsNetConfig, labels: torch.Tensor | None = None) -> CapsNetOutput:
+    """The model's outputs. The decoder sees the true class's capsule when labels are given,
+    else the longest capsule."""
+    check_model_inputs(params, x, config, labels)
+    return params(x, labels)
+
+
+def loss(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig) -> LossParts:
+    """Total loss (margin + reconstruction) with its two terms (0-d tensors), averaged over the batch."""
+    if labels is None:
+        raise ValueError("labels are required for the loss")
+    check_model_inputs(params, x, config, labels)
+    return params.loss_parts(params(x, labels), x, labels)
+
+
+def value_and_grad(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig):
+    """(total loss, gradient of it for every parameter keyed by canonical name), by autograd.
+
+    The gradients are returned, not accumulated into the parameters' .grad.
+    """
+    if labels is None:
+        raise ValueError("labels are required for value_and_grad")
+    check_model_inputs(params, x, config, labels)
+    named = params.canonical_parameters()
+    with torch.enable_grad():
+        total = params.loss_parts(params(x, labels), x, labels).total
+        grads = torch.autograd.grad(total, list(named.values()))
+    return total.detach(), dict(zip(named, grads))
+
+
+def predict(params: CapsNet, x: torch.Tensor, config: CapsNetConfig) -> torch.Tensor:
+    """The class of the longest class capsule, per example (int64)."""
+    check_model_inputs(params, x, config, None)
+    with torch.no_grad():
+        v, _ = params.digit(params.primary(torch.relu(params.conv1(x))))
+        return torch.argmax(ops._lengths(v), dim=1).to(torch.int64)
