@@ -163,6 +163,18 @@ def _format(r: dict[str, Any]) -> str:
     )
 
 
+def _without_backend_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--backend":
+            skip = True
+        elif not a.startswith("--backend="):
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="capsspec bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", action="append", help="backend to time (repeatable; default: every available one)")
@@ -180,6 +192,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .registry import available_backends
 
     names = args.backend or available_backends()
+    if len(names) > 1:
+        # One process per backend: host peak memory (ru_maxrss) only ever grows within a process,
+        # and frameworks keep their thread pools and caches; separate runs keep figures honest.
+        import subprocess
+
+        rest = _without_backend_flags(list(sys.argv[1:] if argv is None else argv))
+        status = 0
+        for name in names:
+            r = subprocess.run([sys.executable, "-m", "capsspec.bench", "--backend", name, *rest])
+            status = status or r.returncode
+        return status
     config = CapsNetConfig(routing_iterations=args.routing_iterations, use_decoder=not args.no_decoder)
     status = 0
     for name in names:
