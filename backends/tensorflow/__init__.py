@@ -1,0 +1,178 @@
+"""The TensorFlow backend: the spec's ops, model and Adam as TensorFlow 2 code, gradients by GradientTape.
+
+ops.py has every op of the spec on tf tensors in the spec's canonical layouts (VJPs by
+tf.GradientTape); model.py the network as tf.Modules (CapsNet: channels-last activations, HWIO
+and (in, out) kernels inside, canonical names and layouts at its edges) with its steps compiled
+by tf.function; optim.py the spec's Adam written out on tf.Variables (keras.optimizers.Adam
+rounds beta1/beta2 to float32; optim.py says why that matters) and the compiled train_step.
+
+Native params are a model.CapsNet; optimizer state is an optim.AdamState (a Mapping view
+{"step", "m", "v"} over tf.Variables). float32 and float64.
+
+TensorFlowBackend(device=None):
+* device: None or "cpu" (the default: a GPU is never picked silently) runs on "/CPU:0";
+  "gpu", "cuda", "gpu:N" or "cuda:N" runs on "/GPU:N" when TensorFlow sees that GPU
+  (availability() says why not otherwise). Variables are created on that device and every
+  compiled step places its ops there.
+
+TensorFlow's C++ logging is quieted (TF_CPP_MIN_LOG_LEVEL=2) before its first import unless the
+user has set that variable.
+
+What this module must never do: import tensorflow at module level (the registry imports it to
+list backends on machines without TensorFlow); only availability() and use import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from capsspec.backend import Availability, Backend
+from capsspec.config import CapsNetConfig
+from capsspec.validation import check_params
+
+__all__ = ["TensorFlowBackend"]
+
+_DEVICE = re.compile(r"^(cpu|gpu|cuda)(?::(\d+))?$", re.IGNORECASE)
+
+
+def _parse_device(device: Any) -> tuple[str, str]:
+    """(the backend's device name, TensorFlow's device string) for a user's device argument."""
+    if device is None:
+        return "cpu", "/CPU:0"
+    text = str(device).strip().lstrip("/")
+    match = _DEVICE.match(text)
+    if match is None or (match.group(1).lower() == "cpu" and match.group(2) not in (None, "0")):
+        raise ValueError(
+            f"the tensorflow backend's device must be None, 'cpu', 'gpu', 'cuda', 'gpu:N' or 'cuda:N', got {device!r}"
+        )
+    if match.group(1).lower() == "cpu":
+        return "cpu", "/CPU:0"
+    index = int(match.group(2) or 0)
+    return f"gpu:{index}", f"/GPU:{index}"
+
+
+def _import_tensorflow() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a user's own setting wins
+    return importlib.import_module("tensorflow")
+
+
+class TensorFlowBackend(Backend):
+    name = "tensorflow"
+    framework = "tensorflow"
+    install_hint = "pip install 'capsspec[tensorflow]'"
+    impl_modules = ("capsspec.backends.tensorflow.ops", "capsspec.backends.tensorflow.model",
+                    "capsspec.backends.tensorflow.optim")
+    speed_rank = 10
+
+    def __init__(self, device: Any = None, **options: Any) -> None:
+        name, tf_device = _parse_device(device)
+        super().__init__(device=name, **options)
+        self.tf_device = tf_device
+
+    # ------------------------------------------------------------------------- availability
+    def availability(self) -> Availability:
+        """Available when tensorflow imports and, for a GPU device, sees it. Never raises."""
+        try:
+            tf = _import_tensorflow()
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            return Availability(False, f"tensorflow is not importable ({exc}); install it with: {self.install_hint}")
+        version = getattr(tf, "__version__", None)
+        try:
+            gpus = tf.config.list_physical_devices("GPU")
+            if self.device.startswith("gpu"):
+                index = int(self.device.partition(":")[2])
+                if not gpus:
+                    built = "built with CUDA" if tf.test.is_built_with_cuda() else "built without CUDA (tensorflow-cpu?)"
+                    return Availability(False, f"no GPU: tensorflow {version} is {built} and sees no GPU",
+                                        version=version)
+                if index >= len(gpus):
+                    return Availability(False, f"no GPU {index} (tensorflow {version} sees {len(gpus)})",
+                                        version=version)
+                return Availability(True, version=version, device=f"{self.tf_device} ({gpus[index].name})")
+            device = "cpu"
+            if gpus:
+                device += f" ({len(gpus)} GPU(s) available; pass device='gpu' to use one)"
+            return Availability(True, version=version, device=device)
+        except Exception as exc:
+            return Availability(False, f"tensorflow {version} imports, but checking its devices failed: {exc}",
+                                version=version)
+
+    # ------------------------------------------------------------------------- conversions
+    def _tf(self) -> Any:
+        return _import_tensorflow()
+
+    def asarray(self, a: np.ndarray) -> Any:
+        """A tf.Tensor on the backend's device with a's dtype (int64 labels stay int64), a copy."""
+        tf = self._tf()
+        with tf.device(self.tf_device):
+            return tf.identity(tf.constant(np.array(a, copy=True, order="C")))
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        tf = self._tf()
+        if tf.is_tensor(a) or isinstance(a, tf.Variable):
+            return np.array(a.numpy(), copy=True, order="C")
+        return np.array(a, copy=True)
+
+    def params_from_numpy(self, params: Mapping[str, np.ndarray], config: CapsNetConfig) -> Any:
+        """A CapsNet on the backend's device holding these canonical parameters (copied)."""
+        if not isinstance(config, CapsNetConfig):
+            raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
+        dtype = check_params(params, config.param_shapes())
+        self.require_available()
+        from .model import CapsNet
+
+        arrays = {k: np.asarray(params[k]) for k in config.param_shapes()}
+        return CapsNet(config, dtype=dtype, initial=arrays, device=self.tf_device)
+
+    def params_to_numpy(self, params: Any) -> dict[str, np.ndarray]:
+        """The canonical dict {name: float array} of a CapsNet, in the canonical order and layouts."""
+        self.require_available()
+        from .model import CapsNet
+
+        if not isinstance(params, CapsNet):
+            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
+        return params.canonical_numpy()
+
+    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
+        """An AdamState for these params (a CapsNet) from {"step", "m", "v"} of canonical NumPy arrays."""
+        self.require_available()
+        from .model import CapsNet
+        from .optim import state_from_arrays
+
+        if not isinstance(params, CapsNet):
+            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
+        return state_from_arrays(state, params)
+
+    def state_to_numpy(self, state: Any) -> dict[str, Any]:
+        """{"step": int, "m": {name: array}, "v": {name: array}} in the canonical layouts."""
+        self.require_available()
+        from .optim import AdamState
+
+        if not isinstance(state, AdamState):
+            raise ValueError(f"state must be an AdamState (what adam_init returns), got {type(state).__name__}")
+        return {"step": state.step,
+                "m": {k: self.to_numpy(a) for k, a in state.moments("m").items()},
+                "v": {k: self.to_numpy(a) for k, a in state.moments("v").items()}}
+
+    def synchronize(self) -> None:
+        """Wait for queued device work: TensorFlow's eager async queues, if any."""
+        tf = self._tf()
+        try:
+            tf.experimental.async_wait()  # TensorFlow's public "wait for pending eager ops"
+        except Exception:
+            pass  # nothing pending / not in async mode: eager execution is synchronous here
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak GPU memory TensorFlow allocated on the device; None on the CPU."""
+        if not self.device.startswith("gpu"):
+            return None
+        try:
+            info = self._tf().config.experimental.get_memory_info(self.tf_device.lstrip("/"))
+            return int(info["peak"])
+        except Exception:
+            return None

@@ -1,0 +1,360 @@
+"""The capsule network as tf.Modules, and the spec's model functions on top of them.
+
+    x (NCHW) -> NHWC -> conv1 (Conv2D) -> ReLU -> primary (PrimaryCaps) -> digit (DigitCaps:
+    predictions, routing) -> capsule lengths;  mask -> decoder (Decoder of Dense) -> reconstruction
+    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, x)
+
+The backend's native params are one CapsNet. Inside it everything is laid out the way
+TensorFlow wants it: activations channels-last (NHWC), convolution kernels HWIO
+(kh, kw, in, out) and dense kernels (in, out), so no weight is transposed in a training step.
+The spec's canonical layouts (OIHW, (out, in)) exist only at the edges: CapsNet(initial=...)
+and CapsNet.canonical_numpy() convert whole parameter sets, value_and_grad returns canonical
+gradients, and CANONICAL_TO_NATIVE / to_native / to_canonical say which names are permuted how.
+digit.weight (N, J, E, D) and the biases are stored as the spec lays them out.
+
+Every layer calls the private forms of the ops in backends/tensorflow/ops.py, so the spec's
+math is written once. The steps the spec names are compiled per CapsNet with tf.function and an
+input_signature whose batch dimension is None: a new batch size (1, 7, 128, a last partial
+batch) reuses the one trace. CapsNet.traces counts traces per step (it grows only while
+TensorFlow traces, since it is a Python side effect), which the tests read.
+
+The spec's functional names take (params, x, config, ...) where params is a CapsNet built for
+that config; they validate what they are given (types, shapes, dtypes, label ranges) and raise
+ValueError naming the argument. They never change params.
+
+What this module must never do: import the reference's implementation, or use TF1 APIs.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from capsspec.config import CapsNetConfig
+from capsspec.spec import CapsNetOutput, LossParts
+
+from . import ops
+
+__all__ = ["CapsNet", "Conv2D", "PrimaryCaps", "DigitCaps", "Dense", "Decoder",
+           "CANONICAL_TO_NATIVE", "to_native", "to_canonical",
+           "forward", "loss", "value_and_grad", "predict", "check_model_inputs"]
+
+_DTYPES = {"float32": tf.float32, "float64": tf.float64}
+
+# How each parameter kind is permuted from the canonical layout to the stored one; names not
+# listed (biases, digit.weight) are stored as the spec lays them out.
+CANONICAL_TO_NATIVE = {"conv": ops.OIHW_TO_HWIO, "dense": (1, 0)}
+_NATIVE_TO_CANONICAL = {"conv": ops.HWIO_TO_OIHW, "dense": (1, 0)}
+
+
+def _kind(name: str) -> str | None:
+    if name in ("conv1.weight", "primary.weight"):
+        return "conv"
+    if name.startswith("decoder.") and name.endswith(".weight"):
+        return "dense"
+    return None
+
+
+def to_native(name: str, a: Any) -> Any:
+    """A canonical parameter (or gradient, or moment) in the layout CapsNet stores it in."""
+    kind = _kind(name)
+    if kind is None:
+        return a
+    perm = CANONICAL_TO_NATIVE[kind]
+    return np.ascontiguousarray(np.transpose(a, perm)) if isinstance(a, np.ndarray) else tf.transpose(a, perm)
+
+
+def to_canonical(name: str, a: Any) -> Any:
+    """The inverse of to_native."""
+    kind = _kind(name)
+    if kind is None:
+        return a
+    perm = _NATIVE_TO_CANONICAL[kind]
+    return np.ascontiguousarray(np.transpose(a, perm)) if isinstance(a, np.ndarray) else tf.transpose(a, perm)
+
+
+def _tf_dtype(dtype: Any) -> tf.DType:
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype in (tf.float32, tf.float64):
+        return dtype
+    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+
+
+# ============================================================================== layers
+class Conv2D(tf.Module):
+    """A valid-padding convolution on NHWC activations; kernel (kh, kw, in, out), bias (out,)."""
+
+    def __init__(self, kernel: Any, bias: Any, stride: int, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.stride = stride
+        self.kernel = tf.Variable(kernel, name="kernel")
+        self.bias = tf.Variable(bias, name="bias")
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return ops._conv2d_nhwc(x, self.kernel, self.bias, self.stride)
+
+
+class PrimaryCaps(Conv2D):
+    """PrimaryCaps: a convolution (no ReLU) whose T*D channels are regrouped into T*Gh*Gw capsules
+    of D dims (capsule i = (t*Gh + y)*Gw + x, dim d = channel t*D + d) and squashed."""
+
+    def __init__(self, kernel: Any, bias: Any, stride: int, capsule_dim: int, name: str | None = None) -> None:
+        super().__init__(kernel, bias, stride, name=name)
+        self.capsule_dim = capsule_dim
+
+    def __call__(self, h: tf.Tensor) -> tf.Tensor:  # (B, H, W, C) -> (B, T*Gh*Gw, D)
+        return ops._primary_capsules_nhwc(h, self.kernel, self.bias, self.capsule_dim, self.stride)
+
+
+class DigitCaps(tf.Module):
+    """The class capsules: u_hat = W u (one W (E, D) per child/parent pair, no bias), then routing
+    by agreement. __call__(u) -> (v (B, J, E), coupling c (B, N, J))."""
+
+    def __init__(self, weight: Any, routing_iterations: int, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.routing_iterations = routing_iterations
+        self.weight = tf.Variable(weight, name="weight")  # (N, J, E, D)
+
+    def __call__(self, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return ops._routing_bjne(ops._predictions_bjne(u, self.weight), self.routing_iterations)
+
+
+class Dense(tf.Module):
+    """y = x @ kernel + bias with kernel (in, out), TensorFlow's layout (the spec's W is its transpose)."""
+
+    def __init__(self, kernel: Any, bias: Any, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.kernel = tf.Variable(kernel, name="kernel")
+        self.bias = tf.Variable(bias, name="bias")
+
+
+class Decoder(tf.Module):
+    """Dense -> ReLU -> ... -> Dense -> sigmoid, from the masked class capsules to the pixels."""
+
+    def __init__(self, layers: list[Dense], name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.layers = layers
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return ops._decoder(x, [d.kernel for d in self.layers], [d.bias for d in self.layers], in_out=True)
+
+
+# ============================================================================== the network
+def _spec_initial(config: CapsNetConfig, dtype: tf.DType, seed: int) -> dict[str, tf.Tensor]:
+    """Canonical initial values from the spec's distributions (capsspec.model.init_params states
+    them): conv and dense layers uniform in +-1/sqrt(fan_in), digit.weight normal with std 0.01.
+    Drawn with TensorFlow's stateless RNG, so the values differ from the reference's for a seed."""
+    shapes = config.param_shapes()
+    out = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        key = tf.constant([seed, i], dtype=tf.int64)
+        if name == "digit.weight":
+            out[name] = tf.random.stateless_normal(shape, key, stddev=0.01, dtype=tf.float64)
+        else:
+            fan_in = math.prod(shapes[name.rsplit(".", 1)[0] + ".weight"][1:])
+            bound = 1 / math.sqrt(fan_in)
+            out[name] = tf.random.stateless_uniform(shape, key, -bound, bound, dtype=tf.float64)
+        out[name] = tf.cast(out[name], dtype)
+    return out
+
+
+class CapsNet(tf.Module):
+    """The capsule network of Sabour et al. (2017) for one CapsNetConfig.
+
+    CapsNet(config=None, dtype="float32", initial=None, seed=0, device="/CPU:0"):
+    initial, when given, is a dict of canonical parameters (what capsspec.model.init_params
+    returns, already validated); otherwise the spec's distributions are drawn with `seed`.
+    Variables are created on `device` and every step runs there.
+
+    __call__(x, labels=None) takes NCHW images (the spec's layout) and returns CapsNetOutput;
+    the decoder sees the true class's capsule when labels are given, else the longest one.
+    """
+
+    def __init__(self, config: CapsNetConfig | None = None, dtype: Any = "float32",
+                 initial: Mapping[str, Any] | None = None, seed: int = 0, device: str = "/CPU:0") -> None:
+        super().__init__(name="capsnet")
+        config = config if config is not None else CapsNetConfig()
+        if not isinstance(config, CapsNetConfig):
+            raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = device
+        tf_dtype = _tf_dtype(dtype)
+        c = config
+        with tf.device(device):
+            if initial is None:
+                initial = _spec_initial(c, tf_dtype, seed)
+            p = {k: tf.convert_to_tensor(to_native(k, initial[k]), dtype=tf_dtype) for k in c.param_shapes()}
+            self.conv1 = Conv2D(p["conv1.weight"], p["conv1.bias"], c.conv1_stride, name="conv1")
+            self.primary = PrimaryCaps(p["primary.weight"], p["primary.bias"], c.primary_stride, c.primary_dim,
+                                       name="primary")
+            self.digit = DigitCaps(p["digit.weight"], c.routing_iterations, name="digit")
+            self.decoder = (Decoder([Dense(p[f"decoder.{k}.weight"], p[f"decoder.{k}.bias"], name=f"decoder_{k}")
+                                     for k in range(c.num_decoder_layers)], name="decoder")
+                            if c.use_decoder else None)
+        self.traces: collections.Counter[str] = collections.Counter()
+        self._build_steps(tf_dtype)
+
+    @property
+    def dtype(self) -> tf.DType:
+        return self.digit.weight.dtype
+
+    def canonical_variables(self) -> dict[str, tf.Variable]:
+        """The variables under their canonical names, in the canonical order, in the stored layout
+        (to_canonical turns one into the spec's layout)."""
+        named = {"conv1.weight": self.conv1.kernel, "conv1.bias": self.conv1.bias,
+                 "primary.weight": self.primary.kernel, "primary.bias": self.primary.bias,
+                 "digit.weight": self.digit.weight}
+        if self.decoder is not None:
+            for k, layer in enumerate(self.decoder.layers):
+                named[f"decoder.{k}.weight"], named[f"decoder.{k}.bias"] = layer.kernel, layer.bias
+        return named
+
+    def canonical_numpy(self) -> dict[str, np.ndarray]:
+        """The parameters as the spec's canonical dict of NumPy arrays (copies)."""
+        return {k: to_canonical(k, np.array(v.numpy(), copy=True)) for k, v in self.canonical_variables().items()}
+
+    # ------------------------------------------------------------------------- the math
+    def _encode(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        h1 = tf.nn.relu(self.conv1(tf.transpose(x, ops.NCHW_TO_NHWC)))
+        return self.digit(self.primary(h1))
+
+    def __call__(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> CapsNetOutput:
+        v, c = self._encode(x)
+        recon = self.decoder(ops._mask(v, labels)) if self.decoder is not None else None
+        return CapsNetOutput(v=v, lengths=ops._lengths(v), coupling=c, reconstruction=recon)
+
+    def loss_parts(self, out: CapsNetOutput, x: tf.Tensor, labels: tf.Tensor) -> LossParts:
+        """The spec's loss of a forward output (built with these labels); x is NCHW."""
+        c = self.config
+        margin = ops._margin_loss(out.lengths, labels, c.m_plus, c.m_minus, c.lambda_)
+        if out.reconstruction is not None:
+            recon = ops._reconstruction_loss(out.reconstruction, x, c.reconstruction_scale)
+        else:
+            recon = tf.zeros((), dtype=x.dtype)
+        return LossParts(total=margin + recon, margin=margin, reconstruction=recon)
+
+    def loss_and_output(self, x: tf.Tensor, labels: tf.Tensor) -> tuple[LossParts, CapsNetOutput]:
+        out = self(x, labels)
+        return self.loss_parts(out, x, labels), out
+
+    # ------------------------------------------------------------------------- compiled steps
+    def _build_steps(self, dtype: tf.DType) -> None:
+        c = self.config
+        x_spec = tf.TensorSpec([None, *c.input_shape], dtype, name="x")
+        y_spec = tf.TensorSpec([None], tf.int64, name="labels")
+        # One tf.function per step and CapsNet, over a partial rather than a closure: TensorFlow
+        # keys its "frequent retracing" warning on a function's code object, which every CapsNet's
+        # closure would share, so building many networks (tests, the conformance suite) would
+        # warn although each step is traced once.
+        self.forward_labels_step = tf.function(functools.partial(_forward_labels_step, self),
+                                               input_signature=[x_spec, y_spec])
+        self.forward_longest_step = tf.function(functools.partial(_forward_longest_step, self),
+                                                input_signature=[x_spec])
+        self.loss_step = tf.function(functools.partial(_loss_step, self), input_signature=[x_spec, y_spec])
+        self.value_and_grad_step = tf.function(functools.partial(_value_and_grad_step, self),
+                                               input_signature=[x_spec, y_spec])
+        self.predict_step = tf.function(functools.partial(_predict_step, self), input_signature=[x_spec])
+
+
+# The bodies of CapsNet's compiled steps. Each counts its traces in net.traces: a Python side
+# effect, so it runs only while TensorFlow traces, never when a trace is reused.
+def _forward_labels_step(net: CapsNet, x: tf.Tensor, labels: tf.Tensor) -> tuple:
+    net.traces["forward_labels"] += 1
+    with tf.device(net.device):
+        return tuple(net(x, labels))
+
+
+def _forward_longest_step(net: CapsNet, x: tf.Tensor) -> tuple:
+    net.traces["forward_longest"] += 1
+    with tf.device(net.device):
+        return tuple(net(x))
+
+
+def _loss_step(net: CapsNet, x: tf.Tensor, labels: tf.Tensor) -> tuple:
+    net.traces["loss"] += 1
+    with tf.device(net.device):
+        return tuple(net.loss_and_output(x, labels)[0])
+
+
+def _value_and_grad_step(net: CapsNet, x: tf.Tensor, labels: tf.Tensor) -> tuple:
+    net.traces["value_and_grad"] += 1
+    with tf.device(net.device):
+        named = net.canonical_variables()
+        variables = list(named.values())
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(variables)
+            total = net.loss_and_output(x, labels)[0].total
+        grads = tape.gradient(total, variables)
+        return total, [to_canonical(k, g) for k, g in zip(named, grads)]
+
+
+def _predict_step(net: CapsNet, x: tf.Tensor) -> tf.Tensor:
+    net.traces["predict"] += 1
+    with tf.device(net.device):
+        v, _ = net._encode(x)
+        return ops._first_argmax(ops._lengths(v))
+
+
+# ============================================================================== spec functions
+def check_model_inputs(params: Any, x: Any, config: CapsNetConfig, labels: Any | None, *,
+                       check_label_range: bool = True) -> None:
+    """Validates the arguments of a model function (no device work beyond reading the labels'
+    range, which check_label_range=False skips)."""
+    if not isinstance(config, CapsNetConfig):
+        raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
+    if not isinstance(params, CapsNet):
+        raise ValueError(
+            f"params must be a CapsNet (what TensorFlowBackend.params_from_numpy returns), got {type(params).__name__}"
+        )
+    if params.config != config:
+        raise ValueError(f"config does not match the config params were built for: got {config}, "
+                         f"params have {params.config}")
+    ops.check_tensor("x", x, shape=(None, *config.input_shape))
+    if x.dtype != params.dtype:
+        raise ValueError(f"x has dtype {x.dtype.name} but params have dtype {params.dtype.name}: they must match")
+    if labels is not None:
+        ops.check_label_tensor("labels", labels, x.shape[0], config.num_classes, check_range=check_label_range)
+
+
+def _labels64(labels: tf.Tensor) -> tf.Tensor:
+    # The compiled steps take int64 labels (one signature); any integer dtype is accepted.
+    return labels if labels.dtype == tf.int64 else tf.cast(labels, tf.int64)
+
+
+def forward(params: CapsNet, x: tf.Tensor, config: CapsNetConfig, labels: tf.Tensor | None = None) -> CapsNetOutput:
+    """The model's outputs. The decoder sees the true class's capsule when labels are given,
+    else the longest capsule."""
+    check_model_inputs(params, x, config, labels)
+    if labels is None:
+        return CapsNetOutput(*params.forward_longest_step(x))
+    return CapsNetOutput(*params.forward_labels_step(x, _labels64(labels)))
+
+
+def loss(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig) -> LossParts:
+    """Total loss (margin + reconstruction) with its two terms (0-d tensors), averaged over the batch."""
+    if labels is None:
+        raise ValueError("labels are required for the loss")
+    check_model_inputs(params, x, config, labels)
+    return LossParts(*params.loss_step(x, _labels64(labels)))
+
+
+def value_and_grad(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig):
+    """(total loss, gradient of it for every parameter keyed by canonical name, in the canonical
+    layout), by tf.GradientTape in one compiled step."""
+    if labels is None:
+        raise ValueError("labels are required for value_and_grad")
+    check_model_inputs(params, x, config, labels)
+    total, grads = params.value_and_grad_step(x, _labels64(labels))
+    return total, dict(zip(params.canonical_variables(), grads))
+
+
+def predict(params: CapsNet, x: tf.Tensor, config: CapsNetConfig) -> tf.Tensor:
+    """The class of the longest class capsule, per example (int64; ties to the lowest class)."""
+    check_model_inputs(params, x, config, None)
+    return params.predict_step(x)
