@@ -1,0 +1,356 @@
+"""The `capsspec` command line: backends, data, train, eval, figures, and the conformance/bench front doors.
+
+    capsspec backends                     which backends run here, or why not
+    capsspec data [--data-dir DIR]        fetch and verify MNIST, print where it is
+    capsspec train [--backend NAME] ...   train with the paper's settings (flags change them)
+    capsspec eval [--backend NAME] CKPT   test accuracy, per-class accuracy, confusion matrix
+    capsspec figures CKPT [--out DIR]     reconstructions, Figure 4, training curves (PNG)
+    capsspec conformance ...              the conformance suite's own command line
+    capsspec bench ...                    the benchmark's own command line
+
+Errors caused by the input (bad flags or files, an unavailable backend, missing data) print one
+line to stderr and exit with status 2; a diverged run exits with 1; Ctrl-C with 130.
+What this module must never do: import a framework at import time (a backend imports its own
+framework when it is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+# Subcommands whose arguments belong to another module's parser, passed through untouched.
+_PASSTHROUGH = ("conformance", "bench")
+
+
+class _UsageError(ValueError):
+    """A problem with the command line itself."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _backend_option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    low = raw.lower()
+    value: Any
+    if low in ("true", "yes", "on"):
+        value = True
+    elif low in ("false", "no", "off"):
+        value = False
+    else:
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = raw
+    return key, value
+
+
+def _add_backend_flags(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--backend", default=None, help=f"backend name (see `capsspec backends`); {default_help}")
+    p.add_argument("--device", default=None, help="device for the backend, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--backend-option", dest="backend_options", action="append", type=_backend_option, default=[],
+                   metavar="KEY=VALUE", help="an option for the backend's constructor (e.g. fast=true for torch on "
+                                             "CUDA); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capsspec", description="The capsule network of 'Dynamic Routing Between Capsules' as a specification: "
+                                     "a NumPy reference, framework backends held to it, and MNIST training on any of them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("backends", help="list the backends: available or why not, version, device")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("data", help="fetch and verify MNIST, print where it is cached")
+    p.add_argument("--data-dir", default=None, help="MNIST folder (default: $CAPSSPEC_DATA, else "
+                                                    "$XDG_CACHE_HOME/capsspec/mnist or ~/.cache/capsspec/mnist)")
+    p.add_argument("--no-download", action="store_true", help="only check the cache; fetch nothing")
+
+    p = sub.add_parser("train", help="train on MNIST (the paper's settings unless flags say otherwise)",
+                       description="Train on MNIST. Flags left out take the paper's settings (or, with --resume, the "
+                                   "resumed run's); a resumed run refuses flags that would change it.")
+    _add_backend_flags(p, "default: the fastest available one")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/capsspec", help="output folder (checkpoint, metrics, summary); "
+                                                          "default runs/capsspec")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--data-dir", default=None, help="MNIST folder (see `capsspec data`)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default 50)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size (default 128)")
+    g.add_argument("--seed", type=_nonnegative_int, default=None, help="seed of init, split, shuffles, shifts (default 0)")
+    g.add_argument("--val-size", type=_nonnegative_int, default=None,
+                   help="training images held out for validation (default 5000; 0 for none)")
+    g.add_argument("--train-subset", type=_positive_int, default=None,
+                   help="train on N images (a seeded choice, after the validation hold-out)")
+    g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on the first N test images")
+    g.add_argument("--max-shift", type=_nonnegative_int, default=None,
+                   help="augmentation: random shifts of up to this many pixels (default 2, the paper's; 0: none)")
+    g.add_argument("--select", choices=("final", "val"), default=None,
+                   help="which model's test accuracy to report: the final one (default) or the epoch with the best "
+                        "validation accuracy; never the best test accuracy")
+    g.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default float32")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="default 500")
+    g.add_argument("--log-every", type=_positive_int, default=None,
+                   help="steps between reads of device-side metrics for the progress bar (default 50)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch only)")
+    g = p.add_argument_group("model (paper defaults)")
+    g.add_argument("--routing-iterations", type=_positive_int, default=None, help="default 3")
+    g.add_argument("--no-decoder", action="store_true", default=None, help="train without the reconstruction decoder")
+    g.add_argument("--conv1-channels", type=_positive_int, default=None, help="default 256")
+    g.add_argument("--primary-types", type=_positive_int, default=None, help="capsule types in PrimaryCaps (default 32)")
+    g.add_argument("--primary-dim", type=_positive_int, default=None, help="default 8")
+    g.add_argument("--reconstruction-scale", type=float, default=None, help="default 0.0005")
+    g = p.add_argument_group("optimizer (the official code's defaults)")
+    g.add_argument("--lr", type=_positive_float, default=None, help="initial learning rate (default 1e-3)")
+    g.add_argument("--lr-decay-rate", type=_positive_float, default=None, help="default 0.96")
+    g.add_argument("--lr-decay-steps", type=_positive_int, default=None, help="default 2000")
+    g.add_argument("--lr-floor", type=_positive_float, default=None, help="default 1e-6")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the MNIST test set")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint")
+    _add_backend_flags(p, "default: the fastest available one")
+    p.add_argument("--data-dir", default=None, help="MNIST folder")
+    p.add_argument("--test-subset", type=_positive_int, default=None, help="the first N test images only")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
+
+    p = sub.add_parser("figures", help="draw reconstructions, Figure 4 and training curves (PNG)")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    _add_backend_flags(p, "default: numpy")
+    p.add_argument("--data-dir", default=None, help="MNIST folder")
+    p.add_argument("--samples", type=_nonnegative_int, default=3, help="Figure 4 panels to draw (default 3)")
+    p.add_argument("--pairs", type=_positive_int, default=16, help="input/reconstruction pairs (default 16)")
+
+    # Listed for --help; main() hands their arguments over before argparse sees them.
+    sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
+    sub.add_parser("bench", help="benchmark a backend (arguments go to its own parser)", add_help=False)
+    return parser
+
+
+# ===================================================================================== commands
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from .registry import describe_backends
+
+    rows = describe_backends()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'backend':<12}{'available':<11}{'version':<14}{'device':<28}{'speed':>5}  note")
+    for r in rows:
+        print(f"{r['name']:<12}{'yes' if r['available'] else 'no':<11}{str(r['version'] or '-'):<14}"
+              f"{str(r['device'] or '-'):<28}{r['speed_rank']:>5}  {'' if r['available'] else r['reason']}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import MNIST_FILES, fetch_mnist, load_mnist
+
+    directory = fetch_mnist(args.data_dir, download=not args.no_download)
+    m = load_mnist(directory, download=False)
+    print(f"MNIST is in {directory} (verified by SHA-256; read from {m.source})")
+    for name, sha in MNIST_FILES.items():
+        print(f"  {name}  {sha}")
+    print(f"  train: {m.train_images.shape[0]} images, test: {m.test_images.shape[0]} images")
+    return 0
+
+
+def _train_values(args: argparse.Namespace):
+    """(config, adam, settings) from the flags, filling what was left out from the paper or the resumed run."""
+    from .checkpoint import CHECKPOINT_NAME, read_metadata
+    from .config import AdamConfig, CapsNetConfig
+    from .train import TrainSettings
+
+    config_flags = {"routing_iterations": args.routing_iterations, "conv1_channels": args.conv1_channels,
+                    "primary_types": args.primary_types, "primary_dim": args.primary_dim,
+                    "reconstruction_scale": args.reconstruction_scale,
+                    "use_decoder": False if args.no_decoder else None}
+    adam_flags = {"lr": args.lr, "decay_rate": args.lr_decay_rate, "decay_steps": args.lr_decay_steps,
+                  "lr_floor": args.lr_floor}
+    settings_flags = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
+                      "val_size": args.val_size, "train_subset": args.train_subset, "test_subset": args.test_subset,
+                      "max_shift": args.max_shift, "select": args.select, "dtype": args.dtype,
+                      "eval_batch_size": args.eval_batch_size, "log_every": args.log_every}
+    given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
+    if not args.resume:
+        return (CapsNetConfig().replace(**given(config_flags)), AdamConfig(**given(adam_flags)),
+                TrainSettings(**given(settings_flags)))
+    path = Path(args.out) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"--resume: {path} does not exist (is --out the folder of the run to continue?)")
+    meta = read_metadata(path)
+    config = CapsNetConfig.from_dict(json.loads(meta["config"]))
+    adam = AdamConfig.from_dict(json.loads(meta["adam"])) if meta.get("adam") else AdamConfig()
+    settings = TrainSettings.from_dict(json.loads(meta.get("training") or "{}"))
+    for what, obj, flags in (("model", config, config_flags), ("optimizer", adam, adam_flags),
+                             ("run", settings, settings_flags)):
+        for key, value in given(flags).items():
+            if key in ("epochs", "eval_batch_size", "log_every"):
+                continue  # these may change on resume
+            if getattr(obj, key) != value:
+                raise ValueError(f"--resume: the run in {args.out} has {what} setting {key}={getattr(obj, key)!r}; "
+                                 f"a resumed run cannot change it to {value!r}")
+    keep = {k: v for k, v in given(settings_flags).items() if k in ("epochs", "eval_batch_size", "log_every")}
+    return config, adam, settings.__class__.from_dict({**settings.to_dict(), **keep})
+
+
+def _mnist_splits(data_dir: str | None, config: Any, settings: Any):
+    from .data import load_mnist
+    from .train import split_data
+
+    if config.input_shape != (1, 28, 28):
+        raise ValueError(f"MNIST images are 1x28x28 but the model takes {config.input_shape}")
+    m = load_mnist(data_dir)
+    return split_data(m.train_images, m.train_labels, m.test_images, m.test_labels, settings)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import choose_backend, train
+
+    config, adam, settings = _train_values(args)
+    backend, why = choose_backend(args.backend, args.device, dict(args.backend_options))
+    avail = backend.availability()
+    print(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}", file=sys.stderr)
+    splits = _mnist_splits(args.data_dir, config, settings)
+    print(f"capsspec: {splits.train_x.shape[0]} training images (shifts up to {settings.max_shift} px), "
+          f"{splits.val_x.shape[0]} validation, {splits.test_x.shape[0]} test; {config.parameter_count():,} parameters; "
+          f"batch {settings.batch_size}, {settings.epochs} epochs, routing {config.routing_iterations}, "
+          f"decoder {'on' if config.use_decoder else 'off'}, {settings.dtype}; output in {args.out}", file=sys.stderr)
+    summary = train(backend, config, splits, args.out, adam=adam, settings=settings, resume=args.resume,
+                    progress=sys.stderr, show_bar=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("backend", "device", "epochs_completed", "test_accuracy",
+                                              "test_error_percent", "val_accuracy", "reported_model", "train_seconds",
+                                              "reported_checkpoint")}, indent=2))
+    return 0
+
+
+def _load_for_backend(args: argparse.Namespace, default: str | None):
+    from .checkpoint import load_checkpoint
+    from .train import choose_backend
+
+    ck = load_checkpoint(args.checkpoint)
+    name = args.backend if args.backend is not None else default
+    backend, why = choose_backend(name, args.device, dict(args.backend_options))
+    if ck.dtype not in backend.dtypes:
+        raise ValueError(f"the checkpoint holds {ck.dtype} parameters, which backend {backend.name!r} does not support")
+    return ck, backend, why
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .evaluate import evaluate
+
+    ck, backend, why = _load_for_backend(args, None)
+    if ck.config.input_shape != (1, 28, 28):
+        raise ValueError(f"MNIST images are 1x28x28 but the checkpoint's model takes {ck.config.input_shape}")
+    m = load_mnist(args.data_dir)
+    n = m.test_images.shape[0] if args.test_subset is None else min(args.test_subset, m.test_images.shape[0])
+    params = backend.params_from_numpy(ck.params, ck.config)
+    result = evaluate(backend, params, m.test_images[:n], m.test_labels[:n], ck.config, batch_size=args.batch_size,
+                      dtype=ck.dtype)
+    print(f"checkpoint {args.checkpoint} (epoch {ck.epoch}, step {ck.step}, written by {ck.backend or '?'}), "
+          f"evaluated on backend {why}")
+    print(result.format())
+    if args.json:
+        report = {"checkpoint": str(args.checkpoint), "epoch": ck.epoch, "step": ck.step, "backend": backend.name,
+                  "device": backend.availability().device, **result.to_dict()}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .figures import make_figures
+
+    ck, backend, _ = _load_for_backend(args, "numpy")
+    images = labels = None
+    if ck.config.use_decoder and (args.samples or args.pairs):
+        if ck.config.input_shape != (1, 28, 28):
+            raise ValueError(f"MNIST images are 1x28x28 but the checkpoint's model takes {ck.config.input_shape}")
+        m = load_mnist(args.data_dir)
+        images, labels = m.test_images, m.test_labels
+    elif not ck.config.use_decoder:
+        print("capsspec: the model has no decoder, so only the training curves can be drawn", file=sys.stderr)
+    paths = make_figures(args.checkpoint, args.out, backend=backend, images=images, labels=labels,
+                         samples=args.samples, pairs=args.pairs)
+    for p in paths:
+        print(p)
+    if not paths:
+        print("capsspec: nothing to draw (no decoder and no metrics.jsonl beside the checkpoint)", file=sys.stderr)
+    return 0
+
+
+_COMMANDS = {"backends": _cmd_backends, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
+             "figures": _cmd_figures}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    from .backend import BackendUnavailable
+    from .data import MnistUnavailable
+    from .train import TrainingDiverged
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        command, rest = argv[0], argv[1:]
+        if command == "conformance":
+            from capsspec.conformance.cli import main as m
+            return m(rest)
+        from capsspec.bench import main as m
+        return m(rest)
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, BackendUnavailable, MnistUnavailable, FileNotFoundError) as exc:
+        print(f"capsspec {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"capsspec {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train":
+            hint = f"; the last completed epoch's checkpoint is in {args.out}: continue with --resume --out {args.out}"
+        print(f"\ncapsspec {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
