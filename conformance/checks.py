@@ -1,0 +1,697 @@
+"""The suite's checks: run the backend and the reference on one drawn case and compare.
+
+Each check takes the selected backend (selection.Selected), a recipe (cases.py) and a dtype.
+Inputs reach the backend only through its protocol: parameters through params_from_numpy,
+arrays through asarray, optimizer state through state_from_numpy; results come back through
+to_numpy / params_to_numpy / state_to_numpy. The reference runs in float64 on the same values.
+
+The test modules (test_*.py) are thin Hypothesis wrappers around these functions, and the
+snippet printed with a failure calls them too, so a failure is reproduced by pasting it.
+
+What this module must never do: call a backend's private helpers, or hand a backend anything
+that did not pass through its conversion functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from capsspec import model as ref_model
+from capsspec import ops as ref_ops
+from capsspec import optim as ref_optim
+from capsspec.config import AdamConfig, CapsNetConfig
+from capsspec.spec import OPS
+
+from . import cases
+from .magnitudes import forward_magnitude, vjp_magnitude
+from .compare import CONDITIONING_FACTOR, Context, _stats, assert_all_close, assert_close, assert_true
+from .selection import Selected
+from .tolerances import tolerance
+
+__all__ = [
+    "OP_LEVELS", "op_forward", "op_vjp", "model_forward", "model_loss", "model_value_and_grad", "model_predict",
+    "adam_step", "trajectory", "coupling_sums_to_one", "child_permutation", "squash_direction_and_norm",
+    "zero_vectors", "margin_loss_satisfied", "batch_independence", "interchange", "to_backend", "to_numpy_tree",
+]
+
+OP_SPECS = {op.name: op for op in OPS}
+
+# Tolerance level of each op's forward and VJP (tolerances.py says why each level is what it is).
+OP_LEVELS: dict[str, tuple[str, str]] = {
+    "conv2d": ("contraction", "contraction"),
+    "squash": ("elementwise", "elementwise"),
+    "primary_capsules": ("contraction", "contraction"),
+    "predictions": ("contraction", "contraction"),
+    "routing": ("routing", "routing"),
+    "capsule_lengths": ("reduction", "elementwise"),
+    "margin_loss": ("reduction", "elementwise"),
+    "mask": ("exact", "exact"),
+    "decoder": ("contraction", "contraction"),
+    "reconstruction_loss": ("reduction", "elementwise"),
+}
+
+
+# ---------------------------------------------------------------------------------------- plumbing
+def to_backend(backend: Any, a: Any) -> Any:
+    """NumPy inputs (arrays, lists/tuples of them, None) to the backend's arrays via asarray."""
+    if a is None:
+        return None
+    if isinstance(a, list):
+        return [to_backend(backend, x) for x in a]
+    if isinstance(a, tuple):
+        return tuple(to_backend(backend, x) for x in a)
+    return backend.asarray(np.asarray(a))
+
+
+def to_numpy_tree(backend: Any, a: Any) -> Any:
+    """The backend's results (arrays, lists/tuples of them, None) to NumPy via to_numpy."""
+    if a is None:
+        return None
+    if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+        return type(a)(to_numpy_tree(backend, x) for x in a)
+    return backend.to_numpy(a)
+
+
+def _header(sel: Selected) -> str:
+    return (
+        "import numpy as np\n"
+        "import capsspec\n"
+        "from capsspec.conformance import cases, checks, selection\n"
+        f"sel = selection.resolve_backend({sel.spec!r}, device={sel.device!r})\n"
+        "backend = sel.backend\n"
+    )
+
+
+def _ctx(check: str, sel: Selected, dtype: str, recipe: Mapping[str, Any], body: str, rerun: str,
+         inputs: dict[str, Any] | None = None) -> Context:
+    snippet = _header(sel) + body + f"\n# or run the whole check (raises with the comparison):\n{rerun}\n"
+    return Context(check, sel, dtype, dict(recipe), snippet, inputs or {})
+
+
+def _outputs(ctx: Context, out: Any, n: int, what: str, single: bool = True) -> tuple:
+    """The results of a call as a tuple of n; a single result is not wrapped unless single is False."""
+    if n == 1 and single:
+        return (out,)
+    if not isinstance(out, (tuple, list)) or len(out) != n:
+        ctx.fail(f"{what}: expected a tuple of {n} results, got {type(out).__name__}")
+    return tuple(out)
+
+
+def narrow(a: Any) -> Any:
+    """float arrays to float32 (dicts, lists and tuples kept in shape); for the float32 reference."""
+    if a is None:
+        return None
+    if isinstance(a, Mapping):
+        return {k: narrow(v) for k, v in a.items()}
+    if isinstance(a, (list, tuple)):
+        return type(a)(narrow(x) for x in a)
+    if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+        return a.astype(np.float32)
+    return a
+
+
+def _leaves(a: Any) -> list[Any]:
+    if isinstance(a, Mapping):
+        return [x for v in a.values() for x in _leaves(v)]
+    if isinstance(a, (list, tuple)):
+        return [x for v in a for x in _leaves(v)]
+    return [a]
+
+
+def _fits_float32(a: Any) -> bool:
+    if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.size == 0:
+        return True
+    m = np.abs(a)
+    nz = m[m > 0]
+    return not nz.size or (nz.min() >= np.finfo(np.float32).tiny and nz.max() <= np.finfo(np.float32).max / 16)
+
+
+def reference_float32(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn (a reference function) on the float32-rounded inputs, or None where that overflows.
+
+    Its distance from the float64 result is the conditioning allowance of compare.assert_close."""
+    if not all(_fits_float32(a) for a in _leaves(args)):
+        return None  # float32 would overflow or flush these inputs: its error says nothing about conditioning
+    try:
+        with np.errstate(all="ignore"):
+            return fn(*narrow(list(args)), **kwargs)
+    except (ValueError, FloatingPointError, OverflowError):  # the reference refuses inf inputs
+        return None
+
+
+def _single_grad(ctx: Context, result: Any, what: str) -> Any:
+    """The one gradient of a VJP with one differentiable argument (VJPs return 1-tuples)."""
+    if not isinstance(result, (tuple, list)) or len(result) != 1:
+        ctx.fail(f"{what}: expected a tuple of 1 gradient, got {type(result).__name__}")
+    return result[0]
+
+
+def _acceptable_argmax(ref_scores: np.ndarray, dtype: str, level: str = "model") -> list[np.ndarray]:
+    """Per row, every class whose reference score is within tolerance of the best (near ties)."""
+    tol = tolerance(dtype, level)
+    best = ref_scores.max(axis=1, keepdims=True)
+    margin = tol.atol + tol.rtol * np.abs(ref_scores).max(axis=1, keepdims=True)
+    return [np.flatnonzero(row) for row in (ref_scores >= best - margin)]
+
+
+def _check_choice(ctx: Context, got: np.ndarray, ref_scores: np.ndarray, what: str) -> None:
+    """Integer class choices (predict, correct): the reference's argmax, or a class tied with it."""
+    want = np.argmax(ref_scores, axis=1).astype(np.int64)
+    if not isinstance(got, np.ndarray):
+        ctx.fail(f"{what}: to_numpy returned {type(got).__name__}, expected a numpy.ndarray")
+    assert_true(got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}", ctx)
+    assert_true(got.dtype == np.int64, f"{what}: dtype {got.dtype.name}, expected int64", ctx)
+    ok = _acceptable_argmax(ref_scores, ctx.dtype)
+    bad = [i for i in range(len(want)) if got[i] not in ok[i]]
+    if bad:
+        i = bad[0]
+        ctx.fail(f"{what}: {len(bad)} of {len(want)} predictions differ; example {i}: backend {got[i]}, reference "
+                 f"{want[i]} (reference class lengths {np.round(ref_scores[i], 6).tolist()})")
+
+
+# ---------------------------------------------------------------------------------------- ops
+def op_forward(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) -> None:
+    """backend.<op>(*args) against capsspec.ops.<op> in float64."""
+    b, spec = sel.backend, OP_SPECS[name]
+    case = cases.op_case(name, recipe, dtype)
+    body = (f"case = cases.op_case({name!r}, {dict(recipe)!r}, {dtype!r})\n"
+            f"out = backend.{name}(*checks.to_backend(backend, case.args), **case.static)\n"
+            f"ref = capsspec.ops.{name}(*case.ref_args, **case.static)  # the reference, float64\n"
+            f"print(checks.to_numpy_tree(backend, out), ref)\n")
+    ctx = _ctx(f"{name} forward", sel, dtype, recipe, body,
+               f"checks.op_forward(sel, {name!r}, {dict(recipe)!r}, {dtype!r})",
+               dict(zip(spec.array_args, case.args)))
+    out = getattr(b, name)(*to_backend(b, case.args), **case.static)
+    ref = getattr(ref_ops, name)(*case.ref_args, **case.static)
+    ref32 = reference_float32(getattr(ref_ops, name), *case.ref_args, **case.static)
+    n = len(spec.outputs)
+    got = _outputs(ctx, out, n, name)
+    refs = ref if n > 1 else (ref,)
+    refs32 = (ref32 if n > 1 else (ref32,)) if ref32 is not None else (None,) * n
+    mags = forward_magnitude(name, case.ref_args, case.static) or (None,) * n
+    for oname, o, r, r32, mag in zip(spec.outputs, got, refs, refs32, mags):
+        assert_close(b.to_numpy(o), r, what=f"{name} {oname}", level=OP_LEVELS[name][0], ctx=ctx, ref_float32=r32,
+                     magnitude=mag)
+
+
+def op_vjp(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) -> None:
+    """backend.<op>_vjp(g, *args) against capsspec.ops.<op>_vjp with the same random cotangent."""
+    b, spec = sel.backend, OP_SPECS[name]
+    case = cases.op_case(name, recipe, dtype)
+    body = (f"case = cases.op_case({name!r}, {dict(recipe)!r}, {dtype!r})\n"
+            f"grads = backend.{name}_vjp(checks.to_backend(backend, case.cot), *checks.to_backend(backend, case.args),"
+            f" **case.static)\n"
+            f"ref = capsspec.ops.{name}_vjp(case.ref_cot, *case.ref_args, **case.static)  # the reference, float64\n"
+            f"print(checks.to_numpy_tree(backend, grads), ref)\n")
+    inputs = dict(zip(spec.array_args, case.args))
+    inputs["g"] = case.cot
+    ctx = _ctx(f"{name} vjp", sel, dtype, recipe, body,
+               f"checks.op_vjp(sel, {name!r}, {dict(recipe)!r}, {dtype!r})", inputs)
+    out = getattr(b, spec.vjp_name)(to_backend(b, case.cot), *to_backend(b, case.args), **case.static)
+    ref = getattr(ref_ops, spec.vjp_name)(case.ref_cot, *case.ref_args, **case.static)
+    ref32 = reference_float32(getattr(ref_ops, spec.vjp_name), case.ref_cot, *case.ref_args, **case.static)
+    got = _outputs(ctx, out, len(spec.differentiable), spec.vjp_name, single=False)
+    level = OP_LEVELS[name][1]
+    mags = vjp_magnitude(name, case.ref_cot, case.ref_args, case.static) or [None] * len(ref)
+    for i, (arg, o, r) in enumerate(zip(spec.differentiable, got, ref)):
+        r32 = None if ref32 is None else ref32[i]
+        mag = mags[i]
+        if isinstance(r, list):  # the decoder's weights and biases
+            if not isinstance(o, (list, tuple)) or len(o) != len(r):
+                ctx.fail(f"{spec.vjp_name}: gradient for {arg} must be a list of {len(r)} arrays, got "
+                         f"{type(o).__name__}")
+            for k, (ok, rk) in enumerate(zip(o, r)):
+                assert_close(b.to_numpy(ok), rk, what=f"d/d{arg}[{k}]", level=level, ctx=ctx,
+                             ref_float32=None if r32 is None else r32[k], magnitude=None if mag is None else mag[k])
+        else:
+            assert_close(b.to_numpy(o), r, what=f"d/d{arg}", level=level, ctx=ctx, ref_float32=r32, magnitude=mag)
+
+
+# ---------------------------------------------------------------------------------------- model
+def _model_body(recipe: Mapping[str, Any], dtype: str) -> str:
+    return (f"case = cases.model_case({dict(recipe)!r}, {dtype!r})\n"
+            "config = case.config\n"
+            "params = backend.params_from_numpy(case.params, config)\n"
+            "x, labels = backend.asarray(case.x), backend.asarray(case.labels)\n")
+
+
+def _labels_or_none(recipe: Mapping[str, Any]) -> bool:
+    return bool(recipe.get("with_labels", True))
+
+
+def model_forward(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """forward(params, x, config, labels): v, lengths, coupling and reconstruction."""
+    b = sel.backend
+    case = cases.model_case(recipe, dtype)
+    use_labels = _labels_or_none(recipe)
+    lab = "labels" if use_labels else "None"
+    body = _model_body(recipe, dtype) + (
+        f"out = backend.forward(params, x, config, labels={lab})\n"
+        f"ref = capsspec.model.forward(case.ref_params, case.ref_x, config, "
+        f"labels={'case.labels' if use_labels else 'None'})\n"
+        "print({k: checks.to_numpy_tree(backend, getattr(out, k)) for k in ('v', 'lengths')}, ref.lengths)\n")
+    ctx = _ctx("forward", sel, dtype, recipe, body, f"checks.model_forward(sel, {dict(recipe)!r}, {dtype!r})",
+               {"x": case.x, "labels": case.labels if use_labels else None})
+    p = b.params_from_numpy(case.params, case.config)
+    out = b.forward(p, b.asarray(case.x), case.config, labels=b.asarray(case.labels) if use_labels else None)
+    ref = ref_model.forward(case.ref_params, case.ref_x, case.config, labels=case.labels if use_labels else None)
+    r32 = reference_float32(ref_model.forward, case.ref_params, case.ref_x, case.config,
+                            labels=case.labels if use_labels else None)
+    for f in ("v", "lengths", "coupling", "reconstruction"):
+        assert_true(hasattr(out, f), f"forward must return a CapsNetOutput; got {type(out).__name__} without .{f}",
+                    ctx)
+    lo = (lambda f: None if r32 is None else getattr(r32, f))  # noqa: E731
+    assert_close(b.to_numpy(out.v), ref.v, what="forward v", level="model", ctx=ctx, ref_float32=lo("v"))
+    lengths = b.to_numpy(out.lengths)
+    assert_close(lengths, ref.lengths, what="forward lengths", level="model", ctx=ctx, ref_float32=lo("lengths"))
+    assert_close(b.to_numpy(out.coupling), ref.coupling, what="forward coupling", level="model", ctx=ctx,
+                 ref_float32=lo("coupling"))
+    if not case.config.use_decoder:
+        assert_true(out.reconstruction is None, "forward reconstruction must be None when config.use_decoder is "
+                    f"False, got {type(out.reconstruction).__name__}", ctx)
+        return
+    assert_true(out.reconstruction is not None, "forward reconstruction is None but config.use_decoder is True", ctx)
+    ref_recon, recon32 = ref.reconstruction, lo("reconstruction")
+    if not use_labels:
+        # Masking by the longest capsule: where the reference has a near tie, accept the backend's
+        # choice among the tied classes and compare with the reference's decoding of that choice.
+        choice = np.argmax(lengths, axis=1).astype(np.int64)
+        ok = _acceptable_argmax(ref.lengths, dtype)
+        if any(len(o) > 1 for o in ok) and all(c in o for c, o in zip(choice, ok)):
+            ref_recon = ref_model.forward(case.ref_params, case.ref_x, case.config, labels=choice).reconstruction
+            recon32 = None
+    assert_close(b.to_numpy(out.reconstruction), ref_recon, what="forward reconstruction", level="model", ctx=ctx,
+                 ref_float32=recon32)
+
+
+def model_loss(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """loss(params, x, labels, config): total, margin and reconstruction terms."""
+    b = sel.backend
+    case = cases.model_case(recipe, dtype)
+    body = _model_body(recipe, dtype) + (
+        "parts = backend.loss(params, x, labels, config)\n"
+        "ref = capsspec.model.loss(case.ref_params, case.ref_x, case.labels, config)\n"
+        "print([float(backend.to_numpy(t)) for t in parts], ref)\n")
+    ctx = _ctx("loss", sel, dtype, recipe, body, f"checks.model_loss(sel, {dict(recipe)!r}, {dtype!r})",
+               {"x": case.x, "labels": case.labels})
+    p = b.params_from_numpy(case.params, case.config)
+    parts = b.loss(p, b.asarray(case.x), b.asarray(case.labels), case.config)
+    ref = ref_model.loss(case.ref_params, case.ref_x, case.labels, case.config)
+    r32 = reference_float32(ref_model.loss, case.ref_params, case.ref_x, case.labels, case.config)
+    for f in ("total", "margin", "reconstruction"):
+        assert_true(hasattr(parts, f), f"loss must return LossParts; got {type(parts).__name__} without .{f}", ctx)
+        assert_close(b.to_numpy(getattr(parts, f)), getattr(ref, f), what=f"loss {f}", level="model", ctx=ctx,
+                     ref_float32=None if r32 is None else getattr(r32, f))
+
+
+def model_value_and_grad(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """value_and_grad(params, x, labels, config): the total loss and every parameter's gradient."""
+    b = sel.backend
+    case = cases.model_case(recipe, dtype)
+    body = _model_body(recipe, dtype) + (
+        "total, grads = backend.value_and_grad(params, x, labels, config)\n"
+        "ref_total, ref_grads = capsspec.model.value_and_grad(case.ref_params, case.ref_x, case.labels, config)\n"
+        "for k in ref_grads: print(k, np.abs(backend.to_numpy(grads[k]) - ref_grads[k]).max())\n")
+    ctx = _ctx("value_and_grad", sel, dtype, recipe, body,
+               f"checks.model_value_and_grad(sel, {dict(recipe)!r}, {dtype!r})",
+               {"x": case.x, "labels": case.labels})
+    p = b.params_from_numpy(case.params, case.config)
+    result = b.value_and_grad(p, b.asarray(case.x), b.asarray(case.labels), case.config)
+    got = _outputs(ctx, result, 2, "value_and_grad")
+    ref_total, ref_grads = ref_model.value_and_grad(case.ref_params, case.ref_x, case.labels, case.config)
+    r32 = reference_float32(ref_model.value_and_grad, case.ref_params, case.ref_x, case.labels, case.config)
+    assert_close(b.to_numpy(got[0]), ref_total, what="value_and_grad total", level="model", ctx=ctx,
+                 ref_float32=None if r32 is None else r32[0])
+    grads = got[1]
+    if not isinstance(grads, Mapping):
+        ctx.fail(f"value_and_grad grads must be a dict keyed by canonical names, got {type(grads).__name__}")
+    assert_all_close({k: b.to_numpy(v) for k, v in grads.items()}, ref_grads, what="grad", level="gradients",
+                     ctx=ctx, ref_float32=None if r32 is None else r32[1])
+
+
+def model_predict(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """predict(params, x, config): the longest class capsule per example, int64 (near ties accepted)."""
+    b = sel.backend
+    case = cases.model_case(recipe, dtype)
+    body = _model_body(recipe, dtype) + (
+        "pred = backend.to_numpy(backend.predict(params, x, config))\n"
+        "ref = capsspec.model.predict(case.ref_params, case.ref_x, config)\n"
+        "print(pred, ref)\n")
+    ctx = _ctx("predict", sel, dtype, recipe, body, f"checks.model_predict(sel, {dict(recipe)!r}, {dtype!r})",
+               {"x": case.x})
+    p = b.params_from_numpy(case.params, case.config)
+    pred = b.to_numpy(b.predict(p, b.asarray(case.x), case.config))
+    ref = ref_model.forward(case.ref_params, case.ref_x, case.config)
+    _check_choice(ctx, pred, ref.lengths, "predict")
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+def _state_np(ctx: Context, b: Any, state: Any) -> dict:
+    s = b.state_to_numpy(state)
+    if not isinstance(s, Mapping) or not {"step", "m", "v"} <= set(s):
+        ctx.fail(f"state_to_numpy must return {{'step', 'm', 'v'}}, got {type(s).__name__}")
+    return s
+
+
+def adam_step(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """adam_update(params, grads, state, adam) from a given state: new params, moments and step."""
+    b = sel.backend
+    config, params, grads, state, adam = cases.adam_case(recipe, dtype)
+    init = int(recipe["step"]) == 0
+    body = (f"config, params, grads, state, adam = cases.adam_case({dict(recipe)!r}, {dtype!r})\n"
+            "p = backend.params_from_numpy(params, config)\n"
+            f"s = {'backend.adam_init(p)' if init else 'backend.state_from_numpy(state, p)'}\n"
+            "p, s = backend.adam_update(p, {k: backend.asarray(g) for k, g in grads.items()}, s, adam)\n"
+            "w = lambda d: {k: np.asarray(a, np.float64) for k, a in d.items()}\n"
+            "ref_p, ref_s = capsspec.optim.adam_update(w(params), w(grads), "
+            "{'step': state['step'], 'm': w(state['m']), 'v': w(state['v'])}, adam)\n"
+            "print({k: np.abs(a - ref_p[k]).max() for k, a in backend.params_to_numpy(p).items()})\n")
+    ctx = _ctx("adam_update", sel, dtype, recipe, body, f"checks.adam_step(sel, {dict(recipe)!r}, {dtype!r})",
+               {"grads": list(grads.values())})
+    p = b.params_from_numpy(params, config)
+    s = b.adam_init(p) if init else b.state_from_numpy(state, p)
+    if init:
+        s0 = _state_np(ctx, b, s)
+        assert_true(int(s0["step"]) == 0, f"adam_init: step {s0['step']}, expected 0", ctx)
+        assert_all_close(s0["m"], state["m"], what="adam_init m", level="exact", ctx=ctx)
+        assert_all_close(s0["v"], state["v"], what="adam_init v", level="exact", ctx=ctx)
+    result = b.adam_update(p, {k: b.asarray(g) for k, g in grads.items()}, s, adam)
+    got = _outputs(ctx, result, 2, "adam_update")
+    w = lambda d: {k: cases.widen(a) for k, a in d.items()}  # noqa: E731
+    ref_p, ref_s = ref_optim.adam_update(w(params), w(grads), {"step": state["step"], "m": w(state["m"]),
+                                                               "v": w(state["v"])}, adam)
+    assert_all_close(b.params_to_numpy(got[0]), ref_p, what="adam_update params", level="optimizer", ctx=ctx)
+    s1 = _state_np(ctx, b, got[1])
+    assert_true(int(s1["step"]) == ref_s["step"], f"adam_update state step {s1['step']}, expected {ref_s['step']}",
+                ctx)
+    assert_all_close(s1["m"], ref_s["m"], what="adam_update m", level="optimizer", ctx=ctx)
+    assert_all_close(s1["v"], ref_s["v"], what="adam_update v", level="optimizer", ctx=ctx)
+
+
+def _normwise(ctx: Context, actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+              origin: Mapping[str, np.ndarray], lo: Mapping[str, np.ndarray] | None, what: str) -> None:
+    """The trajectory level, per parameter tensor:
+
+        ||actual - expected|| <= rtol ||expected - origin|| + K ||lo - expected|| eps / eps32 + 4 eps ||expected||
+
+    i.e. relative to how far the parameters moved since the start, plus the conditioning allowance
+    (the float32 reference trajectory's distance from the float64 one, see compare.py)."""
+    tol = tolerance(ctx.dtype, "trajectory")
+    eps = float(np.finfo(ctx.dtype).eps)
+    st = _stats()
+    for k, e in expected.items():
+        a = actual.get(k)
+        if not isinstance(a, np.ndarray) or a.shape != e.shape or a.dtype.name != ctx.dtype:
+            ctx.fail(f"{what}[{k!r}]: expected a {ctx.dtype} array of shape {e.shape}, got "
+                     f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+        st.comparisons += 1
+        if not np.isfinite(a).all():
+            ctx.fail(f"{what}[{k!r}]: non-finite values")
+        err = float(np.linalg.norm(a.astype(np.float64) - e))
+        moved = float(np.linalg.norm(e - origin[k].astype(np.float64)))
+        noise = 0.0
+        if lo is not None and np.isfinite(lo[k]).all():
+            noise = CONDITIONING_FACTOR * float(np.linalg.norm(lo[k].astype(np.float64) - e)) * eps / float(
+                np.finfo(np.float32).eps)
+        bound = tol.atol + tol.rtol * moved + noise + 4 * eps * float(np.linalg.norm(e))
+        ratio = err / bound if bound > 0 else (0.0 if err == 0 else np.inf)
+        if ratio > st.max_ratio:
+            st.max_ratio, st.worst = ratio, f"{what}[{k!r}]"
+        st.max_abs = max(st.max_abs, float(np.abs(a - e).max()) if a.size else 0.0)
+        if ratio > 1:
+            ctx.fail(f"{what}[{k!r}]: ||backend - reference|| = {err:.3g} exceeds the bound {bound:.3g}: "
+                     f"{tol.rtol:.3g} x the reference's change since the start ({moved:.3g}) + conditioning "
+                     f"allowance {noise:.3g} (trajectory, {ctx.dtype}; ratio {ratio:.3g})")
+
+
+def trajectory(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """Several train_step calls from the same params and batches, compared step by step."""
+    b = sel.backend
+    config = CapsNetConfig.from_dict(recipe["config"])
+    adam = AdamConfig(**recipe.get("adam", {}))
+    params = cases.model_params(config, recipe["seed"], recipe.get("digit_scale", 1.0), dtype)
+    batches = [cases.batch(config, r, dtype) for r in recipe["batches"]]
+    body = (f"recipe = {dict(recipe)!r}\n"
+            "config = capsspec.CapsNetConfig.from_dict(recipe['config'])\n"
+            "adam = capsspec.AdamConfig(**recipe.get('adam', {}))\n"
+            f"params = cases.model_params(config, recipe['seed'], recipe.get('digit_scale', 1.0), {dtype!r})\n"
+            f"batches = [cases.batch(config, r, {dtype!r}) for r in recipe['batches']]\n"
+            "p = backend.params_from_numpy(params, config); s = backend.adam_init(p)\n"
+            "rp = {k: v.astype(np.float64) for k, v in params.items()}; rs = capsspec.adam_init(rp)\n"
+            "for x, y in batches:\n"
+            "    p, s, m = backend.train_step(p, s, backend.asarray(x), backend.asarray(y), config, adam)\n"
+            "    rp, rs, rm = capsspec.train_step(rp, rs, x.astype(np.float64), y, config, adam)\n"
+            "    print(float(backend.to_numpy(m.total)), rm.total)\n")
+    ctx = _ctx("train_step trajectory", sel, dtype, recipe, body,
+               f"checks.trajectory(sel, {dict(recipe)!r}, {dtype!r})", {"x[0]": batches[0][0]})
+    p = b.params_from_numpy(params, config)
+    s = b.adam_init(p)
+    rp = {k: cases.widen(v) for k, v in params.items()}
+    rs = ref_optim.adam_init(rp)
+    lo = narrow(rp) if all(_fits_float32(v) for v in rp.values()) else None
+    lo_s = ref_optim.adam_init(lo) if lo is not None else None
+    t = tolerance(dtype, "trajectory")
+    eps_ratio = float(np.finfo(dtype).eps) / float(np.finfo(np.float32).eps)
+    for step, (x, y) in enumerate(batches):
+        if step == 0:
+            ref_out = ref_model.forward(rp, cases.widen(x), config, labels=y)
+        result = b.train_step(p, s, b.asarray(x), b.asarray(y), config, adam)
+        p, s, metrics = _outputs(ctx, result, 3, "train_step")
+        rp, rs, rm = ref_optim.train_step(rp, rs, cases.widen(x), y, config, adam)
+        lm = None
+        if lo is not None:
+            with np.errstate(all="ignore"):
+                try:
+                    lo, lo_s, lm = ref_optim.train_step(lo, lo_s, narrow(cases.widen(x)), y, config, adam)
+                except ValueError:  # float32 overflowed: no conditioning estimate from here on
+                    lo = lm = None
+        for f in ("total", "margin", "reconstruction"):
+            got = float(np.asarray(b.to_numpy(getattr(metrics, f)), dtype=np.float64).reshape(()))
+            want = float(getattr(rm, f))
+            if step == 0:
+                # Metrics are host floats in the reference (float64), whatever the dtype under test.
+                assert_close(np.asarray(got, dtype=np.float64), np.float64(want), what=f"step {step} {f}",
+                             level="model", ctx=ctx, dtype="float64",
+                             ref_float32=None if lm is None else np.float64(getattr(lm, f)))
+            else:
+                noise = 0.0 if lm is None else CONDITIONING_FACTOR * abs(float(getattr(lm, f)) - want) * eps_ratio
+                assert_true(abs(got - want) <= t.rtol * abs(want) + noise + 1e-30,
+                            f"step {step} {f}: backend {got!r}, reference {want!r} (allowed difference "
+                            f"{t.rtol * abs(want) + noise:.3g})", ctx)
+        assert_true(abs(float(metrics.lr) - rm.lr) <= 1e-12 * rm.lr,
+                    f"step {step} lr: backend {metrics.lr!r}, reference {rm.lr!r}", ctx)
+        correct = int(np.asarray(b.to_numpy(metrics.correct)).reshape(()))
+        if step == 0:
+            ok = _acceptable_argmax(ref_out.lengths, dtype)
+            lo_c = sum(1 for o, t_ in zip(ok, y) if len(o) == 1 and o[0] == t_)
+            hi_c = sum(1 for o, t_ in zip(ok, y) if t_ in o)
+            assert_true(lo_c <= correct <= hi_c, f"step 0 correct: backend {correct}, reference {rm.correct}", ctx)
+        else:
+            assert_true(0 <= correct <= len(y), f"step {step} correct: {correct} outside [0, {len(y)}]", ctx)
+        sn = _state_np(ctx, b, s)
+        assert_true(int(sn["step"]) == step + 1, f"after step {step}: state step {sn['step']}, expected {step + 1}",
+                    ctx)
+        _normwise(ctx, b.params_to_numpy(p), rp, params, lo, what=f"params after step {step}")
+
+
+# ---------------------------------------------------------------------------------------- properties
+def coupling_sums_to_one(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """routing's coupling coefficients are >= 0 and sum to 1 over the parents j, for every child."""
+    b = sel.backend
+    case = cases.op_case("routing", recipe, dtype)
+    body = (f"case = cases.op_case('routing', {dict(recipe)!r}, {dtype!r})\n"
+            "v, c = backend.routing(backend.asarray(case.args[0]), **case.static)\n"
+            "print(backend.to_numpy(c).sum(axis=2))  # must be all ones\n")
+    ctx = _ctx("coupling sums to 1 over parents", sel, dtype, recipe, body,
+               f"checks.coupling_sums_to_one(sel, {dict(recipe)!r}, {dtype!r})", {"u_hat": case.args[0]})
+    _, c = _outputs(ctx, b.routing(b.asarray(case.args[0]), **case.static), 2, "routing")
+    c = b.to_numpy(c)
+    assert_true(bool((c >= 0).all()), f"coupling coefficients must be >= 0, min is {c.min()!r}", ctx)
+    assert_close(c.sum(axis=2).astype(dtype), np.ones(c.shape[:2]), what="sum over parents of c",
+                 level="reduction", ctx=ctx)
+
+
+def child_permutation(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """Permuting the child capsules (u rows with their weights W_i) leaves v unchanged and permutes c."""
+    b = sel.backend
+    case = cases.op_case("predictions", recipe, dtype)
+    u, w = case.args
+    perm = np.random.default_rng(recipe["seed"] + 7).permutation(u.shape[1])
+    it = int(recipe.get("iterations", 3))
+    body = (f"case = cases.op_case('predictions', {dict(recipe)!r}, {dtype!r})\n"
+            f"u, w = case.args; perm = np.random.default_rng({recipe['seed'] + 7}).permutation(u.shape[1])\n"
+            f"v1, c1 = backend.routing(backend.predictions(backend.asarray(u), backend.asarray(w)), {it})\n"
+            f"v2, c2 = backend.routing(backend.predictions(backend.asarray(u[:, perm]), backend.asarray(w[perm])), "
+            f"{it})\n"
+            "print(np.abs(backend.to_numpy(v1) - backend.to_numpy(v2)).max())\n")
+    ctx = _ctx("child permutation", sel, dtype, recipe, body,
+               f"checks.child_permutation(sel, {dict(recipe)!r}, {dtype!r})", {"u": u, "weight": w})
+    v1, c1 = _outputs(ctx, b.routing(b.predictions(b.asarray(u), b.asarray(w)), it), 2, "routing")
+    v2, c2 = _outputs(ctx, b.routing(b.predictions(b.asarray(np.ascontiguousarray(u[:, perm])),
+                                                   b.asarray(np.ascontiguousarray(w[perm]))), it), 2, "routing")
+    v1, c1 = b.to_numpy(v1), b.to_numpy(c1)
+    assert_close(b.to_numpy(v2), cases.widen(v1), what="v with permuted children", level="routing", ctx=ctx)
+    assert_close(b.to_numpy(c2), cases.widen(c1[:, perm]), what="c with permuted children", level="routing",
+                 ctx=ctx)
+
+
+def squash_direction_and_norm(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """squash keeps each vector's direction and maps its norm below 1 (to 1 only by rounding)."""
+    b = sel.backend
+    case = cases.op_case("squash", recipe, dtype)
+    s = case.args[0]
+    body = (f"case = cases.op_case('squash', {dict(recipe)!r}, {dtype!r})\n"
+            "v = backend.to_numpy(backend.squash(backend.asarray(case.args[0]), -1))\n"
+            "print(np.linalg.norm(v, axis=-1))\n")
+    ctx = _ctx("squash direction and norm", sel, dtype, recipe, body,
+               f"checks.squash_direction_and_norm(sel, {dict(recipe)!r}, {dtype!r})", {"s": s})
+    v = b.to_numpy(b.squash(b.asarray(s), -1))
+    assert_true(isinstance(v, np.ndarray) and v.shape == s.shape, "squash changed the shape", ctx)
+    assert_true(bool(np.isfinite(v).all()), "squash returned non-finite values", ctx)
+    s64, v64 = s.astype(np.float64), v.astype(np.float64)
+    ns = np.sqrt(np.sum((s64 / np.maximum(np.abs(s64).max(axis=-1, keepdims=True), 1e-300)) ** 2, axis=-1))
+    ns = ns * np.abs(s64).max(axis=-1)  # |s| without overflow
+    nv = np.linalg.norm(v64, axis=-1)
+    eps = np.finfo(dtype).eps
+    assert_true(bool((nv <= 1 + 4 * eps).all()), f"|squash(s)| must be < 1, largest is {nv.max()!r}", ctx)
+    small = ns ** 2 < 0.25 / eps  # where |s|^2 / (1 + |s|^2) is representably below 1
+    assert_true(bool((nv[small] < 1).all()), "|squash(s)| reached 1 for an s whose squashed norm is below 1", ctx)
+    live = (ns > 0) & (nv > 0)
+    cos = np.sum(s64 * v64, axis=-1)[live] / (ns[live] * nv[live])
+    assert_true(bool((cos >= 1 - 64 * eps).all()), f"squash changed a direction: smallest cosine "
+                f"{cos.min() if cos.size else None!r}", ctx)
+    assert_true(bool((v64[ns == 0] == 0).all()), "squash of a zero vector must be 0", ctx)
+
+
+def zero_vectors(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """Zero capsule vectors: squash, lengths and routing give finite values and zero gradients there."""
+    b = sel.backend
+    r = dict(recipe, kind="zero_rows")
+    case = cases.op_case("squash", r, dtype)
+    s = case.args[0]
+    zero = np.all(s == 0, axis=-1)
+    body = (f"case = cases.op_case('squash', {r!r}, {dtype!r})\n"
+            "s = backend.asarray(case.args[0]); g = backend.asarray(np.ones_like(case.args[0]))\n"
+            "print(backend.to_numpy(backend.squash(s)), backend.to_numpy(backend.squash_vjp(g, s)[0]))\n"
+            "print(backend.to_numpy(backend.capsule_lengths_vjp(backend.asarray(np.ones(case.args[0].shape[:-1], "
+            "case.args[0].dtype)), s)[0]))\n")
+    ctx = _ctx("zero capsule vectors", sel, dtype, r, body,
+               f"checks.zero_vectors(sel, {dict(recipe)!r}, {dtype!r})", {"s": s})
+    g = np.ones_like(s)
+    for what, out in (("squash", b.squash(b.asarray(s))),
+                      ("squash_vjp", _single_grad(ctx, b.squash_vjp(b.asarray(g), b.asarray(s)), "squash_vjp")),
+                      ("capsule_lengths", b.capsule_lengths(b.asarray(s))),
+                      ("capsule_lengths_vjp", _single_grad(ctx, b.capsule_lengths_vjp(
+                          b.asarray(np.ones(s.shape[:-1], dtype)), b.asarray(s)), "capsule_lengths_vjp"))):
+        a = b.to_numpy(out)
+        assert_true(bool(np.isfinite(a).all()), f"{what} is not finite where some capsule vectors are 0", ctx)
+        at_zero = a[zero]
+        assert_true(bool((at_zero == 0).all()), f"{what} must be exactly 0 at zero vectors, got "
+                    f"{at_zero[at_zero != 0][:4].tolist()}", ctx)
+    # Routing all-zero predictions: v = 0, c uniform, gradient 0.
+    shape = (s.shape[0], 3, 4, s.shape[-1])
+    u0 = np.zeros(shape, dtype)
+    v, c = _outputs(ctx, b.routing(b.asarray(u0), 3), 2, "routing")
+    assert_close(b.to_numpy(v), np.zeros((shape[0], 4, shape[-1])), what="routing v at u_hat = 0",
+                 level="exact", ctx=ctx)
+    assert_close(b.to_numpy(c), np.full(shape[:3], 0.25), what="routing c at u_hat = 0", level="elementwise",
+                 ctx=ctx)
+    gv = np.ones((shape[0], 4, shape[-1]), dtype)
+    gu = _single_grad(ctx, b.routing_vjp((b.asarray(gv), None), b.asarray(u0), 3), "routing_vjp")
+    assert_close(b.to_numpy(gu), np.zeros(shape), what="routing gradient at u_hat = 0", level="exact", ctx=ctx)
+
+
+def margin_loss_satisfied(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """The margin loss and its gradient are 0 when the true length >= m+ and every other <= m-."""
+    b = sel.backend
+    r = dict(recipe, kind="satisfied")
+    r["m_minus"] = float(recipe["m_minus"]) * 0.99  # stay clear of the float32 rounding of the bounds
+    r["m_plus"] = min(1.0, float(recipe["m_plus"]) / 0.99)
+    case = cases.op_case("margin_loss", r, dtype)
+    static = {"m_plus": recipe["m_plus"], "m_minus": recipe["m_minus"], "lambda_": recipe["lambda_"]}
+    body = (f"case = cases.op_case('margin_loss', {r!r}, {dtype!r})\n"
+            f"static = {static!r}\n"
+            "print(backend.to_numpy(backend.margin_loss(*checks.to_backend(backend, case.args), **static)))\n")
+    ctx = _ctx("margin loss zero when satisfied", sel, dtype, r, body,
+               f"checks.margin_loss_satisfied(sel, {dict(recipe)!r}, {dtype!r})",
+               {"lengths": case.args[0], "labels": case.args[1]})
+    lengths, labels = to_backend(b, case.args)
+    value = b.to_numpy(b.margin_loss(lengths, labels, **static))
+    assert_true(float(value) == 0.0, f"margin loss {float(value)!r} where every length is on the right side of "
+                f"its margin (expected 0)", ctx)
+    g = _single_grad(ctx, b.margin_loss_vjp(b.asarray(np.asarray(1.0, dtype)), lengths, labels, **static),
+                     "margin_loss_vjp")
+    assert_close(b.to_numpy(g), np.zeros(case.args[0].shape), what="margin loss gradient", level="exact", ctx=ctx)
+
+
+def batch_independence(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """Each example's outputs and prediction depend on that example alone, not on the rest of the batch."""
+    b = sel.backend
+    case = cases.model_case(recipe, dtype)
+    body = _model_body(recipe, dtype) + (
+        "full = backend.to_numpy(backend.forward(params, x, config).lengths)\n"
+        "alone = [backend.to_numpy(backend.forward(params, backend.asarray(case.x[i:i + 1]), config).lengths)"
+        " for i in range(len(case.x))]\n"
+        "print(full, np.concatenate(alone))\n")
+    ctx = _ctx("batch independence", sel, dtype, recipe, body,
+               f"checks.batch_independence(sel, {dict(recipe)!r}, {dtype!r})", {"x": case.x})
+    p = b.params_from_numpy(case.params, case.config)
+    full = b.forward(p, b.asarray(case.x), case.config)
+    full_v, full_c = b.to_numpy(full.v), b.to_numpy(full.coupling)
+    pred = b.to_numpy(b.predict(p, b.asarray(case.x), case.config))
+    for i in range(case.x.shape[0]):
+        one = b.forward(p, b.asarray(np.ascontiguousarray(case.x[i:i + 1])), case.config)
+        assert_close(full_v[i:i + 1], cases.widen(b.to_numpy(one.v)), what=f"v of example {i} in the batch vs alone",
+                     level="model", ctx=ctx)
+        assert_close(full_c[i:i + 1], cases.widen(b.to_numpy(one.coupling)),
+                     what=f"coupling of example {i} in the batch vs alone", level="model", ctx=ctx)
+        alone = b.to_numpy(b.predict(p, b.asarray(np.ascontiguousarray(case.x[i:i + 1])), case.config))
+        lengths = cases.widen(b.to_numpy(one.lengths))
+        ok = _acceptable_argmax(lengths, dtype)[0]
+        assert_true(int(pred[i]) in ok and int(alone[0]) in ok,
+                    f"prediction of example {i}: {int(pred[i])} in the batch, {int(alone[0])} alone", ctx)
+
+
+# ---------------------------------------------------------------------------------------- interchange
+def interchange(source: Selected, target: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
+    """Params exported by `source` (params_to_numpy) load into `target` (params_from_numpy) and give the
+    same predictions and losses; the round trip through `source` alone is exact."""
+    case = cases.model_case(recipe, dtype)
+    a, t = source.backend, target.backend
+    body = (f"src = selection.resolve_backend({source.spec!r}, device={source.device!r}).backend\n"
+            f"dst = selection.resolve_backend({target.spec!r}, device={target.device!r}).backend\n"
+            f"case = cases.model_case({dict(recipe)!r}, {dtype!r}); config = case.config\n"
+            "pa = src.params_from_numpy(case.params, config)\n"
+            "pa, _, _ = src.train_step(pa, src.adam_init(pa), src.asarray(case.x), src.asarray(case.labels), config)\n"
+            "exported = src.params_to_numpy(pa)\n"
+            "pb = dst.params_from_numpy(exported, config)\n"
+            "print(dst.to_numpy(dst.loss(pb, dst.asarray(case.x), dst.asarray(case.labels), config).total),\n"
+            "      capsspec.model.loss({k: v.astype(np.float64) for k, v in exported.items()}, case.ref_x, "
+            "case.labels, config).total)\n")
+    ctx = _ctx(f"interchange {source.spec} -> {target.spec}", source, dtype, recipe, body,
+               f"checks.interchange(selection.resolve_backend({source.spec!r}), "
+               f"selection.resolve_backend({target.spec!r}), {dict(recipe)!r}, {dtype!r})", {"x": case.x})
+    config = case.config
+    pa = a.params_from_numpy(case.params, config)
+    rt = a.params_to_numpy(pa)
+    assert_all_close(rt, case.params, what=f"{source.spec} params round trip", level="exact", ctx=ctx)
+    pa, _, _ = a.train_step(pa, a.adam_init(pa), a.asarray(case.x), a.asarray(case.labels), config)
+    exported = a.params_to_numpy(pa)
+    assert_true(isinstance(exported, Mapping) and list(exported) == list(config.param_shapes()),
+                f"params_to_numpy must return the canonical names in order, got {list(exported)}", ctx)
+    ref_params = {k: cases.widen(v) for k, v in exported.items()}
+    ref_out = ref_model.forward(ref_params, case.ref_x, config)
+    ref_loss = ref_model.loss(ref_params, case.ref_x, case.labels, config)
+    pb = t.params_from_numpy(exported, config)
+    assert_all_close(t.params_to_numpy(pb), exported, what=f"{target.spec} params after loading {source.spec}'s",
+                     level="exact", ctx=ctx)
+    for who, bk, p in ((source.spec, a, pa), (target.spec, t, pb)):
+        pred = bk.to_numpy(bk.predict(p, bk.asarray(case.x), config))
+        _check_choice(ctx, pred, ref_out.lengths, f"{who} predict on {source.spec}'s exported params")
+        parts = bk.loss(p, bk.asarray(case.x), bk.asarray(case.labels), config)
+        for f in ("total", "margin", "reconstruction"):
+            assert_close(bk.to_numpy(getattr(parts, f)), getattr(ref_loss, f),
+                         what=f"{who} loss {f} on {source.spec}'s exported params", level="model", ctx=ctx)
+

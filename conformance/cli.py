@@ -1,0 +1,101 @@
+"""The conformance suite's command line: `capsspec conformance` and `python -m capsspec.conformance`.
+
+    capsspec conformance --backend NAME [--profile ci|full|meta] [--device DEV] [-- PYTEST ARGS...]
+    capsspec conformance --backend package.module:Factory     (a backend not registered yet)
+    capsspec conformance --backend all                         (every available backend in turn)
+
+The backend is checked before any test runs: an unknown or unavailable one prints the reason and
+exits with status 2. With `all`, the known backends that cannot run here are listed with the
+reason, each available backend runs in its own pytest process (one session per backend, so no
+state leaks between them), and the exit status is non-zero if any of them failed.
+Arguments after `--` go to pytest unchanged (e.g. `-- -x -k routing`).
+
+What this module must never do: fall back to another backend than the one named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from typing import Sequence
+
+from .profiles import PROFILES
+from .selection import SelectionError, resolve_backend, skipped_backends
+
+__all__ = ["main", "build_parser", "pytest_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="capsspec conformance",
+        description="Hold a backend to the capsspec reference, forward and backward, within stated tolerances.",
+        epilog="Arguments after `--` are passed to pytest unchanged.")
+    p.add_argument("--backend", required=True, metavar="NAME",
+                   help="a registered backend name, 'module:attr' (a factory returning a capsspec.Backend), or 'all'")
+    p.add_argument("--profile", default="ci", choices=sorted(PROFILES),
+                   help="example budget: ci (derandomised, minutes; the default), full (release checks), meta")
+    p.add_argument("--device", default=None, help="device for the backend under test (e.g. cuda:0)")
+    return p
+
+
+def pytest_args(backend: str, profile: str, device: str | None, extra: Sequence[str]) -> list[str]:
+    """The pytest command line that runs the installed suite against one backend."""
+    args = ["--pyargs", "capsspec.conformance", "-p", "capsspec.conformance.plugin", "--backend", backend,
+            "--conformance-profile", profile, "-p", "no:cacheprovider"]
+    if device is not None:
+        args += ["--device", device]
+    return args + list(extra)
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the suite; returns the exit status (0: every tested backend conforms)."""
+    own, extra = _split(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(own)
+    except SystemExit as exc:  # argparse's usage error (2) or --help (0)
+        return int(exc.code or 0)
+    if args.backend == "all":
+        return _run_all(args.profile, args.device, extra)
+    try:
+        resolve_backend(args.backend, args.device)
+    except SelectionError as exc:
+        print(f"capsspec conformance: {exc}", file=sys.stderr)
+        return 2
+    import pytest
+
+    return int(pytest.main(pytest_args(args.backend, args.profile, args.device, extra)))
+
+
+def _run_all(profile: str, device: str | None, extra: Sequence[str]) -> int:
+    from capsspec.registry import available_backends
+
+    for name, reason in skipped_backends():
+        print(f"capsspec conformance: skipping backend {name!r}: {reason}", flush=True)
+    names = available_backends()
+    if not names:
+        print("capsspec conformance: no backend is available", file=sys.stderr)
+        return 2
+    results: dict[str, int] = {}
+    for name in names:
+        if device is not None:
+            try:
+                resolve_backend(name, device)
+            except SelectionError as exc:  # e.g. the numpy backend asked for a GPU
+                print(f"capsspec conformance: skipping backend {name!r} on device {device!r}: {exc}", flush=True)
+                continue
+        print(f"\ncapsspec conformance: === backend {name!r} ===", flush=True)
+        cmd = [sys.executable, "-m", "pytest", *pytest_args(name, profile, device, extra)]
+        results[name] = subprocess.call(cmd)
+    print("\ncapsspec conformance: results")
+    for name, code in results.items():
+        print(f"  {name:<12} {'passed' if code == 0 else f'FAILED (pytest exit status {code})'}")
+    return 0 if all(code == 0 for code in results.values()) else 1

@@ -1,0 +1,226 @@
+"""The pytest plugin of the conformance suite: choosing the backend, profiles, known gaps, the summary.
+
+Load it with `-p capsspec.conformance.plugin` (the `capsspec conformance` command does), or let
+conformance/conftest.py load it when running `python -m pytest conformance` from a checkout.
+
+* --backend NAME or module:attr (or $CAPSSPEC_BACKEND) chooses the backend under test; --device
+  passes a device to it. A missing, unknown or unavailable backend stops the run before any
+  test, with the reason (exit status 4, pytest's usage error). There is no default: the suite
+  never silently tests the reference against itself.
+* --conformance-profile ci|full|meta (or $CAPSSPEC_CONFORMANCE_PROFILE; default ci).
+* --interchange-with NAMES: the backends to exchange checkpoints with (default: every known one).
+* --known-gaps FILE (default: known_gaps/<backend name>.txt next to this module): lines
+  "test_id  # reason", where test_id is "module.py::test_name[params]" ('*' and '?' are
+  wildcards; brackets are literal). Each gap is applied as a strict xfail, so a gap that starts passing fails the run
+  and is listed as stale; a gap that matches no test is listed too.
+* At the end, a summary per check: examples run, comparisons made, the largest error as a
+  fraction of its tolerance, and the largest absolute error.
+
+What this module must never do: pick a backend on its own, or turn a failure into a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import compare, profiles
+from .selection import ENV_VAR, Selected, SelectionError, backend_from_environment, resolve_backend
+
+KNOWN_GAPS_DIR = Path(__file__).resolve().parent / "known_gaps"
+
+_STATE = pytest.StashKey["_State"]()
+
+
+@dataclass
+class _State:
+    selected: Selected
+    profile: str
+    partners: list[str]
+    gaps_file: Path | None
+    gaps: list[tuple[str, str]] = field(default_factory=list)
+    used_gaps: set[str] = field(default_factory=set)
+    gap_items: dict[str, str] = field(default_factory=dict)  # nodeid -> pattern
+    stale: list[str] = field(default_factory=list)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("capsspec-conformance", "capsspec conformance suite")
+    group.addoption("--backend", action="store", default=None, metavar="NAME",
+                    help=f"backend under test: a registered name or 'module:attr' (default: ${ENV_VAR})")
+    group.addoption("--device", action="store", default=None, help="device passed to the backend under test")
+    group.addoption("--conformance-profile", action="store", default=None, choices=sorted(profiles.PROFILES),
+                    help=f"example budget: ci (default), full or meta (or ${profiles.ENV_VAR})")
+    group.addoption("--interchange-with", action="store", default=None, metavar="NAMES",
+                    help="comma-separated backends to exchange checkpoints with (default: every known backend)")
+    group.addoption("--known-gaps", action="store", default=None, metavar="FILE",
+                    help="file of known gaps (default: known_gaps/<backend name>.txt in the suite)")
+
+
+def _gap_regex(pattern: str) -> re.Pattern:
+    """'*' and '?' are wildcards; everything else (the brackets of parametrized ids too) is literal."""
+    return re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern) + r"\Z")
+
+
+def _parse_gaps(path: Path) -> list[tuple[str, str]]:
+    gaps = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        test_id, _, reason = line.partition("#")
+        test_id, reason = test_id.strip(), reason.strip()
+        if not reason:
+            raise pytest.UsageError(f"{path}:{lineno}: a known gap needs a reason after '#': {line!r}")
+        gaps.append((test_id, reason))
+    return gaps
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.help or getattr(config.option, "version", False):
+        return
+    config.addinivalue_line("markers", "conformance: a check of the capsspec conformance suite")
+    spec = config.getoption("--backend") or backend_from_environment()
+    if not spec:
+        pytest.exit(f"capsspec conformance: no backend chosen. Pass --backend NAME (or 'module:attr'), or set "
+                    f"${ENV_VAR}. The suite has no default backend.", returncode=pytest.ExitCode.USAGE_ERROR)
+    try:
+        selected = resolve_backend(spec, config.getoption("--device"))
+    except SelectionError as exc:
+        pytest.exit(f"capsspec conformance: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+    profile = config.getoption("--conformance-profile") or os.environ.get(profiles.ENV_VAR) or "ci"
+    if profile not in profiles.PROFILES:
+        pytest.exit(f"capsspec conformance: profile must be one of {sorted(profiles.PROFILES)}, got {profile!r}",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+    profiles.activate(profile)
+    from capsspec.registry import backend_names
+
+    partners_opt = config.getoption("--interchange-with")
+    partners = [p.strip() for p in partners_opt.split(",") if p.strip()] if partners_opt else backend_names()
+    gaps_opt = config.getoption("--known-gaps")
+    gaps_file = Path(gaps_opt) if gaps_opt else KNOWN_GAPS_DIR / f"{selected.name}.txt"
+    if gaps_opt and not gaps_file.is_file():
+        pytest.exit(f"capsspec conformance: --known-gaps {gaps_opt!r} is not a file",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+    state = _State(selected, profile, partners, gaps_file if gaps_file.is_file() else None)
+    if state.gaps_file is not None:
+        state.gaps = _parse_gaps(state.gaps_file)
+    config.stash[_STATE] = state
+    compare.reset_stats()
+
+
+def _state(config: pytest.Config) -> _State:
+    return config.stash[_STATE]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if _STATE not in config.stash:
+        return []
+    st = _state(config)
+    b = st.selected.backend
+    a = b.availability()
+    gaps = f"{st.gaps_file} ({len(st.gaps)} gap(s))" if st.gaps_file else "none"
+    return [f"capsspec conformance: backend {st.selected.spec!r} (name {b.name!r}, {b.framework or 'numpy'} "
+            f"{a.version}, device {a.device}), dtypes {', '.join(b.dtypes)}, profile {st.profile}",
+            f"capsspec conformance: known gaps: {gaps}"]
+
+
+@pytest.fixture(scope="session")
+def backend(request: pytest.FixtureRequest) -> Selected:
+    """The backend under test (selection.Selected: .backend, .spec, .device)."""
+    return _state(request.config).selected
+
+
+def _ours(module: Any) -> bool:
+    """Whether a test module is one of the suite's (other tests in the same session are left alone)."""
+    path = getattr(module, "__file__", None)
+    return path is not None and Path(path).resolve().parent == Path(__file__).resolve().parent
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if _STATE not in metafunc.config.stash or not _ours(metafunc.module):
+        return
+    if "dtype" in metafunc.fixturenames:
+        metafunc.parametrize("dtype", ["float32", "float64"])
+    if "partner" in metafunc.fixturenames:
+        metafunc.parametrize("partner", _state(metafunc.config).partners)
+
+
+def _short_id(item: pytest.Item) -> str:
+    module = getattr(item, "module", None)
+    mod = (module.__name__.rsplit(".", 1)[-1] + ".py") if module is not None else item.nodeid.split("::")[0]
+    return f"{mod}::{item.name}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _STATE not in config.stash:
+        return
+    st = _state(config)
+    b = st.selected.backend
+    for item in items:
+        if not _ours(getattr(item, "module", None)):
+            continue
+        callspec = getattr(item, "callspec", None)
+        dtype = callspec.params.get("dtype") if callspec is not None else None
+        if dtype is not None and dtype not in b.dtypes:
+            item.add_marker(pytest.mark.skip(
+                reason=f"backend {st.selected.spec!r} does not support {dtype} (its dtypes: {', '.join(b.dtypes)})"))
+        short = _short_id(item)
+        for pattern, reason in st.gaps:
+            if _gap_regex(pattern).match(short):
+                st.used_gaps.add(pattern)
+                st.gap_items[item.nodeid] = pattern
+                item.add_marker(pytest.mark.xfail(strict=True, reason=f"known gap ({st.gaps_file.name}): {reason}"))
+                break
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    compare.set_current_check(_short_id(item))
+    try:
+        return (yield)
+    finally:
+        compare.set_current_check(None)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # A strict xfail that passes is reported as failed with "[XPASS(strict)]": a stale gap.
+    if report.when == "call" and report.failed and "XPASS(strict)" in str(report.longrepr):
+        _STALE.append(report.nodeid)
+
+
+_STALE: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _STATE not in config.stash:
+        return
+    st = _state(config)
+    tr = terminalreporter
+    tr.section(f"capsspec conformance: backend {st.selected.spec!r}, profile {st.profile}")
+    rows = sorted(compare.STATS.items())
+    if rows:
+        width = max(len(k) for k, _ in rows)
+        tr.write_line(f"{'check':<{width}}  examples  compared  max err/tol  max abs err  worst")
+        for name, s in rows:
+            tr.write_line(f"{name:<{width}}  {s.examples:>8}  {s.comparisons:>8}  {s.max_ratio:>11.3g}  "
+                          f"{s.max_abs:>11.3g}  {s.worst}")
+    else:
+        tr.write_line("no comparisons were made")
+    unused = [p for p, _ in st.gaps if p not in st.used_gaps]
+    stale = [n for n in _STALE if n in st.gap_items]
+    if unused:
+        tr.write_line(f"known gaps matching no test (stale, remove them from {st.gaps_file}):", yellow=True)
+        for p in unused:
+            tr.write_line(f"  {p}", yellow=True)
+    if stale:
+        tr.write_line(f"known gaps that now pass (stale, remove them from {st.gaps_file}):", red=True)
+        for n in stale:
+            tr.write_line(f"  {st.gap_items[n]}  ({n})", red=True)
+    _STALE.clear()

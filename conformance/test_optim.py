@@ -1,0 +1,19 @@
+"""The optimizer: one adam_update from a given state, and a short train_step trajectory."""
+
+from hypothesis import given
+
+from capsspec.conformance import checks
+from capsspec.conformance import strategies as cs
+from capsspec.conformance.profiles import budget
+
+
+@budget("optimizer")
+@given(recipe=cs.adam_recipes())
+def test_adam_update(backend, dtype, recipe):
+    checks.adam_step(backend, recipe, dtype)
+
+
+@budget("trajectory")
+@given(recipe=cs.trajectory_recipes(steps=3))
+def test_train_step_trajectory(backend, dtype, recipe):
+    checks.trajectory(backend, recipe, dtype)

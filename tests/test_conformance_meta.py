@@ -1,0 +1,137 @@
+"""Tests of the tester: the conformance suite passes the reference and fails every broken backend.
+
+Each broken backend of capsspec.conformance.broken carries one of the paper's known mistakes;
+the suite, run from the installed package exactly as users run it (one pytest process per
+backend, the small "meta" profile, checkpoint exchange with numpy only), must fail each of them
+through the check that targets that mistake, and must pass the numpy backend. The other tests
+here show that a missing or bad backend stops the run before any test, and that known gaps are
+strict. Together about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capsspec.conformance import broken
+from capsspec.conformance.cli import main as conformance_main
+from capsspec.conformance.profiles import PROFILES
+
+pytest.importorskip("hypothesis")
+
+SUITE = ["--pyargs", "capsspec.conformance", "-p", "capsspec.conformance.plugin", "-p", "no:cacheprovider",
+         "--conformance-profile", "meta", "--interchange-with", "numpy", "-q", "-rf"]
+
+# The check that exists for each mistake (other checks may catch it as well).
+EXPECTED = {
+    "softmax_over_children": "test_coupling_sums_to_one_over_parents",
+    "squash_nan_at_zero": "test_zero_capsule_vectors_give_finite_values_and_zero_gradients",
+    "primary_no_channels_last": "test_op_forward[float64-primary_capsules]",
+    "margin_on_softmax": "test_margin_loss_is_zero_when_margins_are_met",
+    "shared_routing_logits": "test_examples_do_not_depend_on_the_rest_of_the_batch",
+    "detached_routing_gradient": "test_value_and_grad",
+    "iterations_always_1": "test_op_forward[float64-routing]",
+    "iterations_always_3": "test_op_forward[float64-routing]",
+}
+
+
+def _suite(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    # From an empty folder, so nothing but the installed package is collected.
+    return subprocess.run([sys.executable, "-m", "pytest", *SUITE, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_every_broken_backend_has_an_expected_check():
+    assert set(EXPECTED) == set(broken.BROKEN)
+
+
+def test_numpy_backend_passes(tmp_path):
+    r = _suite(tmp_path, "--backend", "numpy")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "capsspec conformance: backend 'numpy', profile meta" in r.stdout  # the summary
+
+
+@pytest.mark.parametrize("key", sorted(broken.BROKEN))
+def test_broken_backend_fails(tmp_path, key):
+    cls = broken.BROKEN[key]
+    r = _suite(tmp_path, "--backend", f"capsspec.conformance.broken:{cls.__name__}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, f"{cls.mistake}: the suite did not fail (exit {r.returncode})\n{out[-4000:]}"
+    failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
+    assert any(EXPECTED[key] in line for line in failed), (
+        f"{cls.mistake}: {EXPECTED[key]} did not fail; failures were:\n" + "\n".join(failed))
+    assert "ConformanceFailure" in out  # a comparison failed, not a crash of the suite
+
+
+def test_missing_backend_stops_before_any_test(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAPSSPEC_BACKEND", raising=False)
+    r = _suite(tmp_path)
+    assert r.returncode == 4 and "no backend chosen" in r.stdout + r.stderr
+    assert "passed" not in r.stdout
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown backend 'nope'"),
+    ("numpy:ones", "the factory raised"),
+    ("capsspec.config:CapsNetConfig", "not a capsspec.Backend"),
+    ("capsspec.conformance.broken:BROKEN", "is not callable"),
+    ("no_such_module_xyz:Backend", "cannot import module"),
+])
+def test_bad_backend_stops_before_any_test(tmp_path, spec, message):
+    r = _suite(tmp_path, "--backend", spec)
+    assert r.returncode == 4, r.stdout[-2000:]
+    assert message in r.stdout + r.stderr
+    assert "passed" not in r.stdout
+
+
+def test_unavailable_backend_stops_with_its_reason(tmp_path):
+    (tmp_path / "absent_backend.py").write_text(
+        "from capsspec import Backend\n"
+        "class Absent(Backend):\n"
+        "    name = 'absent'\n"
+        "    framework = 'surely_not_an_installed_module_xyz'\n"
+        "    install_hint = 'pip install absent'\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", *SUITE, "--backend", "absent_backend:Absent"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 4 and "pip install absent" in r.stdout + r.stderr
+
+
+def test_command_line_refuses_bad_backends_with_status_2(capsys):
+    assert conformance_main(["--backend", "nope"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert conformance_main([]) == 2  # --backend is required
+
+
+def test_known_gaps_are_strict_and_stale_ones_are_reported(tmp_path):
+    gaps = tmp_path / "gaps.txt"
+    gaps.write_text("# a gap that does not exist any more\n"
+                    "test_api.py::test_backend_declares_itself  # pretend this failed\n"
+                    "test_api.py::test_no_such_test  # matches nothing\n")
+    r = _suite(tmp_path, "--backend", "numpy", "--known-gaps", str(gaps), "-k", "test_backend_declares_itself")
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "XPASS(strict)" in r.stdout
+    assert "known gaps that now pass (stale" in r.stdout
+    assert "known gaps matching no test (stale" in r.stdout and "test_no_such_test" in r.stdout
+
+
+def test_known_gap_turns_a_failure_into_an_expected_failure(tmp_path):
+    gaps = tmp_path / "gaps.txt"
+    gaps.write_text("test_ops.py::test_op_forward[float6?-routing]  # always one iteration for now\n")
+    r = _suite(tmp_path, "--backend", "capsspec.conformance.broken:IterationsAlwaysOne", "--known-gaps", str(gaps),
+               "-k", "test_op_forward and float64 and routing")
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "1 xfailed" in r.stdout
+
+
+def test_numpy_has_no_known_gaps():
+    path = Path(broken.__file__).parent / "known_gaps" / "numpy.txt"
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert lines == []
+
+
+def test_profiles_are_bounded():
+    assert PROFILES["meta"]["ops"] <= PROFILES["ci"]["ops"] < PROFILES["full"]["ops"]
