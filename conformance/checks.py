@@ -74,6 +74,16 @@ def to_numpy_tree(backend: Any, a: Any) -> Any:
     return backend.to_numpy(a)
 
 
+def max_abs_error(backend: Any, out: Any, ref: Any) -> list[float]:
+    """The largest |backend - reference| of each result (for the printed snippets)."""
+    if isinstance(ref, (list, tuple)):
+        return [e for o, r in zip(out, ref) for e in max_abs_error(backend, o, r)]
+    if ref is None:
+        return []
+    a = np.asarray(backend.to_numpy(out), dtype=np.float64)
+    return [float(np.max(np.abs(a - ref))) if a.size else 0.0]
+
+
 def _header(sel: Selected) -> str:
     return (
         "import numpy as np\n"
@@ -179,7 +189,7 @@ def op_forward(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) 
     body = (f"case = cases.op_case({name!r}, {dict(recipe)!r}, {dtype!r})\n"
             f"out = backend.{name}(*checks.to_backend(backend, case.args), **case.static)\n"
             f"ref = capsspec.ops.{name}(*case.ref_args, **case.static)  # the reference, float64\n"
-            f"print(checks.to_numpy_tree(backend, out), ref)\n")
+            f"print('largest |backend - reference| per output:', checks.max_abs_error(backend, out, ref))\n")
     ctx = _ctx(f"{name} forward", sel, dtype, recipe, body,
                f"checks.op_forward(sel, {name!r}, {dict(recipe)!r}, {dtype!r})",
                dict(zip(spec.array_args, case.args)))
@@ -204,7 +214,7 @@ def op_vjp(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) -> N
             f"grads = backend.{name}_vjp(checks.to_backend(backend, case.cot), *checks.to_backend(backend, case.args),"
             f" **case.static)\n"
             f"ref = capsspec.ops.{name}_vjp(case.ref_cot, *case.ref_args, **case.static)  # the reference, float64\n"
-            f"print(checks.to_numpy_tree(backend, grads), ref)\n")
+            f"print('largest |backend - reference| per gradient:', checks.max_abs_error(backend, grads, ref))\n")
     inputs = dict(zip(spec.array_args, case.args))
     inputs["g"] = case.cot
     ctx = _ctx(f"{name} vjp", sel, dtype, recipe, body,
