@@ -123,6 +123,14 @@ class Backend:
     def state_to_numpy(self, state: Any) -> dict[str, Any]:
         raise NotImplementedError
 
+    def default_device(self) -> str | None:
+        """The device a run should use when the user names none (None: the backend's own default).
+
+        A training run asks this rather than importing a framework itself; a backend with a
+        faster device that it does not pick silently for array work (torch's CUDA) says so here.
+        """
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued device work (for timing). A no-op where work is synchronous."""
 

@@ -180,7 +180,7 @@ def choose_backend(name: str | None = None, device: str | None = None,
 
     With a name, that backend. Without, the available backend with the highest speed_rank
     (availability is checked from the fastest down, so slower frameworks are not even imported).
-    torch is given device "cuda" when none is asked for and torch.cuda.is_available().
+    Without a device, the backend's default_device() (torch: "cuda" when it sees one).
     """
     from .registry import backend_names, get_backend
 
@@ -209,14 +209,12 @@ def choose_backend(name: str | None = None, device: str | None = None,
             raise BackendUnavailable("no backend is available: " + "; ".join(skipped))
         if skipped:
             why += "; faster but unavailable: " + "; ".join(skipped)
-    if name == "torch" and device is None:
-        import torch  # only reached when torch is the chosen backend
-
-        if torch.cuda.is_available():
-            device = "cuda"
-            why += "; device cuda (torch.cuda.is_available())"
-        else:
-            why += "; device cpu (torch sees no CUDA device)"
+    if device is None:
+        # The backend names its preferred device (torch: CUDA when it sees one); no framework
+        # is imported here.
+        device = get_backend(name, check=False, **options).default_device()
+        if device is not None:
+            why += f"; device {device} (the backend's default here)"
     backend = get_backend(name, device=device, check=False, **options)
     backend.require_available()
     return backend, why

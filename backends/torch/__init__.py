@@ -174,6 +174,13 @@ class TorchBackend(Backend):
                 "m": {k: self.to_numpy(a) for k, a in state.moments("m").items()},
                 "v": {k: self.to_numpy(a) for k, a in state.moments("v").items()}}
 
+    def default_device(self) -> str | None:
+        """"cuda" where torch sees a CUDA device, else "cpu": what a training run uses by default."""
+        try:
+            return "cuda" if self._torch().cuda.is_available() else "cpu"
+        except Exception:  # a broken CUDA install must not stop a CPU run from starting
+            return "cpu"
+
     def synchronize(self) -> None:
         """Wait for queued CUDA work (a no-op on the CPU, where torch runs synchronously)."""
         if self.device.startswith("cuda"):
