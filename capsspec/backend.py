@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .config import CapsNetConfig
-from .spec import SPEC_NAMES
+from .spec import INFERENCE_NAMES, SPEC_NAMES
 
 __all__ = ["Availability", "Backend", "BackendUnavailable"]
 
@@ -56,6 +56,10 @@ class Backend:
     impl_modules: tuple[str, ...] = ()  # modules that define the spec's names, searched in order
     # Relative speed for choosing a default training backend (higher is faster).
     speed_rank: int = 0
+    # False for an inference-only backend: it implements spec.INFERENCE_NAMES (and the
+    # conversions of arrays and parameters) only, is never chosen for training, and the
+    # conformance suite reports its training checks as not applicable, never as passed.
+    trains: bool = True
 
     def __init__(self, device: str | None = None, **options: Any) -> None:
         if options:
@@ -99,9 +103,13 @@ class Backend:
             self.__dict__["_impl_cache"] = cache
         return cache
 
+    def required_names(self) -> tuple[str, ...]:
+        """The spec names this backend must provide: all of them, or INFERENCE_NAMES if it does not train."""
+        return SPEC_NAMES if self.trains else INFERENCE_NAMES
+
     def missing_names(self) -> list[str]:
-        """Spec names this backend does not provide (empty for a complete backend)."""
-        return [n for n in SPEC_NAMES if not _has(self, n)]
+        """Spec names this backend must provide but does not (empty for a complete backend)."""
+        return [n for n in self.required_names() if not _has(self, n)]
 
     # ------------------------------------------------------------------------- conversions
     def asarray(self, a: np.ndarray) -> Any:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "OpSpec", "OPS", "OP_NAMES", "MODEL_FUNCTIONS", "OPTIMIZER_FUNCTIONS", "SPEC_NAMES",
+    "INFERENCE_NAMES",
     "CapsNetOutput", "LossParts", "StepMetrics",
 ]
 
@@ -62,6 +63,10 @@ SPEC_NAMES: tuple[str, ...] = (
     *MODEL_FUNCTIONS,
     *OPTIMIZER_FUNCTIONS,
 )
+
+# What an inference-only backend (one whose `trains` is False, e.g. a runtime for an exported
+# graph) implements; the conformance suite reports every other name as not applicable to it.
+INFERENCE_NAMES: tuple[str, ...] = ("forward", "predict")
 
 
 class CapsNetOutput(NamedTuple):

@@ -188,7 +188,11 @@ def choose_backend(name: str | None = None, device: str | None = None,
     options = dict(options or {})
     if name is not None:
         # An unknown name (ValueError) or a missing framework (BackendUnavailable) stops here.
-        get_backend(name).require_available()
+        named = get_backend(name)
+        named.require_available()
+        if not named.trains:
+            raise ValueError(f"backend {name!r} is inference-only and cannot train; choose a training backend "
+                             "(see `capsspec backends`)")
         why = f"{name}: asked for with --backend"
     else:
         candidates = []
@@ -197,6 +201,7 @@ def choose_backend(name: str | None = None, device: str | None = None,
                 candidates.append(get_backend(n, check=False))
             except Exception:  # a broken plugin must not stop training on the others
                 continue
+        candidates = [b for b in candidates if b.trains]
         candidates.sort(key=lambda b: (-int(getattr(b, "speed_rank", 0)), b.name))
         skipped: list[str] = []
         for cand in candidates:
