@@ -10,12 +10,13 @@ here imports a framework.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "stale_temporaries"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -66,3 +67,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` whole or not at all."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files that atomic_path left beside `path` because its process was killed (SIGKILL,
+    power loss): never the user's file itself, safe to delete when nothing is writing `path`."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"))

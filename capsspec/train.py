@@ -3,19 +3,37 @@
 The trainer speaks to a backend exclusively through the spec: params_from_numpy / adam_init,
 asarray for batches, train_step(params, state, x, labels, config, adam), predict for evaluation,
 params_to_numpy / state_to_numpy for checkpoints. Parameters start from capsspec.init_params,
-so every backend starts from the same model for a given seed.
+so every backend starts from the same model for a given seed. It imports no framework: the
+backend names its own default device.
+
+A run is a sequence of named steps, each a function below: start or resume (`_start`,
+`_resume`), one epoch of training steps (`_train_epoch`), evaluation (`_evaluate`), the end of
+an epoch (`_end_epoch`), a checkpoint (`_save`), and the end of the run (`_finish`). `train`
+strings them together.
 
 Reproducibility. Every random choice derives from (seed, purpose[, epoch]) through
 numpy.random.SeedSequence: the validation split from (seed, 1), epoch e's shuffle from
-(seed, 2, e) and its augmentation shifts from (seed, 3, e). Checkpoints are written at epoch
-boundaries, so a resumed run draws exactly what the uninterrupted run would have drawn, and on
-the numpy backend reproduces it bit for bit. The generator states for the next epoch are also
-stored in the checkpoint and checked on resume, so a change of this scheme cannot go unnoticed.
+(seed, 2, e) and its augmentation shifts from (seed, 3, e). A checkpoint records where the run
+is (epoch, batches done, step), the epoch's running sums and the generator states at that
+point; a resumed run re-derives those states by replaying the epoch's draws and checks them
+against the record, so it draws exactly what the uninterrupted run would have drawn and, on the
+same backend, device and dtype, reproduces it bit for bit (parameters, optimizer state and
+metrics). The rule for what a resumed run may change lives here, once (`plan_resume`,
+RESUME_MAY_CHANGE, RESUME_MAY_SWITCH, REPRODUCIBILITY_FIELDS); the command line reads it.
+
+Checkpoints. out_dir/checkpoint.safetensors is written at each epoch's end and during epochs:
+every `checkpoint_every` steps when set, otherwise after `checkpoint_seconds` of training
+(default: 2 minutes on a CPU, 1 minute on an accelerator, so an interrupted run loses at most
+that much work). SIGINT (Ctrl-C) and SIGTERM let the step under way finish, write a checkpoint
+of it and stop with TrainingInterrupted naming it; a second signal stops at once, naming the
+last checkpoint actually written (or saying there is none). Every file goes through
+capsspec.fileio, so a kill at any moment leaves each file whole (old or new); temporary files
+a killed writer left behind are removed when the run is started or resumed.
 
 Honest accuracy. Validation images are held out of the training set. Each epoch the model is
 evaluated on validation and test, but the accuracy the run reports is the final model's, or
 (select="val") the one of the epoch with the best validation accuracy; never the best of the
-test evaluations (PAPER.md, mistake 6). The summary says which.
+test evaluations. The summary says which.
 
 Speed. StepMetrics stay backend scalars: they are summed on the device and read back only every
 `log_every` steps and at the end of an epoch (when a backend already returns Python numbers,
@@ -32,38 +50,61 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, Callable, Mapping, NoReturn, TextIO
 
 import numpy as np
 
-from .augment import MAX_SHIFT, augment_batch
+from .augment import MAX_SHIFT, augment_batch, random_shifts
 from .backend import Backend, BackendUnavailable
-from .checkpoint import CHECKPOINT_NAME, FINAL_NAME, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, FINAL_NAME, load_checkpoint, read_metadata, save_checkpoint
 from .config import AdamConfig, CapsNetConfig
 from .evaluate import accuracy, predict_all
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, stale_temporaries
 from .model import init_params
 
 __all__ = [
-    "TrainSettings", "Splits", "TrainingDiverged", "split_data", "epoch_generators", "choose_backend", "train",
-    "METRICS_NAME", "SUMMARY_NAME", "BEST_VAL_NAME", "REPRODUCIBILITY_FIELDS",
+    "TrainSettings", "Splits", "TrainingDiverged", "TrainingInterrupted", "ResumePlan", "split_data",
+    "epoch_generators", "choose_backend", "plan_resume", "train", "METRICS_NAME", "SUMMARY_NAME", "BEST_VAL_NAME",
+    "REPRODUCIBILITY_FIELDS", "RESUME_MAY_CHANGE", "RESUME_MAY_SWITCH", "CHECKPOINT_SECONDS_CPU",
+    "CHECKPOINT_SECONDS_ACCELERATOR",
 ]
 
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 BEST_VAL_NAME = "best-val.safetensors"
 
+# Default checkpoint interval, in seconds of training: the most work an interrupted run loses.
+# A paper-model step takes 2.5-3.5 s on a 2-core CPU, so 2 minutes is ~35-50 steps; an
+# accelerator does far more work per minute, so it checkpoints twice as often.
+CHECKPOINT_SECONDS_CPU = 120.0
+CHECKPOINT_SECONDS_ACCELERATOR = 60.0
+
 # SeedSequence purposes: one stream per kind of random choice.
 _STREAM_VALIDATION, _STREAM_SHUFFLE, _STREAM_AUGMENT = 1, 2, 3
-RNG_SCHEME = "numpy PCG64 from SeedSequence((seed, stream, epoch)); streams: 1 validation split, 2 shuffle, 3 shifts"
+RNG_SCHEME = ("numpy PCG64 from SeedSequence((seed, stream, epoch)); streams: 1 validation split, 2 shuffle, "
+              "3 shifts; 'augment' is the shift generator's state after the epoch's first 'batch' batches")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf. The message says when, and which checkpoint is the last good one."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run. `checkpoint` is the checkpoint to resume from (None: none was
+    written), `step` the step it holds, `signal_name` what stopped the run ("SIGINT", "SIGTERM")."""
+
+    def __init__(self, message: str, checkpoint: Path | None, step: int | None, signal_name: str) -> None:
+        super().__init__(message)
+        self.checkpoint, self.step, self.signal_name = checkpoint, step, signal_name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -81,15 +122,23 @@ class TrainSettings:
     dtype: str = "float32"
     eval_batch_size: int = 500
     log_every: int = 50  # steps between reads of device-side metrics
+    # Checkpoints within an epoch: every checkpoint_every steps (0: at epoch ends only); when
+    # None, after checkpoint_seconds of training (None: CHECKPOINT_SECONDS_CPU on a CPU,
+    # CHECKPOINT_SECONDS_ACCELERATOR elsewhere).
+    checkpoint_every: int | None = None
+    checkpoint_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             _check_int(f"TrainSettings.{name}", getattr(self, name), 1)
         for name in ("seed", "val_size", "max_shift"):
             _check_int(f"TrainSettings.{name}", getattr(self, name), 0)
-        for name in ("train_subset", "test_subset"):
+        for name, minimum in (("train_subset", 1), ("test_subset", 1), ("checkpoint_every", 0)):
             if getattr(self, name) is not None:
-                _check_int(f"TrainSettings.{name}", getattr(self, name), 1)
+                _check_int(f"TrainSettings.{name}", getattr(self, name), minimum)
+        s = self.checkpoint_seconds
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < math.inf):
+            raise ValueError(f"TrainSettings.checkpoint_seconds must be a positive number of seconds, got {s!r}")
         if self.select not in ("final", "val"):
             raise ValueError(f"TrainSettings.select must be 'final' or 'val', got {self.select!r}")
         if self.select == "val" and self.val_size == 0:
@@ -109,14 +158,81 @@ class TrainSettings:
         return cls(**dict(d))
 
 
-# Settings a resumed run must share with the run it continues, or it would not be the same run.
-REPRODUCIBILITY_FIELDS = ("batch_size", "seed", "val_size", "train_subset", "test_subset", "max_shift", "select",
-                          "dtype")
-
-
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+# ===================================================================================== the resume rule
+# A resumed run is the same run. These settings may change freely when it resumes ...
+RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", "log_every", "checkpoint_every", "checkpoint_seconds")
+# ... these are kept from the checkpoint unless the user names another, which is allowed but
+# costs bit-exactness (train() says so when it resumes) ...
+RESUME_MAY_SWITCH = ("backend", "device", "backend_options", "dtype")
+# ... and these settings, the whole CapsNetConfig and the whole AdamConfig must not change.
+REPRODUCIBILITY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings)
+                               if f.name not in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a resumed run is: the run's own model, optimizer and settings, and where it continues."""
+
+    checkpoint: Path
+    config: CapsNetConfig
+    adam: AdamConfig
+    settings: TrainSettings
+    backend: str
+    device: str | None  # None: that backend's default
+    backend_options: dict[str, Any]
+    started_on: str  # "numpy (device None, float32)": what the run was started with
+
+
+def plan_resume(out_dir: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
+                adam: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
+                backend: str | None = None, device: str | None = None,
+                backend_options: Mapping[str, Any] | None = None) -> ResumePlan:
+    """The resumed run of out_dir: the checkpoint's values, changed only where the rule allows.
+
+    config / adam / settings: the fields the user named (None values count as not named). A named
+    field outside RESUME_MAY_CHANGE and RESUME_MAY_SWITCH that differs from the run's raises a
+    ValueError naming it. backend / device / backend_options / settings["dtype"]: left out, the
+    run's own; named, they win (train() then says the result will not be bit-exact).
+    """
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"cannot resume: {path} does not exist (is --out the folder of the run to continue?)")
+    meta = read_metadata(path)
+    try:
+        run_config = CapsNetConfig.from_dict(json.loads(meta["config"]))
+        run_adam = AdamConfig.from_dict(json.loads(meta["adam"])) if meta.get("adam") else AdamConfig()
+        run_settings = TrainSettings.from_dict(json.loads(meta.get("training") or "{}"))
+        extra = json.loads(meta.get("extra") or "{}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot resume from {path}: its metadata is invalid ({exc})") from exc
+    named = lambda d: {k: v for k, v in (d or {}).items() if v is not None}  # noqa: E731
+    for what, obj, changes in (("model", run_config, named(config)), ("optimizer", run_adam, named(adam)),
+                               ("run", run_settings, named(settings))):
+        for key, value in changes.items():
+            if key not in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH and getattr(obj, key) != value:
+                raise ValueError(f"the run in {out_dir} has {what} setting {key}={getattr(obj, key)!r}; a resumed run "
+                                 f"cannot change it to {value!r}")
+    kept = {k: v for k, v in named(settings).items() if k in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH}
+    run_backend, run_device = meta.get("backend") or "numpy", extra.get("device")
+    run_options = dict(extra.get("backend_options") or {})
+    same_backend = backend is None or backend == run_backend
+    return ResumePlan(
+        checkpoint=path, config=run_config, adam=run_adam,
+        settings=TrainSettings.from_dict({**run_settings.to_dict(), **kept}),
+        backend=run_backend if backend is None else backend,
+        device=device if device is not None or not same_backend else run_device,
+        backend_options=dict(backend_options) if backend_options is not None or not same_backend else run_options,
+        started_on=_where(run_backend, run_device, run_options, run_settings.dtype))
+
+
+def _where(backend: str, device: str | None, options: Mapping[str, Any], dtype: str) -> str:
+    opts = "".join(f", {k}={v!r}" for k, v in sorted(options.items()))
+    return f"{backend} (device {device or 'default'}{opts}, {dtype})"
 
 
 # ===================================================================================== data
@@ -168,9 +284,21 @@ def epoch_generators(seed: int, epoch: int) -> tuple[np.random.Generator, np.ran
             np.random.default_rng(np.random.SeedSequence([seed, _STREAM_AUGMENT, epoch])))
 
 
-def _rng_record(seed: int, next_epoch: int) -> dict[str, Any]:
-    shuffle, shifts = epoch_generators(seed, next_epoch)
-    return {"scheme": RNG_SCHEME, "seed": seed, "next_epoch": next_epoch,
+def _epoch_draws(settings: TrainSettings, epoch: int, batches_done: int,
+                 n_train: int) -> tuple[np.ndarray, np.random.Generator, np.random.Generator]:
+    """Epoch `epoch`'s permutation, shuffle generator (as it started) and shift generator, advanced past
+    the shifts of its first `batches_done` batches exactly as training them drew."""
+    shuffle, shifts = epoch_generators(settings.seed, epoch)
+    perm = np.random.default_rng(np.random.SeedSequence([settings.seed, _STREAM_SHUFFLE, epoch])).permutation(n_train)
+    if settings.max_shift:
+        for b in range(batches_done):
+            random_shifts(shifts, min(settings.batch_size, n_train - b * settings.batch_size), settings.max_shift)
+    return perm, shuffle, shifts
+
+
+def _rng_record(settings: TrainSettings, epoch: int, batches_done: int, n_train: int) -> dict[str, Any]:
+    _, shuffle, shifts = _epoch_draws(settings, epoch, batches_done, n_train)
+    return {"scheme": RNG_SCHEME, "seed": settings.seed, "epoch": epoch, "batch": batches_done,
             "shuffle": shuffle.bit_generator.state, "augment": shifts.bit_generator.state}
 
 
@@ -226,65 +354,69 @@ def choose_backend(name: str | None = None, device: str | None = None,
     return backend, why
 
 
-def _host_float(backend: Backend, x: Any) -> float:
-    if isinstance(x, (int, float, np.generic, np.ndarray)):
-        return float(x)
-    return float(np.asarray(backend.to_numpy(x)))
+# ===================================================================================== the run's state
+_SUMS = ("total", "margin", "reconstruction", "correct")
 
 
-# ===================================================================================== output
-class _Progress:
-    """A one-line progress bar on a text stream (\\r updates on a terminal, sparse lines otherwise)."""
+@dataclass
+class _Run:
+    """Everything a run carries from step to step: what a checkpoint saves and a resume restores."""
 
-    def __init__(self, stream: TextIO | None, total: int, label: str, show_bar: bool = True) -> None:
-        self.stream, self.total, self.label, self.show_bar = stream, total, label, show_bar
-        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
-        self.last_width = 0
-        self.last_plain = time.monotonic()
+    backend: Backend
+    config: CapsNetConfig
+    adam: AdamConfig
+    settings: TrainSettings
+    data: Splits
+    out: Path
+    log: Callable[[str], None]
+    backend_options: dict[str, Any]
+    params: Any = None
+    state: Any = None
+    epoch: int = 1  # the epoch in progress (1-based); settings.epochs + 1 once all are done
+    batch: int = 0  # its batches done
+    step: int = 0  # optimizer updates done in all
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_SUMS, 0.0))  # this epoch's, read
+    window: dict[str, Any] = field(default_factory=dict)  # this epoch's device-side sums, not yet read
+    seen: int = 0  # this epoch's training images so far
+    epoch_seconds: float = 0.0  # this epoch's training time so far (over every process that ran it)
+    seconds_by_backend: dict[str, float] = field(default_factory=dict)  # training time per backend (device)
+    best_val: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    lr: float = 0.0
+    saved: tuple[int, int, int] | None = None  # (epoch, batch, step) of checkpoint.safetensors; None: none
+    clock: float = 0.0  # perf_counter at the last time accounting
+    fingerprint: str = ""
 
-    def update(self, done: int, text: str) -> None:
-        if self.stream is None or not self.show_bar:
-            return
-        width = 24
-        filled = int(width * done / max(self.total, 1))
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {text}"
-        if self.tty:
-            pad = max(self.last_width - len(line), 0)
-            self.stream.write("\r" + line + " " * pad)
-            self.stream.flush()
-            self.last_width = len(line)
-        elif time.monotonic() - self.last_plain > 30:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self.last_plain = time.monotonic()
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.data.train_x.shape[0] / self.settings.batch_size)
 
-    def finish(self, text: str) -> None:
-        if self.stream is None:
-            return
-        if self.tty:
-            self.stream.write("\r" + " " * self.last_width + "\r")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / CHECKPOINT_NAME
 
+    @property
+    def where(self) -> str:
+        return f"{self.backend.name} ({self.backend.availability().device})"
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash while appending
-                continue
-    return rows
+    def last_good(self) -> str:
+        if self.saved is None:
+            return "none: no checkpoint was written"
+        return f"{self.checkpoint} ({self.position(*self.saved)})"
 
+    def position(self, epoch: int, batch: int, step: int) -> str:
+        """Where a run is, in words: "step 6: epoch 2, 2/4 batches" or "step 4: the end of epoch 1"."""
+        if batch == 0:
+            return f"step {step}: the end of epoch {epoch - 1}" if epoch > 1 else f"step {step}: the start"
+        return f"step {step}: epoch {epoch}, {batch}/{self.steps_per_epoch} batches"
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    def account(self) -> None:
+        """Credit the training time since the last call to this epoch and to the backend running it."""
+        now = time.perf_counter()
+        self.epoch_seconds += now - self.clock
+        self.seconds_by_backend[self.where] = self.seconds_by_backend.get(self.where, 0.0) + now - self.clock
+        self.clock = now
 
 
 def _data_fingerprint(data: Splits) -> str:
@@ -300,26 +432,350 @@ def _data_fingerprint(data: Splits) -> str:
     return h.hexdigest()
 
 
-# ===================================================================================== training
+def _host_float(backend: Backend, x: Any) -> float:
+    if isinstance(x, (int, float, np.generic, np.ndarray)):
+        return float(x)
+    return float(np.asarray(backend.to_numpy(x)))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def _fmt_pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+# ===================================================================================== stop signals
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while training: the step under way finishes, then the run stops.
+
+    The first signal only sets `received` (a step may be updating parameters in place, so it is
+    never cut short); the trainer checks it between steps and evaluation batches. A second signal
+    raises KeyboardInterrupt at once. Handlers can only be installed from the main thread;
+    elsewhere, and for a signal the process ignores, nothing is installed.
+    """
+
+    def __init__(self, announce: TextIO | None) -> None:
+        self.received: int | None = None
+        self.announce = announce
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "an interrupt"
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        # os.write, not print: a buffered stream may be mid-write when the signal lands.
+        note = (f"\ncapsspec: {self.name} received: finishing the step under way, then writing a checkpoint "
+                "(a second Ctrl-C stops at once and keeps the last checkpoint written)\n")
+        try:
+            os.write(self.announce.fileno(), note.encode())  # type: ignore[union-attr]
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _stop(run: _Run, stop: _StopSignals) -> NoReturn:
+    """Checkpoint the current step (unless that checkpoint exists) and stop with a message naming it."""
+    if run.saved != (run.epoch, run.batch, run.step):
+        _save(run, run.checkpoint)
+    raise TrainingInterrupted(
+        f"stopped by {stop.name} at {run.position(run.epoch, run.batch, run.step)}; {run.checkpoint} holds that step",
+        run.checkpoint, run.step, stop.name)
+
+
+def _stopped_at_once(run: _Run, stop: _StopSignals) -> TrainingInterrupted:
+    """A second signal (or a KeyboardInterrupt from elsewhere): no new checkpoint; name the last one written."""
+    what, name = (f"a second {stop.name}", stop.name) if stop.received is not None else ("an interrupt", "SIGINT")
+    if run.saved is None:
+        return TrainingInterrupted(f"stopped at once by {what} at step {run.step}, before any checkpoint was written: "
+                                   "there is nothing to resume", None, None, name)
+    return TrainingInterrupted(f"stopped at once by {what} at step {run.step}; the last checkpoint written is "
+                               f"{run.last_good()}", run.checkpoint, run.saved[2], name)
+
+
+# ===================================================================================== start or resume
+def _start(run: _Run) -> None:
+    """A fresh run: the seed's initial model, zero optimizer state, an empty metrics file."""
+    if run.checkpoint.exists():
+        raise ValueError(f"{run.out} already holds {CHECKPOINT_NAME}: pass --resume to continue that run, or choose "
+                         "another --out")
+    s = run.settings
+    run.params = run.backend.params_from_numpy(init_params(run.config, s.seed, s.dtype), run.config)
+    run.state = run.backend.adam_init(run.params)
+    run.lr = run.adam.learning_rate(0)
+    atomic_write_text(run.out / METRICS_NAME, "")
+
+
+def _resume(run: _Run) -> None:
+    """Continue from checkpoint.safetensors: the same run, from the very step it holds."""
+    ck = load_checkpoint(run.checkpoint, config=run.config, require_optimizer=True)
+    s, path = run.settings, run.checkpoint
+    if ck.adam != run.adam:
+        raise ValueError(f"cannot resume {path}: it was trained with {ck.adam}, this run asks for {run.adam}")
+    for name in REPRODUCIBILITY_FIELDS:
+        if ck.training.get(name) != getattr(s, name):
+            raise ValueError(f"cannot resume {path}: it was trained with {name}={ck.training.get(name)!r}, this run "
+                             f"asks for {name}={getattr(s, name)!r} (resuming must not change it)")
+    if ck.extra.get("data_fingerprint") != run.fingerprint:
+        raise ValueError(f"cannot resume {path}: the training, validation or test data differ from the run's "
+                         f"({ck.extra.get('n_train')} training images then, {run.data.train_x.shape[0]} now)")
+    progress = ck.extra.get("progress") or {}
+    run.epoch, run.batch, run.step = int(progress.get("epoch", ck.epoch + 1)), int(progress.get("batch", 0)), ck.step
+    if ck.rng != json.loads(json.dumps(_rng_record(s, run.epoch, run.batch, run.data.train_x.shape[0]))):
+        raise ValueError(f"cannot resume {path}: its random generator states differ from the ones this version "
+                         "derives, so the resumed run would not be the same run")
+    params, state = ck.params, ck.state
+    if ck.dtype != s.dtype:  # asked for explicitly (plan_resume keeps the run's dtype otherwise)
+        params = {k: a.astype(s.dtype) for k, a in params.items()}
+        state = {"step": ck.step, **{p: {k: a.astype(s.dtype) for k, a in state[p].items()} for p in ("m", "v")}}
+    run.params = run.backend.params_from_numpy(params, run.config)
+    run.state = run.backend.state_from_numpy(state, run.params)
+    run.sums = {k: float(progress.get("sums", {}).get(k, 0.0)) for k in _SUMS}
+    run.window = {k: run.backend.asarray(np.asarray(v, dtype=dt)) for k, (v, dt) in progress.get("window", {}).items()}
+    run.seen, run.epoch_seconds = int(progress.get("seen", 0)), float(progress.get("seconds", 0.0))
+    run.seconds_by_backend = {k: float(v) for k, v in ck.extra.get("seconds_by_backend", {}).items()}
+    run.best_val, run.best_epoch = float(ck.extra.get("best_val_accuracy", -1.0)), int(ck.extra.get("best_epoch", 0))
+    run.history, run.lr = list(ck.extra.get("history", [])), run.adam.learning_rate(ck.step)
+    run.saved = (run.epoch, run.batch, run.step)
+    # Epochs logged after this checkpoint (before a crash) are redone: the metrics file follows the checkpoint.
+    _write_metrics(run)
+    started = _where(ck.backend, ck.extra.get("device"), ck.extra.get("backend_options") or {}, ck.dtype)
+    now = _where(run.backend.name, run.backend.device, run.backend_options, s.dtype)
+    how = ("as the run was started" if now == started else
+           f"as asked; the run was started on {started}, so the result will not be bit-exact with an uninterrupted run")
+    run.log(f"capsspec: resuming {path} at {run.position(run.epoch, run.batch, run.step)} on {now}, {how}")
+
+
+def _write_metrics(run: _Run) -> None:
+    atomic_write_text(run.out / METRICS_NAME,
+                      "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in run.history))
+
+
+# ===================================================================================== one epoch
+def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_bar: bool) -> bool:
+    """The batches of run.epoch from run.batch on, checkpointing as the settings say; False if stopped."""
+    s, data, backend, spe = run.settings, run.data, run.backend, run.steps_per_epoch
+    perm, _, shift_rng = _epoch_draws(s, run.epoch, run.batch, data.train_x.shape[0])
+    every, seconds = _checkpoint_rule(run)
+    bar = _bar(progress, show_bar, spe, run.batch, f"epoch {run.epoch}/{s.epochs}")
+    run.clock = last_save = time.perf_counter()
+    try:
+        while run.batch < spe:
+            if stop.received is not None:
+                run.account()
+                return False
+            idx = perm[run.batch * s.batch_size:(run.batch + 1) * s.batch_size]
+            xb = augment_batch(data.train_x[idx], shift_rng, s.max_shift) if s.max_shift else data.train_x[idx]
+            xb = np.ascontiguousarray(xb, dtype=s.dtype)
+            run.params, run.state, m = backend.train_step(run.params, run.state, backend.asarray(xb),
+                                                          backend.asarray(data.train_y[idx]), run.config, run.adam)
+            run.batch, run.step, run.seen, run.lr = run.batch + 1, run.step + 1, run.seen + idx.size, float(m.lr)
+            for key, value in zip(_SUMS, (m.total * idx.size, m.margin * idx.size, m.reconstruction * idx.size,
+                                          m.correct)):
+                run.window[key] = value if key not in run.window else run.window[key] + value
+            bar.update(1)
+            if (isinstance(m.total, (int, float, np.generic)) or run.batch % s.log_every == 0
+                    or run.batch == spe):
+                _read_window(run)
+                bar.set_postfix_str(f"loss {run.sums['total'] / run.seen:.4f} acc "
+                                    f"{100 * run.sums['correct'] / run.seen:.2f}% "
+                                    f"{run.seen / max(run.epoch_seconds + time.perf_counter() - run.clock, 1e-9):.0f}"
+                                    " img/s", refresh=False)
+            due = (run.step % every == 0) if every else (every is None and time.perf_counter() - last_save >= seconds)
+            if due and run.batch < spe:  # an epoch's end is checkpointed after its evaluation
+                run.account()
+                _save(run, run.checkpoint)
+                last_save = run.clock = time.perf_counter()  # the write is not training time
+        backend.synchronize()
+        run.account()
+        return True
+    finally:
+        bar.close()
+
+
+def _checkpoint_rule(run: _Run) -> tuple[int | None, float]:
+    """(steps between checkpoints or None for the time rule, seconds between checkpoints)."""
+    s = run.settings
+    if s.checkpoint_seconds is not None:
+        return s.checkpoint_every, float(s.checkpoint_seconds)
+    on_cpu = str(run.backend.availability().device or "cpu").lower().startswith("cpu")
+    return s.checkpoint_every, CHECKPOINT_SECONDS_CPU if on_cpu else CHECKPOINT_SECONDS_ACCELERATOR
+
+
+def _read_window(run: _Run) -> None:
+    # Reading device scalars forces a sync, so it happens only here.
+    for key, value in run.window.items():
+        run.sums[key] += _host_float(run.backend, value)
+    run.window.clear()
+    if not math.isfinite(run.sums["total"]):
+        raise TrainingDiverged(f"the loss became {run.sums['total']} in epoch {run.epoch} (by step {run.step}); "
+                               f"training stopped. The last good checkpoint is {run.last_good()}; try a lower --lr")
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None: ...
+    def close(self) -> None: ...
+
+
+def _bar(progress: TextIO | None, show_bar: bool, total: int, done: int, label: str) -> Any:
+    """tqdm's progress bar on `progress` (sparse updates when it is not a terminal); a no-op without one."""
+    if progress is None or not show_bar:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the "train" extra brings it; without it, one line per epoch
+        return _NoBar()
+    tty = bool(getattr(progress, "isatty", lambda: False)())
+    return tqdm(total=total, initial=done, desc=label, unit="step", file=progress, leave=False, dynamic_ncols=True,
+                mininterval=0.2 if tty else 30.0, ascii=not tty)
+
+
+# ===================================================================================== evaluate
+def _evaluate(run: _Run, stop: _StopSignals) -> tuple[float | None, float | None, float] | None:
+    """(validation accuracy, test accuracy, seconds) of the current model; None if a stop signal came first."""
+    t0, s, accs = time.perf_counter(), run.settings, []
+    for x, y in ((run.data.val_x, run.data.val_y), (run.data.test_x, run.data.test_y)):
+        predictions = []
+        for start in range(0, x.shape[0], s.eval_batch_size):
+            if stop.received is not None:
+                return None
+            predictions.append(predict_all(run.backend, run.params, x[start:start + s.eval_batch_size], run.config,
+                                           batch_size=s.eval_batch_size, dtype=s.dtype))
+        accs.append(accuracy(np.concatenate(predictions), y) if predictions else None)
+    return accs[0], accs[1], time.perf_counter() - t0
+
+
+# ===================================================================================== save
+def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
+    """Checkpoint where the run is (mid-epoch or not) to `path`; returns the parameters as NumPy arrays."""
+    params_np = run.backend.params_to_numpy(run.params)
+    bad = [k for k, a in params_np.items() if not np.all(np.isfinite(a))]
+    if bad:
+        raise TrainingDiverged(f"parameters {bad[:3]} became NaN or inf in epoch {run.epoch} (by step {run.step}); "
+                               f"training stopped. The last good checkpoint is {run.last_good()}; try a lower --lr")
+    window = {}
+    for key, value in run.window.items():  # read, not folded into the sums: the next read adds them as usual
+        a = np.asarray(run.backend.to_numpy(value)) if not isinstance(value, (int, float, np.generic)) else \
+            np.asarray(value)
+        window[key] = [a.item(), a.dtype.name]
+    progress = {"epoch": run.epoch, "batch": run.batch, "sums": run.sums, "seen": run.seen, "window": window,
+                "seconds": run.epoch_seconds}
+    data = run.data
+    extra = {"n_train": int(data.train_x.shape[0]), "n_val": int(data.val_x.shape[0]),
+             "n_test": int(data.test_x.shape[0]), "data_fingerprint": run.fingerprint, "progress": progress,
+             "history": [{k: _jsonable(v) for k, v in r.items()} for r in run.history],
+             "train_seconds": sum(run.seconds_by_backend.values()), "seconds_by_backend": run.seconds_by_backend,
+             "best_val_accuracy": run.best_val, "best_epoch": run.best_epoch, "device": run.backend.device,
+             "backend_options": run.backend_options}
+    save_checkpoint(path, params_np, run.config, state=run.backend.state_to_numpy(run.state), adam=run.adam,
+                    epoch=run.epoch - 1, rng=_rng_record(run.settings, run.epoch, run.batch, data.train_x.shape[0]),
+                    training=run.settings.to_dict(), extra=extra, backend=run.backend.name)
+    if path == run.checkpoint:
+        run.saved = (run.epoch, run.batch, run.step)
+    return params_np
+
+
+# ===================================================================================== end of an epoch
+def _end_epoch(run: _Run, val_acc: float | None, test_acc: float | None, eval_seconds: float,
+               progress: TextIO | None) -> None:
+    """Record the epoch, move to the next, and checkpoint: best-val first, then the run, then its metrics."""
+    s, seen = run.settings, max(run.seen, 1)
+    row = {"epoch": run.epoch, "step": run.step, "loss": run.sums["total"] / seen, "margin": run.sums["margin"] / seen,
+           "reconstruction": run.sums["reconstruction"] / seen, "train_accuracy": run.sums["correct"] / seen,
+           "val_accuracy": val_acc, "test_accuracy": test_acc, "lr": run.lr, "seconds": run.epoch_seconds,
+           "images_per_second": run.seen / max(run.epoch_seconds, 1e-9), "eval_seconds": eval_seconds}
+    run.history.append(row)
+    improved = val_acc is not None and val_acc > run.best_val
+    if improved:
+        run.best_val, run.best_epoch = val_acc, run.epoch
+    run.epoch, run.batch, run.seen, run.epoch_seconds = run.epoch + 1, 0, 0, 0.0
+    run.sums, run.window = dict.fromkeys(_SUMS, 0.0), {}
+    # Each write is atomic, and a kill between two of them is repaired by resuming: the epoch is
+    # redone from the previous checkpoint (bit for bit), and metrics.jsonl is rewritten from the
+    # history a checkpoint carries.
+    if improved and s.select == "val":
+        _save(run, run.out / BEST_VAL_NAME)
+    _save(run, run.checkpoint)
+    _write_metrics(run)
+    if progress is not None:
+        progress.write(f"epoch {row['epoch']}/{s.epochs}: loss {row['loss']:.4f} (margin {row['margin']:.4f}, "
+                       f"reconstruction {row['reconstruction']:.4f}) train {_fmt_pct(row['train_accuracy'])} "
+                       f"val {_fmt_pct(val_acc)} test {_fmt_pct(test_acc)} lr {run.lr:.3g} "
+                       f"{row['images_per_second']:.0f} img/s {row['seconds']:.1f}s (+{eval_seconds:.1f}s eval)\n")
+        progress.flush()
+
+
+# ===================================================================================== the run
 def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | os.PathLike, *,
           adam: AdamConfig = AdamConfig(), settings: TrainSettings = TrainSettings(), resume: bool = False,
-          progress: TextIO | None = sys.stderr, show_bar: bool = True,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train, evaluate each epoch, checkpoint each epoch into out_dir; returns the run's summary.
+          progress: TextIO | None = sys.stderr, show_bar: bool = True, log: Callable[[str], None] | None = None,
+          backend_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Train, evaluate each epoch, checkpoint into out_dir; returns the run's summary.
 
-    resume=True continues from out_dir/checkpoint.safetensors, which must have been written with
-    the same config, AdamConfig and reproducibility settings (REPRODUCIBILITY_FIELDS); only
-    `epochs` (and evaluation/logging details) may change. Without resume, an out_dir that already
-    holds a checkpoint is refused rather than overwritten.
+    resume=True continues from out_dir/checkpoint.safetensors (mid-epoch or not), which must have
+    been written with the same config, AdamConfig and REPRODUCIBILITY_FIELDS (plan_resume gives
+    the values the rule allows). Without resume, an out_dir that already holds a checkpoint is
+    refused rather than overwritten. SIGINT/SIGTERM stop the run with TrainingInterrupted after
+    checkpointing the current step.
 
     progress: where the progress bar and per-epoch lines go (None: nowhere); show_bar=False keeps
-    only the per-epoch lines.
+    only the per-epoch lines. backend_options: the options the backend was built with, recorded
+    so that a resumed run uses them again.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    _check_inputs(backend, config, data, settings)
+    out = _out_folder(out_dir)
+    for name in (CHECKPOINT_NAME, FINAL_NAME, BEST_VAL_NAME, METRICS_NAME, SUMMARY_NAME):
+        for tmp in stale_temporaries(out / name):  # left by a writer that was killed
+            tmp.unlink(missing_ok=True)
+    run = _Run(backend, config, adam, settings, data, out, log, dict(backend_options or {}),
+               fingerprint=_data_fingerprint(data))
+    _resume(run) if resume else _start(run)
+    if run.epoch > settings.epochs and _finished(run):
+        raise ValueError(f"{run.checkpoint} is already at epoch {run.epoch - 1}; pass a larger --epochs to train "
+                         "further")
+    every, seconds = _checkpoint_rule(run)
+    rule = (f"every {every} steps" if every else "at each epoch's end only" if every == 0 else
+            f"every {seconds / 60:g} minutes of training")
+    log(f"capsspec: checkpoints {rule} and at each epoch's end into {run.checkpoint}; Ctrl-C or SIGTERM writes "
+        "one of the step under way, then stops")
+    with _StopSignals(progress) as stop:
+        try:
+            while run.epoch <= settings.epochs:
+                if not _train_epoch(run, stop, progress, show_bar):
+                    _stop(run, stop)
+                evaluation = _evaluate(run, stop)
+                if evaluation is None:
+                    _stop(run, stop)
+                _end_epoch(run, *evaluation, progress=progress)
+                if stop.received is not None and run.epoch <= settings.epochs:
+                    _stop(run, stop)
+            return _finish(run)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise _stopped_at_once(run, stop) from None
+
+
+def _check_inputs(backend: Backend, config: CapsNetConfig, data: Splits, settings: TrainSettings) -> None:
     if not isinstance(config, CapsNetConfig):
         raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
     if settings.dtype not in getattr(backend, "dtypes", ("float32", "float64")):
@@ -329,173 +785,60 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
         if x.ndim != 4 or (x.shape[0] and tuple(x.shape[1:]) != config.input_shape):
             raise ValueError(f"{name} images must have shape (N, {', '.join(map(str, config.input_shape))}) for "
                              f"this config, got {x.shape}")
-    n_train = data.train_x.shape[0]
-    if n_train == 0:
+    if data.train_x.shape[0] == 0:
         raise ValueError("there are no training images")
+
+
+def _out_folder(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, final_path, best_path = out / CHECKPOINT_NAME, out / FINAL_NAME, out / BEST_VAL_NAME
-    metrics_path, summary_path = out / METRICS_NAME, out / SUMMARY_NAME
-
-    start_epoch, train_seconds = 0, 0.0
-    best_val, best_epoch = -1.0, 0
-    history: list[dict[str, Any]] = []
-    if resume:
-        ck = load_checkpoint(ckpt_path, config=config, require_optimizer=True)
-        if ck.adam != adam:
-            raise ValueError(f"cannot resume {ckpt_path}: it was trained with {ck.adam}, this run asks for {adam}")
-        theirs = ck.training
-        for field in REPRODUCIBILITY_FIELDS:
-            if theirs.get(field) != getattr(settings, field):
-                raise ValueError(f"cannot resume {ckpt_path}: it was trained with {field}={theirs.get(field)!r}, this "
-                                 f"run asks for {field}={getattr(settings, field)!r} (resuming must not change it)")
-        if ck.rng != json.loads(json.dumps(_rng_record(settings.seed, ck.epoch + 1))):
-            raise ValueError(f"cannot resume {ckpt_path}: its random generator states differ from the ones this "
-                             "version derives, so the resumed run would not be the same run")
-        if ck.extra.get("data_fingerprint") != _data_fingerprint(data):
-            raise ValueError(f"cannot resume {ckpt_path}: the training, validation or test data differ from the run's "
-                             f"({ck.extra.get('n_train')} training images then, {n_train} now)")
-        if ck.dtype != settings.dtype:
-            raise ValueError(f"cannot resume {ckpt_path}: it holds {ck.dtype} parameters, this run asks for {settings.dtype}")
-        params = backend.params_from_numpy(ck.params, config)
-        state = backend.state_from_numpy(ck.state, params)
-        start_epoch, step = ck.epoch, ck.step
-        train_seconds = float(ck.extra.get("train_seconds", 0.0))
-        best_val = float(ck.extra.get("best_val_accuracy", -1.0))
-        best_epoch = int(ck.extra.get("best_epoch", 0))
-        # Epochs after the checkpoint may have been logged before a crash; they will be redone.
-        history = [r for r in _read_metrics(metrics_path) if int(r.get("epoch", 0)) <= start_epoch]
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-        log(f"capsspec: resuming from {ckpt_path} at epoch {start_epoch} (step {ck.step}), written by backend "
-            f"{ck.backend!r}")
-    else:
-        if ckpt_path.exists():
-            raise ValueError(f"{out} already holds {CHECKPOINT_NAME}: pass --resume to continue that run, or choose "
-                             "another --out")
-        params = backend.params_from_numpy(init_params(config, settings.seed, settings.dtype), config)
-        state = backend.adam_init(params)
-        atomic_write_text(metrics_path, "")
-        step = 0
-
-    if start_epoch >= settings.epochs:
-        raise ValueError(f"{ckpt_path} is already at epoch {start_epoch}; pass a larger --epochs to train further")
-    steps_per_epoch = math.ceil(n_train / settings.batch_size)
-    last_good = f"{ckpt_path} (epoch {start_epoch})" if resume else "none: no epoch completed"
-    extra_base = {"n_train": n_train, "n_val": int(data.val_x.shape[0]), "n_test": int(data.test_x.shape[0]),
-                  "data_fingerprint": _data_fingerprint(data)}
-    lr = adam.learning_rate(step)
-    for epoch in range(start_epoch + 1, settings.epochs + 1):
-        shuffle_rng, shift_rng = epoch_generators(settings.seed, epoch)
-        perm = shuffle_rng.permutation(n_train)
-        bar = _Progress(progress, steps_per_epoch, f"epoch {epoch}/{settings.epochs}", show_bar)
-        sums = {"total": 0.0, "margin": 0.0, "reconstruction": 0.0, "correct": 0.0}
-        window: dict[str, Any] = {}
-        seen = 0
-        t0 = time.perf_counter()
-
-        def read_window() -> None:
-            # Reading device scalars forces a sync, so it happens only here.
-            for key, value in window.items():
-                sums[key] += _host_float(backend, value)
-            window.clear()
-            if not math.isfinite(sums["total"]):
-                raise TrainingDiverged(
-                    f"the loss became {sums['total']} in epoch {epoch} (by step {step}); training stopped. The last "
-                    f"good checkpoint is {last_good}; try a lower --lr")
-
-        for b in range(steps_per_epoch):
-            idx = perm[b * settings.batch_size:(b + 1) * settings.batch_size]
-            xb = data.train_x[idx]
-            if settings.max_shift:
-                xb = augment_batch(xb, shift_rng, settings.max_shift)
-            xb = np.ascontiguousarray(xb, dtype=settings.dtype)
-            params, state, m = backend.train_step(params, state, backend.asarray(xb), backend.asarray(data.train_y[idx]),
-                                                  config, adam)
-            nb = idx.size
-            step += 1
-            seen += nb
-            lr = float(m.lr)
-            for key, value in (("total", m.total * nb), ("margin", m.margin * nb),
-                               ("reconstruction", m.reconstruction * nb), ("correct", m.correct)):
-                window[key] = value if key not in window else window[key] + value
-            host_numbers = isinstance(m.total, (int, float, np.generic))
-            if host_numbers or (b + 1) % settings.log_every == 0 or b + 1 == steps_per_epoch:
-                read_window()
-                elapsed = time.perf_counter() - t0
-                bar.update(b + 1, f"loss {sums['total'] / seen:.4f} acc {100 * sums['correct'] / seen:.2f}% "
-                                  f"{seen / max(elapsed, 1e-9):.0f} img/s")
-        backend.synchronize()
-        epoch_train_seconds = time.perf_counter() - t0
-        train_seconds += epoch_train_seconds
-
-        t1 = time.perf_counter()
-        val_acc = None
-        if data.val_x.shape[0]:
-            val_acc = accuracy(predict_all(backend, params, data.val_x, config, batch_size=settings.eval_batch_size,
-                                           dtype=settings.dtype), data.val_y)
-        test_acc = accuracy(predict_all(backend, params, data.test_x, config, batch_size=settings.eval_batch_size,
-                                        dtype=settings.dtype), data.test_y) if data.test_x.shape[0] else None
-        eval_seconds = time.perf_counter() - t1
-
-        params_np = backend.params_to_numpy(params)
-        state_np = backend.state_to_numpy(state)
-        bad = [k for k, a in params_np.items() if not np.all(np.isfinite(a))]
-        if bad:
-            raise TrainingDiverged(f"parameters {bad[:3]} became NaN or inf in epoch {epoch}; training stopped. The "
-                                   f"last good checkpoint is {last_good}; try a lower --lr")
-        improved = val_acc is not None and val_acc > best_val
-        if improved:
-            best_val, best_epoch = val_acc, epoch
-        row = {
-            "epoch": epoch, "step": step, "loss": sums["total"] / seen, "margin": sums["margin"] / seen,
-            "reconstruction": sums["reconstruction"] / seen, "train_accuracy": sums["correct"] / seen,
-            "val_accuracy": val_acc, "test_accuracy": test_acc, "lr": lr, "seconds": epoch_train_seconds,
-            "images_per_second": seen / max(epoch_train_seconds, 1e-9), "eval_seconds": eval_seconds,
-        }
-        history.append(row)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
-        extra = {**extra_base, "train_seconds": train_seconds, "best_val_accuracy": best_val, "best_epoch": best_epoch,
-                 "val_accuracy": val_acc, "test_accuracy": test_acc}
-        common = dict(config=config, state=state_np, adam=adam, epoch=epoch, rng=_rng_record(settings.seed, epoch + 1),
-                      training=settings.to_dict(), extra=extra, backend=backend.name)
-        if improved and settings.select == "val":
-            save_checkpoint(best_path, params_np, **common)
-        save_checkpoint(ckpt_path, params_np, **common)
-        last_good = f"{ckpt_path} (epoch {epoch})"
-        bar.finish(f"epoch {epoch}/{settings.epochs}: loss {row['loss']:.4f} (margin {row['margin']:.4f}, "
-                   f"reconstruction {row['reconstruction']:.4f}) train {_fmt_pct(row['train_accuracy'])} "
-                   f"val {_fmt_pct(val_acc)} test {_fmt_pct(test_acc)} lr {lr:.3g} "
-                   f"{row['images_per_second']:.0f} img/s {epoch_train_seconds:.1f}s (+{eval_seconds:.1f}s eval)")
-
-    save_checkpoint(final_path, params_np, **common)
-    return _summary(backend, config, adam, settings, history, out, train_seconds, best_epoch, summary_path, log)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is an existing file; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, no permission, ...
+        raise ValueError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    return out
 
 
-def _summary(backend: Backend, config: CapsNetConfig, adam: AdamConfig, settings: TrainSettings,
-             history: list[dict[str, Any]], out: Path, train_seconds: float, best_epoch: int, summary_path: Path,
-             log: Callable[[str], None]) -> dict[str, Any]:
+def _finished(run: _Run) -> bool:
+    """Whether final.safetensors and summary.json already describe the checkpoint's last step."""
+    try:
+        summary = json.loads((run.out / SUMMARY_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (run.out / FINAL_NAME).is_file() and summary.get("steps") == run.step
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """The end of the run: final.safetensors, then summary.json."""
+    _save(run, run.out / FINAL_NAME)
+    return _summary(run)
+
+
+def _summary(run: _Run) -> dict[str, Any]:
     from . import __version__
 
+    s, history, out = run.settings, run.history, run.out
     final = history[-1]
-    if settings.select == "val":
-        # The chosen epoch's row; a resumed run whose metrics file was lost falls back to nothing.
-        chosen = next((r for r in history if r["epoch"] == best_epoch),
-                      {"epoch": best_epoch, "test_accuracy": None, "val_accuracy": None})
-        basis = (f"the model of epoch {best_epoch}, chosen by validation accuracy {_fmt_pct(chosen['val_accuracy'])} "
-                 f"on {settings.val_size} held-out training images; the test set played no part in the choice")
+    if s.select == "val":
+        # The chosen epoch's row; a resumed run whose history was lost falls back to nothing.
+        chosen = next((r for r in history if r["epoch"] == run.best_epoch),
+                      {"epoch": run.best_epoch, "test_accuracy": None, "val_accuracy": None})
+        basis = (f"the model of epoch {run.best_epoch}, chosen by validation accuracy "
+                 f"{_fmt_pct(chosen['val_accuracy'])} on {s.val_size} held-out training images; the test set played "
+                 "no part in the choice")
         reported_checkpoint = str(out / BEST_VAL_NAME)
     else:
-        chosen = final
+        chosen, reported_checkpoint = final, str(out / FINAL_NAME)
         basis = f"the final model (after epoch {final['epoch']}); no checkpoint was selected"
-        reported_checkpoint = str(out / FINAL_NAME)
-    avail = backend.availability()
+    avail = run.backend.availability()
+    train_seconds = sum(run.seconds_by_backend.values())
     summary = {
         "capsspec_version": __version__,
-        "backend": backend.name, "framework_version": avail.version, "device": avail.device,
-        "config": config.to_dict(), "adam": adam.to_dict(), "settings": settings.to_dict(),
-        "parameters": config.parameter_count(),
-        "epochs_completed": final["epoch"], "steps": final["step"],
+        "backend": run.backend.name, "framework_version": avail.version, "device": avail.device,
+        "config": run.config.to_dict(), "adam": run.adam.to_dict(), "settings": s.to_dict(),
+        "parameters": run.config.parameter_count(),
+        "epochs_completed": final["epoch"], "steps": run.step,
         "test_accuracy": chosen["test_accuracy"],
         "test_error_percent": None if chosen["test_accuracy"] is None else 100 * (1 - chosen["test_accuracy"]),
         "val_accuracy": chosen["val_accuracy"],
@@ -505,13 +848,16 @@ def _summary(backend: Backend, config: CapsNetConfig, adam: AdamConfig, settings
                  "never the best of the per-epoch test evaluations."),
         "final_test_accuracy": final["test_accuracy"],
         "train_seconds": train_seconds,
+        "train_seconds_by_backend": run.seconds_by_backend,
         "mean_images_per_second": float(np.mean([r["images_per_second"] for r in history])),
-        "checkpoint": str(out / CHECKPOINT_NAME), "final_checkpoint": str(out / FINAL_NAME),
+        "checkpoint": str(run.checkpoint), "final_checkpoint": str(out / FINAL_NAME),
         "metrics": str(out / METRICS_NAME),
     }
+    summary_path = out / SUMMARY_NAME
     atomic_write_text(summary_path, json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
     err = summary["test_error_percent"]
-    log(f"capsspec: done. test accuracy {_fmt_pct(summary['test_accuracy'])}"
-        f"{'' if err is None else f' (error {err:.2f}%)'} on {settings.test_subset or 'all'} test images: {basis}. "
-        f"Training took {train_seconds:.1f}s on {backend.name} ({avail.device}). Summary: {summary_path}")
+    where = ", ".join(f"{t:.1f}s on {b}" for b, t in run.seconds_by_backend.items())
+    run.log(f"capsspec: done. test accuracy {_fmt_pct(summary['test_accuracy'])}"
+            f"{'' if err is None else f' (error {err:.2f}%)'} on {s.test_subset or 'all'} test images: {basis}. "
+            f"Training took {train_seconds:.1f}s ({where}). Summary: {summary_path}")
     return summary

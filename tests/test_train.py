@@ -243,7 +243,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = splits(s, n_train=60)
     with pytest.raises(TrainingDiverged, match=r"NaN|nan") as err:
         quiet_train(Diverging(), TINY, data, tmp_path, settings=s)
-    assert "checkpoint.safetensors (epoch 1)" in str(err.value)
+    assert "checkpoint.safetensors (step 4: the end of epoch 1)" in str(err.value)
     c = ckpt.load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert c.epoch == 1 and c.step == 4
     assert all(np.all(np.isfinite(a)) for a in c.params.values())
