@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="default 500")
     g.add_argument("--log-every", type=_positive_int, default=None,
                    help="steps between reads of device-side metrics for the progress bar (default 50)")
+    g.add_argument("--checkpoint-every", type=_nonnegative_int, default=None, metavar="STEPS",
+                   help="also write a checkpoint every STEPS training steps within an epoch (default: after every 2 "
+                        "minutes of training on a CPU, every minute on a GPU; 0: at each epoch's end only). Ctrl-C "
+                        "or SIGTERM always writes one of the step under way")
     g.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch only)")
     g = p.add_argument_group("model (paper defaults)")
     g.add_argument("--routing-iterations", type=_positive_int, default=None, help="default 3")
@@ -196,10 +200,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _train_values(args: argparse.Namespace):
-    """(config, adam, settings) from the flags, filling what was left out from the paper or the resumed run."""
-    from .checkpoint import CHECKPOINT_NAME, read_metadata
+    """(config, adam, settings, backend, device, options, why) from the flags; with --resume, train.plan_resume
+    fills what was left out from the run itself (its backend, device and dtype included)."""
     from .config import AdamConfig, CapsNetConfig
-    from .train import TrainSettings
+    from .train import TrainSettings, plan_resume
 
     config_flags = {"routing_iterations": args.routing_iterations, "conv1_channels": args.conv1_channels,
                     "primary_types": args.primary_types, "primary_dim": args.primary_dim,
@@ -210,28 +214,17 @@ def _train_values(args: argparse.Namespace):
     settings_flags = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
                       "val_size": args.val_size, "train_subset": args.train_subset, "test_subset": args.test_subset,
                       "max_shift": args.max_shift, "select": args.select, "dtype": args.dtype,
-                      "eval_batch_size": args.eval_batch_size, "log_every": args.log_every}
-    given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
+                      "eval_batch_size": args.eval_batch_size, "log_every": args.log_every,
+                      "checkpoint_every": args.checkpoint_every}
+    options = dict(args.backend_options) if args.backend_options else None
     if not args.resume:
+        given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
         return (CapsNetConfig().replace(**given(config_flags)), AdamConfig(**given(adam_flags)),
-                TrainSettings(**given(settings_flags)))
-    path = Path(args.out) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ValueError(f"--resume: {path} does not exist (is --out the folder of the run to continue?)")
-    meta = read_metadata(path)
-    config = CapsNetConfig.from_dict(json.loads(meta["config"]))
-    adam = AdamConfig.from_dict(json.loads(meta["adam"])) if meta.get("adam") else AdamConfig()
-    settings = TrainSettings.from_dict(json.loads(meta.get("training") or "{}"))
-    for what, obj, flags in (("model", config, config_flags), ("optimizer", adam, adam_flags),
-                             ("run", settings, settings_flags)):
-        for key, value in given(flags).items():
-            if key in ("epochs", "eval_batch_size", "log_every"):
-                continue  # these may change on resume
-            if getattr(obj, key) != value:
-                raise ValueError(f"--resume: the run in {args.out} has {what} setting {key}={getattr(obj, key)!r}; "
-                                 f"a resumed run cannot change it to {value!r}")
-    keep = {k: v for k, v in given(settings_flags).items() if k in ("epochs", "eval_batch_size", "log_every")}
-    return config, adam, settings.__class__.from_dict({**settings.to_dict(), **keep})
+                TrainSettings(**given(settings_flags)), args.backend, args.device, options or {}, None)
+    plan = plan_resume(args.out, config=config_flags, adam=adam_flags, settings=settings_flags, backend=args.backend,
+                       device=args.device, backend_options=options)
+    why = None if args.backend else f"{plan.backend}: the backend the run was started on"
+    return plan.config, plan.adam, plan.settings, plan.backend, plan.device, plan.backend_options, why
 
 
 def _mnist_splits(data_dir: str | None, config: Any, settings: Any):
@@ -245,22 +238,46 @@ def _mnist_splits(data_dir: str | None, config: Any, settings: Any):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import choose_backend, train
+    import signal
+    import threading
 
-    config, adam, settings = _train_values(args)
-    backend, why = choose_backend(args.backend, args.device, dict(args.backend_options))
-    avail = backend.availability()
-    print(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}", file=sys.stderr)
-    splits = _mnist_splits(args.data_dir, config, settings)
-    print(f"capsspec: {splits.train_x.shape[0]} training images (shifts up to {settings.max_shift} px), "
-          f"{splits.val_x.shape[0]} validation, {splits.test_x.shape[0]} test; {config.parameter_count():,} parameters; "
-          f"batch {settings.batch_size}, {settings.epochs} epochs, routing {config.routing_iterations}, "
-          f"decoder {'on' if config.use_decoder else 'off'}, {settings.dtype}; output in {args.out}", file=sys.stderr)
-    summary = train(backend, config, splits, args.out, adam=adam, settings=settings, resume=args.resume,
-                    progress=sys.stderr, show_bar=not args.quiet)
+    from .train import TrainingInterrupted, choose_backend, train
+
+    def terminated(signum: int, frame: Any) -> None:  # before training starts; train() then handles it itself
+        raise KeyboardInterrupt("SIGTERM")
+
+    in_main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
+    previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
+    try:
+        config, adam, settings, name, device, options, why_resumed = _train_values(args)
+        backend, why = choose_backend(name, device, options)
+        avail = backend.availability()
+        if why_resumed is not None:  # not "asked for with --backend": the run's own
+            why = why_resumed + (why[why.index(";"):] if ";" in why else "")
+        print(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}", file=sys.stderr)
+        splits = _mnist_splits(args.data_dir, config, settings)
+        print(f"capsspec: {splits.train_x.shape[0]} training images (shifts up to {settings.max_shift} px), "
+              f"{splits.val_x.shape[0]} validation, {splits.test_x.shape[0]} test; {config.parameter_count():,} "
+              f"parameters; batch {settings.batch_size}, {settings.epochs} epochs, routing {config.routing_iterations}, "
+              f"decoder {'on' if config.use_decoder else 'off'}, {settings.dtype}; output in {args.out}", file=sys.stderr)
+        summary = train(backend, config, splits, args.out, adam=adam, settings=settings, resume=args.resume,
+                        progress=sys.stderr, show_bar=not args.quiet, backend_options=options)
+    except TrainingInterrupted as exc:
+        hint = f"; continue with: capsspec train --resume --out {args.out}" if exc.checkpoint is not None else ""
+        print(f"capsspec train: {exc}{hint}", file=sys.stderr)
+        return 143 if exc.signal_name == "SIGTERM" else 130
+    except KeyboardInterrupt as exc:  # before training started: nothing was written
+        kept = (f"the checkpoint in {args.out} is unchanged; continue with: capsspec train --resume --out {args.out}"
+                if args.resume else "no checkpoint was written")
+        name = "SIGTERM" if str(exc) == "SIGTERM" else "SIGINT"
+        print(f"\ncapsspec train: stopped by {name} before training started; {kept}", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     print(json.dumps({k: summary[k] for k in ("backend", "device", "epochs_completed", "test_accuracy",
                                               "test_error_percent", "val_accuracy", "reported_model", "train_seconds",
-                                              "reported_checkpoint")}, indent=2))
+                                              "train_seconds_by_backend", "reported_checkpoint")}, indent=2))
     return 0
 
 

@@ -409,6 +409,8 @@ class _Run:
         """Where a run is, in words: "step 6: epoch 2, 2/4 batches" or "step 4: the end of epoch 1"."""
         if batch == 0:
             return f"step {step}: the end of epoch {epoch - 1}" if epoch > 1 else f"step {step}: the start"
+        if batch == self.steps_per_epoch:
+            return f"step {step}: epoch {epoch} trained, its evaluation not yet done"
         return f"step {step}: epoch {epoch}, {batch}/{self.steps_per_epoch} batches"
 
     def account(self) -> None:
@@ -484,7 +486,7 @@ class _StopSignals:
         self.received = signum
         # os.write, not print: a buffered stream may be mid-write when the signal lands.
         note = (f"\ncapsspec: {self.name} received: finishing the step under way, then writing a checkpoint "
-                "(a second Ctrl-C stops at once and keeps the last checkpoint written)\n")
+                "(a second one stops at once and keeps the last checkpoint written)\n")
         try:
             os.write(self.announce.fileno(), note.encode())  # type: ignore[union-attr]
         except (AttributeError, OSError, ValueError):
@@ -574,7 +576,7 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
     s, data, backend, spe = run.settings, run.data, run.backend, run.steps_per_epoch
     perm, _, shift_rng = _epoch_draws(s, run.epoch, run.batch, data.train_x.shape[0])
     every, seconds = _checkpoint_rule(run)
-    bar = _bar(progress, show_bar, spe, run.batch, f"epoch {run.epoch}/{s.epochs}")
+    bar = _bar(progress, show_bar and run.batch < spe, spe, run.batch, f"epoch {run.epoch}/{s.epochs}")
     run.clock = last_save = time.perf_counter()
     try:
         while run.batch < spe:
