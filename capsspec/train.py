@@ -226,7 +226,7 @@ def plan_resume(out_dir: str | os.PathLike, *, config: Mapping[str, Any] | None 
         settings=TrainSettings.from_dict({**run_settings.to_dict(), **kept}),
         backend=run_backend if backend is None else backend,
         device=device if device is not None or not same_backend else run_device,
-        backend_options=dict(backend_options) if backend_options is not None or not same_backend else run_options,
+        backend_options=dict(backend_options or {}) if backend_options is not None or not same_backend else run_options,
         started_on=_where(run_backend, run_device, run_options, run_settings.dtype))
 
 
@@ -756,7 +756,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
                          "further")
     every, seconds = _checkpoint_rule(run)
     rule = (f"every {every} steps" if every else "at each epoch's end only" if every == 0 else
-            f"every {seconds / 60:g} minutes of training")
+            f"every {seconds / 60:g} minute{'' if seconds == 60 else 's'} of training")
     log(f"capsspec: checkpoints {rule} and at each epoch's end into {run.checkpoint}; Ctrl-C or SIGTERM writes "
         "one of the step under way, then stops")
     with _StopSignals(progress) as stop:
@@ -858,8 +858,9 @@ def _summary(run: _Run) -> dict[str, Any]:
     summary_path = out / SUMMARY_NAME
     atomic_write_text(summary_path, json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
     err = summary["test_error_percent"]
-    where = ", ".join(f"{t:.1f}s on {b}" for b, t in run.seconds_by_backend.items())
+    where = (f"on {next(iter(run.seconds_by_backend))}" if len(run.seconds_by_backend) == 1 else
+             "(" + ", ".join(f"{t:.1f}s on {b}" for b, t in run.seconds_by_backend.items()) + ")")
     run.log(f"capsspec: done. test accuracy {_fmt_pct(summary['test_accuracy'])}"
             f"{'' if err is None else f' (error {err:.2f}%)'} on {s.test_subset or 'all'} test images: {basis}. "
-            f"Training took {train_seconds:.1f}s ({where}). Summary: {summary_path}")
+            f"Training took {train_seconds:.1f}s {where}. Summary: {summary_path}")
     return summary

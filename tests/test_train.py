@@ -410,3 +410,165 @@ def test_real_mnist_small_model_numpy(tmp_path):
     data = split_data(m.train_images, m.train_labels, m.test_images, m.test_labels, s)
     summary = quiet_train(NUMPY, config, data, tmp_path, settings=s)
     assert summary["test_accuracy"] >= 0.91, summary
+
+
+# ===================================================================================== interrupts (issue 14)
+from capsspec.train import TrainingInterrupted, plan_resume  # noqa: E402
+
+TIMING = ("seconds", "images_per_second", "eval_seconds")
+
+
+def _rows(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _signal_at(backend, step, signum=None, twice=False, raise_instead=False):
+    """backend with train_step wrapped: at call `step` (1-based), a real signal to this process mid-step."""
+    import os
+    import signal
+
+    real, calls = backend.train_step, [0]
+
+    def train_step(*args):
+        calls[0] += 1
+        if calls[0] == step:
+            if raise_instead:  # a KeyboardInterrupt that no handler of the trainer saw
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum or signal.SIGINT)  # delivered before os.kill returns
+            if twice:
+                os.kill(os.getpid(), signum or signal.SIGINT)
+        return real(*args)
+
+    backend.train_step = train_step  # an instance attribute wins over the backend's spec lookup
+    return backend
+
+
+def _assert_same_run(a_dir, b_dir):
+    a, b = ckpt.load_checkpoint(a_dir / "final.safetensors"), ckpt.load_checkpoint(b_dir / "final.safetensors")
+    assert a.step == b.step
+    for k in a.params:
+        assert np.array_equal(a.params[k], b.params[k]), k
+        assert np.array_equal(a.state["m"][k], b.state["m"][k]) and np.array_equal(a.state["v"][k], b.state["v"][k]), k
+    assert _rows(a_dir) == _rows(b_dir)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_mid_epoch_checkpoints_that_step_and_the_run_resumes_bit_for_bit(tmp_path, name, signame):
+    """SIGINT/SIGTERM in the middle of epoch 1 (no checkpoint yet) write a checkpoint of the current step;
+    resuming it gives the uninterrupted run's parameters, optimizer state and metrics, bit for bit."""
+    import signal
+
+    try:
+        capsspec.get_backend(name)
+    except BackendUnavailable as exc:
+        pytest.skip(f"backend {name!r} is not available here: {exc}")
+    s = TrainSettings(epochs=2, batch_size=16, val_size=10, seed=4, log_every=3, checkpoint_every=0)
+    data = splits(s, n_train=90)  # 5 steps per epoch
+    quiet_train(capsspec.get_backend(name), TINY, data, tmp_path / "full", settings=s)
+    cut = tmp_path / "cut"
+    interrupting = _signal_at(capsspec.get_backend(name), 2, getattr(signal, signame))
+    with pytest.raises(TrainingInterrupted) as err:
+        quiet_train(interrupting, TINY, data, cut, settings=s)
+    assert err.value.signal_name == signame and err.value.step == 2 and err.value.checkpoint == cut / "checkpoint.safetensors"
+    assert f"stopped by {signame} at step 2: epoch 1, 2/5 batches" in str(err.value)
+    c = ckpt.load_checkpoint(cut / "checkpoint.safetensors")
+    assert c.step == 2 and c.epoch == 0 and c.extra["progress"]["batch"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    # A second interruption in epoch 2, between two reads of the device-side metrics (log_every=3).
+    with pytest.raises(TrainingInterrupted):
+        quiet_train(_signal_at(capsspec.get_backend(name), 7), TINY, data, cut, settings=s, resume=True)
+    assert ckpt.load_checkpoint(cut / "checkpoint.safetensors").step == 9
+    quiet_train(capsspec.get_backend(name), TINY, data, cut, settings=s, resume=True)
+    _assert_same_run(tmp_path / "full", cut)
+
+
+def test_a_second_signal_stops_at_once_and_never_claims_a_checkpoint_that_does_not_exist(tmp_path):
+    s = TrainSettings(epochs=2, batch_size=16, val_size=10, checkpoint_every=0)
+    data = splits(s, n_train=90)
+    with pytest.raises(TrainingInterrupted) as err:
+        quiet_train(_signal_at(capsspec.get_backend("numpy"), 3, twice=True), TINY, data, tmp_path, settings=s)
+    assert err.value.checkpoint is None and "before any checkpoint was written" in str(err.value)
+    assert "nothing to resume" in str(err.value) and not (tmp_path / "checkpoint.safetensors").exists()
+    # In epoch 2 the last checkpoint written is epoch 1's, and the message names it.
+    with pytest.raises(TrainingInterrupted) as err:
+        quiet_train(_signal_at(capsspec.get_backend("numpy"), 8, twice=True), TINY, data, tmp_path / "b", settings=s)
+    assert err.value.step == 5 and "the last checkpoint written is" in str(err.value)
+    assert "(step 5: the end of epoch 1)" in str(err.value)
+    assert ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.safetensors").step == 5
+
+
+def test_time_rule_checkpoints_within_an_epoch(tmp_path):
+    """With checkpoint_seconds tiny, every step is checkpointed: an abrupt stop at step 4 loses one step only."""
+    s = TrainSettings(epochs=1, batch_size=16, val_size=10, checkpoint_seconds=1e-9)
+    with pytest.raises(TrainingInterrupted) as err:
+        quiet_train(_signal_at(capsspec.get_backend("numpy"), 4, raise_instead=True), TINY, splits(s, n_train=90),
+                    tmp_path, settings=s)
+    assert err.value.step == 3 and "(step 3: epoch 1, 3/5 batches)" in str(err.value)
+    assert ckpt.load_checkpoint(tmp_path / "checkpoint.safetensors").step == 3
+
+
+def test_default_checkpoint_interval_is_two_minutes_on_a_cpu_and_one_elsewhere(tmp_path):
+    from capsspec.backend import Availability
+
+    class FakeAccelerator(type(NUMPY)):
+        def availability(self):
+            return Availability(True, version="0", device="cuda:0 (a stand-in)")
+
+    said = []
+    s = TrainSettings(epochs=1, batch_size=16, val_size=0)
+    data = splits(s, n_train=32)
+    train(NUMPY, TINY, data, tmp_path / "cpu", settings=s, progress=None, log=said.append)
+    train(FakeAccelerator(), TINY, data, tmp_path / "gpu", settings=s, progress=None, log=said.append)
+    assert "checkpoints every 2 minutes of training" in said[0]
+    assert "checkpoints every 1 minute of training" in [x for x in said if "checkpoints" in x][1]
+
+
+def test_resume_keeps_backend_device_dtype_and_says_when_asked_for_others(tmp_path):
+    s = TrainSettings(epochs=1, batch_size=16, val_size=0, dtype="float64")
+    data = splits(s, n_train=32)
+    quiet_train(NUMPY, TINY, data, tmp_path, settings=s, backend_options={})
+    plan = plan_resume(tmp_path, settings={"epochs": 2})
+    assert (plan.backend, plan.device, plan.settings.dtype, plan.settings.epochs) == ("numpy", NUMPY.device, "float64", 2)
+    assert plan.config == TINY and plan.adam == AdamConfig()
+    plan = plan_resume(tmp_path, backend="torch", settings={"dtype": "float32"})
+    assert (plan.backend, plan.device, plan.settings.dtype) == ("torch", None, "float32")
+    with pytest.raises(ValueError, match="seed=0; a resumed run cannot change it to 3"):
+        plan_resume(tmp_path, settings={"seed": 3})
+    with pytest.raises(ValueError, match="routing_iterations"):
+        plan_resume(tmp_path, config={"routing_iterations": 1})
+    said = []
+    train(NUMPY, TINY, data, tmp_path, settings=TrainSettings(**{**s.to_dict(), "epochs": 2, "dtype": "float32"}),
+          resume=True, progress=None, log=said.append)
+    assert "will not be bit-exact" in said[0] and "float64" in said[0], said[0]
+    assert ckpt.load_checkpoint(tmp_path / "checkpoint.safetensors").dtype == "float32"
+
+
+def test_summary_credits_training_time_to_each_backend(tmp_path):
+    try:
+        torch_backend = capsspec.get_backend("torch")
+    except BackendUnavailable as exc:
+        pytest.skip(f"torch is not available here: {exc}")
+    s = TrainSettings(epochs=1, batch_size=16, val_size=0)
+    data = splits(s, n_train=32)
+    first = quiet_train(NUMPY, TINY, data, tmp_path, settings=s)
+    said = []
+    second = train(torch_backend, TINY, data, tmp_path, settings=TrainSettings(**{**s.to_dict(), "epochs": 2}),
+                   resume=True, progress=None, log=said.append)
+    assert "will not be bit-exact" in said[0] and "the run was started on numpy" in said[0]
+    (np_key,) = first["train_seconds_by_backend"]
+    by = second["train_seconds_by_backend"]
+    assert np_key.startswith("numpy") and set(by) == {np_key, next(k for k in by if k.startswith("torch"))}
+    assert by[np_key] == first["train_seconds"]  # numpy's time stays numpy's; torch's epoch is torch's
+    assert second["train_seconds"] == pytest.approx(sum(by.values()))
+    assert "on numpy" in said[-1] and "on torch" in said[-1]
+
+
+def test_output_folder_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    s = TrainSettings(epochs=1, batch_size=16, val_size=0)
+    with pytest.raises(ValueError, match="is an existing file"):
+        quiet_train(NUMPY, TINY, splits(s, n_train=32), tmp_path / "file", settings=s)
+    with pytest.raises(ValueError, match="cannot create the output folder"):
+        quiet_train(NUMPY, TINY, splits(s, n_train=32), tmp_path / "file" / "sub", settings=s)
