@@ -5,8 +5,10 @@ Layout of a checkpoint file:
     the optimizer is saved, its moments as "adam.m.<name>" and "adam.v.<name>";
   * metadata (safetensors' string map; structured values are JSON): format, format_version,
     config, dtype, adam (AdamConfig), step (optimizer updates applied), epoch (epochs
-    completed), rng (the NumPy generator states the trainer derives for the next epoch),
-    training (the run's settings), backend (which wrote it), capsspec_version, and
+    completed), rng (the NumPy generator states where the run stands, which may be mid-epoch),
+    training (the run's settings), extra (the trainer's record: where in the epoch it stands,
+    the epoch's running sums, the metrics history, the device), backend (which wrote it),
+    capsspec_version, and
     tensors_sha256 (a hash over every tensor's name, dtype, shape and bytes, so a flipped
     bit is caught, not only a truncation).
 
@@ -43,7 +45,7 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CHECKPOINT_NAME", "FINAL_NAME", "Ch
 
 FORMAT_NAME = "capsspec-checkpoint"
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.safetensors"  # written every epoch
+CHECKPOINT_NAME = "checkpoint.safetensors"  # written during and at the end of every epoch
 FINAL_NAME = "final.safetensors"  # the model at the end of a run
 M_PREFIX, V_PREFIX = "adam.m.", "adam.v."
 

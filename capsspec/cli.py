@@ -108,12 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on MNIST (the paper's settings unless flags say otherwise)",
                        description="Train on MNIST. Flags left out take the paper's settings (or, with --resume, the "
-                                   "resumed run's); a resumed run refuses flags that would change it.")
-    _add_backend_flags(p, "default: the fastest available one")
+                                   "resumed run's, its backend, device and dtype included). A resumed run refuses "
+                                   "flags that would change it, except --epochs, --eval-batch-size, --log-every and "
+                                   "--checkpoint-every; naming another --backend, --device or --dtype is allowed but "
+                                   "the result is then not bit-exact. Ctrl-C or SIGTERM checkpoints the step under "
+                                   "way and stops.")
+    _add_backend_flags(p, "default: the fastest available one (with --resume: the one the run was started on)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/capsspec", help="output folder (checkpoint, metrics, summary); "
                                                           "default runs/capsspec")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, at the step "
+                                                          "it holds (mid-epoch too)")
     g.add_argument("--data-dir", default=None, help="MNIST folder (see `capsspec data`)")
     g.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default 50)")
     g.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size (default 128)")
@@ -241,6 +246,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from .backend import BackendUnavailable
     from .train import TrainingInterrupted, choose_backend, train
 
     def terminated(signum: int, frame: Any) -> None:  # before training starts; train() then handles it itself
@@ -250,7 +256,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
     try:
         config, adam, settings, name, device, options, why_resumed = _train_values(args)
-        backend, why = choose_backend(name, device, options)
+        try:
+            backend, why = choose_backend(name, device, options)
+        except BackendUnavailable as exc:
+            if why_resumed is None:
+                raise
+            raise BackendUnavailable(f"{exc}. The run was started there; to continue it elsewhere, name another "
+                                     "--backend or --device (the result will then not be bit-exact)") from None
         avail = backend.availability()
         if why_resumed is not None:  # not "asked for with --backend": the run's own
             why = why_resumed + (why[why.index(";"):] if ";" in why else "")
