@@ -504,6 +504,13 @@ def _stop(run: _Run, stop: _StopSignals) -> NoReturn:
 
 def _stopped_at_once(run: _Run, stop: _StopSignals) -> TrainingInterrupted:
     """A second signal (or a KeyboardInterrupt from elsewhere): no new checkpoint; name the last one written."""
+    # The file itself says what it holds: the interrupt may have landed just after a rename.
+    try:
+        meta = read_metadata(run.checkpoint)
+        progress = json.loads(meta.get("extra") or "{}")["progress"]
+        run.saved = (int(progress["epoch"]), int(progress["batch"]), int(meta["step"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        run.saved = None
     what, name = (f"a second {stop.name}", stop.name) if stop.received is not None else ("an interrupt", "SIGINT")
     if run.saved is None:
         return TrainingInterrupted(f"stopped at once by {what} at step {run.step}, before any checkpoint was written: "
