@@ -356,6 +356,8 @@ def choose_backend(name: str | None = None, device: str | None = None,
 
 # ===================================================================================== the run's state
 _SUMS = ("total", "margin", "reconstruction", "correct")
+_ROW_KEYS = ("epoch", "step", "loss", "margin", "reconstruction", "train_accuracy", "val_accuracy", "test_accuracy",
+             "lr", "seconds", "images_per_second", "eval_seconds")  # a metrics.jsonl row, in order
 
 
 @dataclass
@@ -561,7 +563,9 @@ def _resume(run: _Run) -> None:
     run.seen, run.epoch_seconds = int(progress.get("seen", 0)), float(progress.get("seconds", 0.0))
     run.seconds_by_backend = {k: float(v) for k, v in ck.extra.get("seconds_by_backend", {}).items()}
     run.best_val, run.best_epoch = float(ck.extra.get("best_val_accuracy", -1.0)), int(ck.extra.get("best_epoch", 0))
-    run.history, run.lr = list(ck.extra.get("history", [])), run.adam.learning_rate(ck.step)
+    # The history went through JSON with sorted keys: put each row's fields back in the order a run writes them.
+    run.history = [{k: r[k] for k in _ROW_KEYS if k in r} for r in ck.extra.get("history", [])]
+    run.lr = float(progress.get("lr", run.adam.learning_rate(max(ck.step - 1, 0))))  # the last step's, as it reported
     run.saved = (run.epoch, run.batch, run.step)
     # Epochs logged after this checkpoint (before a crash) are redone: the metrics file follows the checkpoint.
     _write_metrics(run)
@@ -686,7 +690,7 @@ def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
             np.asarray(value)
         window[key] = [a.item(), a.dtype.name]
     progress = {"epoch": run.epoch, "batch": run.batch, "sums": run.sums, "seen": run.seen, "window": window,
-                "seconds": run.epoch_seconds}
+                "seconds": run.epoch_seconds, "lr": run.lr}
     data = run.data
     extra = {"n_train": int(data.train_x.shape[0]), "n_val": int(data.val_x.shape[0]),
              "n_test": int(data.test_x.shape[0]), "data_fingerprint": run.fingerprint, "progress": progress,

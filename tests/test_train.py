@@ -572,3 +572,32 @@ def test_output_folder_that_is_a_file_is_a_clear_error(tmp_path):
         quiet_train(NUMPY, TINY, splits(s, n_train=32), tmp_path / "file", settings=s)
     with pytest.raises(ValueError, match="cannot create the output folder"):
         quiet_train(NUMPY, TINY, splits(s, n_train=32), tmp_path / "file" / "sub", settings=s)
+
+
+def test_a_signal_during_evaluation_checkpoints_the_trained_epoch_and_resumes_exactly(tmp_path):
+    """Stopped while evaluating epoch 1: the checkpoint holds the trained, unevaluated epoch; the resumed run
+    evaluates it and writes exactly the uninterrupted run's metrics (every field but timings, in order)."""
+    import os
+    import signal
+
+    s = TrainSettings(epochs=2, batch_size=16, val_size=10, seed=6, eval_batch_size=4, checkpoint_every=0)
+    data = splits(s, n_train=90)
+    quiet_train(NUMPY, TINY, data, tmp_path / "full", settings=s)
+    backend, calls = capsspec.get_backend("numpy"), [0]
+    real_predict = backend.predict
+
+    def predict(*args):
+        calls[0] += 1
+        if calls[0] == 3:  # the last validation batch of epoch 1
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_predict(*args)
+
+    backend.predict = predict
+    with pytest.raises(TrainingInterrupted) as err:
+        quiet_train(backend, TINY, data, tmp_path / "cut", settings=s)
+    assert "at step 5: epoch 1 trained, its evaluation not yet done" in str(err.value)
+    quiet_train(NUMPY, TINY, data, tmp_path / "cut", settings=s, resume=True)
+    _assert_same_run(tmp_path / "full", tmp_path / "cut")
+    lines = lambda p: [[(k, v) for k, v in json.loads(line).items() if k not in TIMING]  # noqa: E731
+                       for line in (p / "metrics.jsonl").read_text().splitlines()]
+    assert lines(tmp_path / "full") == lines(tmp_path / "cut")
