@@ -603,7 +603,6 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
             for key, value in zip(_SUMS, (m.total * idx.size, m.margin * idx.size, m.reconstruction * idx.size,
                                           m.correct)):
                 run.window[key] = value if key not in run.window else run.window[key] + value
-            bar.update(1)
             if (isinstance(m.total, (int, float, np.generic)) or run.batch % s.log_every == 0
                     or run.batch == spe):
                 _read_window(run)
@@ -611,6 +610,7 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
                                     f"{100 * run.sums['correct'] / run.seen:.2f}% "
                                     f"{run.seen / max(run.epoch_seconds + time.perf_counter() - run.clock, 1e-9):.0f}"
                                     " img/s", refresh=False)
+            bar.update(1)  # after the postfix, so that the refresh shows this step's numbers
             due = (run.step % every == 0) if every else (every is None and time.perf_counter() - last_save >= seconds)
             if due and run.batch < spe:  # an epoch's end is checkpointed after its evaluation
                 run.account()
