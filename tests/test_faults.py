@@ -15,7 +15,6 @@ uninterrupted run's bit for bit (timings aside).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
