@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import site
 import subprocess
 import sys
 import tarfile
@@ -42,7 +41,9 @@ def mnist_dir():
 @pytest.mark.mnist
 def test_rehearsal_runs_every_step_from_a_checkout_within_its_budget(tmp_path, mnist_dir):
     out, budget = tmp_path / "out", 240.0
-    paths = [str(ROOT), *site.getsitepackages()]
+    # This interpreter's package folders, but no installed capsspec: with -S no .pth file runs, so an
+    # editable install's finder is not there either.
+    paths = [str(ROOT), *(p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != ROOT)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     t0 = time.monotonic()
     # -S: no site processing, so no installed capsspec (editable or not): the device machine's situation.
@@ -208,13 +209,13 @@ def test_a_hung_step_is_killed_with_its_children_at_its_timeout(tmp_path, stub):
     out = tmp_path / "out"
     t0 = time.monotonic()
     rc = gpucheck.run_check(out, budget_s=60, rehearsal=True, launcher=launcher, targets=["numpy"],
-                            phases=["conformance"], profile=_fast(gpucheck.REHEARSAL_PROFILE, caps=4.0))
+                            phases=["conformance"], profile=_fast(gpucheck.REHEARSAL_PROFILE, caps=2.0))
     elapsed = time.monotonic() - t0
     _, steps = _report(out)
     assert rc == 0  # timed out is not failed: nothing was found wrong
     for d in ("float32", "float64"):
         s = steps[f"conformance-numpy-{d}"]
-        assert s["status"] == "timed_out" and s["seconds"] <= 4.5 and "killed" in s["reason"]
+        assert s["status"] == "timed_out" and s["seconds"] <= 2.5 and "killed" in s["reason"]
     assert elapsed < 15
     for line in pids.read_text().splitlines():
         pid = int(line.split()[1])
