@@ -62,6 +62,8 @@ REPORT_FORMAT = 1
 DEFAULT_BUDGET_S = 540.0
 LOG_LIMIT_BYTES = 2 * 2**20  # per step log: the head and tail are kept, so the bundle stays far under 16 MiB
 BUNDLE_LIMIT_BYTES = 15 * 2**20
+PARAMS_NAME = "paper-params.safetensors"
+PART_BYTES = 15 * 2**20
 KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL of a step that ran out of time
 PAPER_EPOCHS = 50  # the headline run's length (train's default)
 
@@ -142,7 +144,9 @@ GPU_PROFILE = Profile(
     train_flags=(), full_train_images=55_000, headline_flags=(),
     caps={"backends": 60, "device": 20, "probe": 120, "data": 60, "conformance": 75, "bench": 120, "train": 150,
           "headline": 1e9},
-    mins={"backends": 5, "device": 2, "probe": 10, "data": 5, "conformance": 20, "bench": 20, "train": 40,
+    # What each step takes at the least (imports, CUDA start, a compile): they add up to 470 s, so the
+    # default budget holds every step's minimum, and a smaller one runs the first steps and skips the rest.
+    mins={"backends": 20, "device": 5, "probe": 30, "data": 10, "conformance": 30, "bench": 30, "train": 45,
           "headline": 60},
     overhead_s=20.0, reserve_s=5.0, download=False)
 
@@ -558,13 +562,13 @@ def _figures(runner: Runner, name: str) -> dict[str, Any]:
 def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | None = None, rehearsal: bool = False,
               paper_dir: Path | None = None, targets: Sequence[str] | None = None,
               phases: Sequence[str] | None = None, launcher: Sequence[str] | None = None,
-              profile: Profile | None = None) -> int:
+              profile: Profile | None = None, keep_params: bool = False) -> int:
     """Run the check into `out`; returns the exit status (see the module docstring)."""
     profile = profile or (REHEARSAL_PROFILE if rehearsal else GPU_PROFILE)
     chosen = _choose_targets(list(REHEARSAL_TARGETS if rehearsal else GPU_TARGETS), targets, rehearsal)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / REPORT_NAME, out / LOGS_NAME):
+    for stale in (out / REPORT_NAME, out / LOGS_NAME, *out.glob(f"{PARAMS_NAME}.part*")):
         stale.unlink(missing_ok=True)
     shutil.rmtree(out / "logs", ignore_errors=True)
     launcher = list(launcher or default_launcher())
@@ -596,6 +600,13 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
     runner.on_step = write_report
     try:
         _plan_and_run(runner, report, profile, launcher, chosen, phases, data_dir, paper, work, rehearsal)
+        if keep_params:
+            from .checkpoint import CHECKPOINT_NAME
+
+            if (paper / CHECKPOINT_NAME).is_file():
+                report["paper_params"] = bring_back_params(paper, out)
+            else:
+                report["paper_params"] = f"--keep-params: {paper / CHECKPOINT_NAME} does not exist"
     finally:
         runner.pending.clear()
         shutil.rmtree(work, ignore_errors=True)
@@ -751,7 +762,7 @@ def _plan_and_run(runner: Runner, report: dict[str, Any], profile: Profile, laun
     if "train" in phases:
         for t in targets:
             name = f"train-{t.name}"
-            why = _target_ok(runner, t.name) or (None if data_ok else "MNIST is not available (see the data step)")
+            why = _target_ok(runner, t.name) or (None if data_ok else "MNIST was not verified (see the data step)")
             if why:
                 runner.skip(name, "train", why, target=t.name)
                 continue
@@ -808,7 +819,7 @@ def _headline(runner: Runner, report: dict[str, Any], profile: Profile, launcher
 
     name = "headline"
     if not data_ok:
-        runner.skip(name, "headline", "MNIST is not available (see the data step)")
+        runner.skip(name, "headline", "MNIST was not verified (see the data step)")
         return
     ckpt = paper / CHECKPOINT_NAME
     done = 0
@@ -885,6 +896,31 @@ def _headline(runner: Runner, report: dict[str, Any], profile: Profile, launcher
     runner.run(name, "headline", argv, cap=profile.caps["headline"], min_s=0, parse=parse, target=target.name)
 
 
+def bring_back_params(paper: Path, out: Path, part_bytes: int = PART_BYTES) -> dict[str, Any]:
+    """The headline run's latest parameters, without the optimizer state, as parts of at most part_bytes
+    in `out` (the device tool brings back files of up to 16 MiB): `cat NAME.part* > NAME` rebuilds a
+    checkpoint that `capsspec eval` and `capsspec figures` read."""
+    from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(paper / CHECKPOINT_NAME)
+    whole = out / "work" / PARAMS_NAME
+    whole.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(whole, ck.params, ck.config, adam=ck.adam, step=ck.step, epoch=ck.epoch, rng=ck.rng,
+                    training=ck.training, extra=ck.extra, backend=ck.backend)
+    data = whole.read_bytes()
+    whole.unlink()
+    parts = []
+    for i in range(0, len(data), part_bytes):
+        part = out / f"{PARAMS_NAME}.part{i // part_bytes:02d}"
+        with atomic_path(part) as tmp:
+            tmp.write_bytes(data[i:i + part_bytes])
+        parts.append(part.name)
+    import hashlib
+
+    return {"parts": parts, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "epoch": ck.epoch,
+            "rebuild": f"cat {PARAMS_NAME}.part* > {PARAMS_NAME}"}
+
+
 def _bundle_logs(out: Path) -> None:
     """logs/*.log -> logs.tar.gz (under 16 MiB, cutting the logs harder if need be), then remove logs/."""
     logs = out / "logs"
@@ -916,6 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the headline run's folder, continued by the next call (default OUT/paper; give a folder "
                         "outside OUT when OUT is emptied between calls)")
     p.add_argument("--rehearsal", action="store_true", help="the same sequence on the CPU backends, small configs")
+    p.add_argument("--keep-params", action="store_true",
+                   help=f"also write the headline run's parameters (no optimizer state) into OUT as parts of 15 MiB: "
+                        f"`cat {PARAMS_NAME}.part* > {PARAMS_NAME}`")
     p.add_argument("--targets", default=None,
                    help="comma-separated subset of the targets (gpu: cupy, torch-cuda, torch-cuda-fast, jax-gpu; "
                         "rehearsal: numpy, torch-cpu)")
@@ -944,7 +983,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--budget-seconds must be a positive number, got {budget}")
         targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
         return run_check(Path(args.out), budget_s=budget, data_dir=args.data_dir, rehearsal=args.rehearsal,
-                         paper_dir=Path(args.paper_dir) if args.paper_dir else None, targets=targets, phases=phases)
+                         paper_dir=Path(args.paper_dir) if args.paper_dir else None, targets=targets, phases=phases,
+                         keep_params=args.keep_params)
     except ValueError as exc:
         print(f"capsspec gpu-check: error: {exc}", file=sys.stderr)
         return 2

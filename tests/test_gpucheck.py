@@ -300,3 +300,27 @@ def test_importing_gpucheck_imports_no_framework():
             "bad = [m for m in ('torch', 'tensorflow', 'cupy', 'jax', 'safetensors') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_headline_parameters_come_back_in_parts_that_rebuild_a_checkpoint(tmp_path):
+    from capsspec.checkpoint import load_checkpoint, save_checkpoint
+    from capsspec.config import CapsNetConfig
+    from capsspec.model import init_params
+    from capsspec.optim import adam_init
+
+    paper, out = tmp_path / "paper", tmp_path / "out"
+    paper.mkdir()
+    config = CapsNetConfig(conv1_channels=2, primary_types=2, primary_dim=4)
+    params = init_params(config, 0)
+    state = adam_init(params)
+    save_checkpoint(paper / "checkpoint.safetensors", params, config, state=state, epoch=2)
+    info = gpucheck.bring_back_params(paper, out, part_bytes=2 * 2**20)
+    parts = sorted(out.glob("paper-params.safetensors.part*"))
+    assert [p.name for p in parts] == info["parts"] and len(parts) >= 2
+    assert all(p.stat().st_size <= 2 * 2**20 for p in parts)
+    rebuilt = tmp_path / "rebuilt.safetensors"
+    rebuilt.write_bytes(b"".join(p.read_bytes() for p in parts))
+    ck = load_checkpoint(rebuilt)
+    assert ck.epoch == 2 and ck.state is None and ck.config == config
+    for k, v in params.items():
+        assert (ck.params[k] == v).all()
