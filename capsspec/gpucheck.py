@@ -45,6 +45,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -572,12 +573,13 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
         stale.unlink(missing_ok=True)
     shutil.rmtree(out / "logs", ignore_errors=True)
     launcher = list(launcher or default_launcher())
-    work = out / "work"  # the short trainings' runs: removed at the end (their checkpoints are large)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    # The short trainings' runs (checkpoints of ~99 MB for the paper model) live outside `out`, which
+    # must hold only what comes back, and go at the end.
+    work = Path(tempfile.mkdtemp(prefix="capsspec-gpucheck-"))
     paper = Path(paper_dir) if paper_dir is not None else out / "paper"
     phases = list(phases or ("backends", "data", "conformance", "bench", "train", "headline"))
-    runner = Runner(out, budget_s, profile.reserve_s, env=_child_env(), cwd=work)
+    # The reserve covers the report, the logs bundle and, when asked, cutting the parameters into parts.
+    runner = Runner(out, budget_s, profile.reserve_s + (10.0 if keep_params else 0.0), env=_child_env(), cwd=work)
     root = _checkout_root()
     report: dict[str, Any] = {
         "format": REPORT_FORMAT, "command": "capsspec gpu-check", "mode": "rehearsal" if rehearsal else "gpu",
@@ -604,9 +606,16 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
             from .checkpoint import CHECKPOINT_NAME
 
             if (paper / CHECKPOINT_NAME).is_file():
-                report["paper_params"] = bring_back_params(paper, out)
+                report["paper_params"] = bring_back_params(paper, out, work=work)
             else:
                 report["paper_params"] = f"--keep-params: {paper / CHECKPOINT_NAME} does not exist"
+    except Exception as exc:  # a bug of the check itself: say so in the report, and fail
+        import traceback
+
+        traceback.print_exc()
+        for name in list(runner.pending):
+            runner.skip(name, runner.pending[name][0] or name, f"not reached: gpu-check stopped ({exc!r})")
+        runner.fail("gpu-check", "internal", f"gpu-check itself failed: {type(exc).__name__}: {exc}")
     finally:
         runner.pending.clear()
         shutil.rmtree(work, ignore_errors=True)
@@ -896,19 +905,18 @@ def _headline(runner: Runner, report: dict[str, Any], profile: Profile, launcher
     runner.run(name, "headline", argv, cap=profile.caps["headline"], min_s=0, parse=parse, target=target.name)
 
 
-def bring_back_params(paper: Path, out: Path, part_bytes: int = PART_BYTES) -> dict[str, Any]:
+def bring_back_params(paper: Path, out: Path, part_bytes: int = PART_BYTES, work: Path | None = None) -> dict[str, Any]:
     """The headline run's latest parameters, without the optimizer state, as parts of at most part_bytes
     in `out` (the device tool brings back files of up to 16 MiB): `cat NAME.part* > NAME` rebuilds a
     checkpoint that `capsspec eval` and `capsspec figures` read."""
     from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(paper / CHECKPOINT_NAME)
-    whole = out / "work" / PARAMS_NAME
-    whole.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(whole, ck.params, ck.config, adam=ck.adam, step=ck.step, epoch=ck.epoch, rng=ck.rng,
-                    training=ck.training, extra=ck.extra, backend=ck.backend)
-    data = whole.read_bytes()
-    whole.unlink()
+    with tempfile.TemporaryDirectory(prefix="capsspec-params-", dir=work) as tmpdir:
+        whole = Path(tmpdir) / PARAMS_NAME
+        save_checkpoint(whole, ck.params, ck.config, adam=ck.adam, step=ck.step, epoch=ck.epoch, rng=ck.rng,
+                        training=ck.training, extra=ck.extra, backend=ck.backend)
+        data = whole.read_bytes()
     parts = []
     for i in range(0, len(data), part_bytes):
         part = out / f"{PARAMS_NAME}.part{i // part_bytes:02d}"

@@ -324,3 +324,14 @@ def test_the_headline_parameters_come_back_in_parts_that_rebuild_a_checkpoint(tm
     assert ck.epoch == 2 and ck.state is None and ck.config == config
     for k, v in params.items():
         assert (ck.params[k] == v).all()
+
+
+def test_a_bug_in_the_check_itself_is_reported_and_fails(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(gpucheck, "_plan_and_run", broken)
+    rc = gpucheck.run_check(tmp_path / "out", budget_s=10, rehearsal=True)
+    report, steps = _report(tmp_path / "out")
+    assert rc == 1 and steps["gpu-check"]["status"] == "failed" and "planted" in steps["gpu-check"]["reason"]
+    assert (tmp_path / "out" / "logs.tar.gz").is_file()
