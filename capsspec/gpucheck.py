@@ -567,7 +567,9 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
     """Run the check into `out`; returns the exit status (see the module docstring)."""
     profile = profile or (REHEARSAL_PROFILE if rehearsal else GPU_PROFILE)
     chosen = _choose_targets(list(REHEARSAL_TARGETS if rehearsal else GPU_TARGETS), targets, rehearsal)
-    out = Path(out)
+    # The steps run in a folder of their own: every path they get is absolute.
+    out = Path(out).absolute()
+    data_dir = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / REPORT_NAME, out / LOGS_NAME, *out.glob(f"{PARAMS_NAME}.part*")):
         stale.unlink(missing_ok=True)
@@ -576,7 +578,7 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
     # The short trainings' runs (checkpoints of ~99 MB for the paper model) live outside `out`, which
     # must hold only what comes back, and go at the end.
     work = Path(tempfile.mkdtemp(prefix="capsspec-gpucheck-"))
-    paper = Path(paper_dir) if paper_dir is not None else out / "paper"
+    paper = Path(paper_dir).expanduser().absolute() if paper_dir is not None else out / "paper"
     phases = list(phases or ("backends", "data", "conformance", "bench", "train", "headline"))
     # The reserve covers the report, the logs bundle and, when asked, cutting the parameters into parts.
     runner = Runner(out, budget_s, profile.reserve_s + (10.0 if keep_params else 0.0), env=_child_env(), cwd=work)
@@ -664,7 +666,7 @@ def _plan_and_run(runner: Runner, report: dict[str, Any], profile: Profile, laun
         names: list[tuple[str, float, str]] = []
         if "backends" in phases:
             names += [(n, mins[n], n) for n in ("backends", "device", "probe")]
-            names += [(f"probe-{t.name}", 0.0, "probe") for t in ts]
+            names += [(f"probe-{t.name}", 0.0, "availability") for t in ts]  # records of the probe's answer
         if "data" in phases:
             names.append(("data", mins["data"], "data"))
         for phase in ("conformance", "bench", "train"):
@@ -702,8 +704,8 @@ def _plan_and_run(runner: Runner, report: dict[str, Any], profile: Profile, laun
             if on_gpu:
                 targets.append(JAX_GPU_TARGET)
                 plan(targets)
-            report["jax"] = ("included: `capsspec backends` lists jax on " + str(jax.get("device")) if on_gpu else
-                             f"not included: jax is {'on ' + str(jax.get('device')) if jax.get('available') else 'unavailable: ' + str(jax.get('reason'))}")
+            where = f"on {jax.get('device')}" if jax.get("available") else f"unavailable: {jax.get('reason')}"
+            report["jax"] = f"{'included' if on_gpu else 'not included'}: `capsspec backends` lists jax {where}"
         elif not rehearsal and jax is None:
             report["jax"] = "not included: `capsspec backends` lists no jax backend"
 

@@ -223,17 +223,23 @@ def test_a_hung_step_is_killed_with_its_children_at_its_timeout(tmp_path, stub):
             os.kill(pid, 0)
 
 
-def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailable_one(tmp_path, stub):
+def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailable_one(tmp_path, stub, monkeypatch):
     rows = [{"name": "jax", "available": True, "device": "cuda:0 (NVIDIA H100)"},
             {"name": "torch", "available": True, "device": "cpu (cuda available: 1 device(s))"}]
     launcher = stub(backends=rows, unavailable={"cupy": "no CUDA device"})
     out = tmp_path / "out"
-    rc = gpucheck.run_check(out, budget_s=60, launcher=launcher, profile=_fast(gpucheck.GPU_PROFILE, caps=10.0),
-                            paper_dir=tmp_path / "paper")
+    monkeypatch.chdir(tmp_path)  # relative folders, as in the README's device command
+    rc = gpucheck.run_check(Path("out"), budget_s=60, launcher=launcher, data_dir=".mnist",
+                            profile=_fast(gpucheck.GPU_PROFILE, caps=10.0), paper_dir=Path(".gpucheck/paper"))
     report, steps = _report(out)
+    # the steps run elsewhere, so they get absolute folders
+    assert str(tmp_path / ".mnist") in steps["data"]["command"]
+    assert str(tmp_path / ".gpucheck" / "paper") in steps["headline"]["command"]
+    assert (tmp_path / ".gpucheck" / "paper" / "metrics.jsonl").is_file()
     assert rc == 1 and report["summary"]["failed_steps"] == ["probe-cupy"]
     assert [t["name"] for t in report["targets"]] == ["cupy", "torch-cuda", "torch-cuda-fast", "jax-gpu"]
-    assert "included" in report["jax"]
+    assert report["jax"].startswith("included")
+    assert steps["probe"]["timeout_s"] == 10.0  # its whole cap: the probe's answers share no time with it
     for phase in ("conformance-cupy-float32", "bench-cupy", "train-cupy"):
         assert steps[phase]["status"] == "skipped" and "cupy is not available" in steps[phase]["reason"]
     fast = steps["conformance-torch-cuda-fast-float64"]["command"]
