@@ -14,9 +14,10 @@ In order, each step a subprocess of the capsspec command line with its own timeo
   6. where time remains, the paper's headline run (3 routing iterations, decoder, batch 128) for as
      many epochs as fit, resumed from --paper-dir by the next call (train's --resume).
 
-The budget (--budget-seconds) is never exceeded: every step's timeout is what is left, less the
-minimum the later steps need; a step that runs past it is killed (its whole process group), a step
-that does not fit is skipped with the reason. DIR ends up holding report.json (every figure, the
+The budget (--budget-seconds) is never exceeded: every step's timeout is what is left less the
+minimums the later steps need, split fairly between the targets of a phase and capped per step; a
+step that runs past it is killed (its whole process group), a step that does not fit is skipped
+with the reason. DIR ends up holding report.json (every figure, the
 versions, the device, what passed, failed, timed out or was skipped, and why) and logs.tar.gz (one
 log per step, each cut to a few MiB): two files, each under 16 MiB. The report is rewritten after
 every step, so even a check killed from outside leaves one. Exit status 1 when any check failed
@@ -133,8 +134,8 @@ class Profile:
     train_flags: tuple[str, ...]  # model/data flags of the short training (and of the headline in a rehearsal)
     full_train_images: int  # training images left after the validation hold-out, for sizing
     headline_flags: tuple[str, ...]
-    caps: dict[str, float]
-    mins: dict[str, float]
+    caps: dict[str, float]  # the most one step of each kind may take
+    mins: dict[str, float]  # the least it needs (below that it is skipped); the headline needs an epoch
     overhead_s: float  # a training process's start (imports, MNIST) when no bench wall time says better
     reserve_s: float  # kept for writing the report and the logs bundle
     download: bool  # whether `capsspec data` may fetch MNIST (never on the GPU machine: it has no internet)
@@ -147,8 +148,7 @@ GPU_PROFILE = Profile(
           "headline": 1e9},
     # What each step takes at the least (imports, CUDA start, a compile): they add up to 470 s, so the
     # default budget holds every step's minimum, and a smaller one runs the first steps and skips the rest.
-    mins={"backends": 20, "device": 5, "probe": 30, "data": 10, "conformance": 30, "bench": 30, "train": 45,
-          "headline": 60},
+    mins={"backends": 20, "device": 5, "probe": 30, "data": 10, "conformance": 30, "bench": 30, "train": 45},
     overhead_s=20.0, reserve_s=5.0, download=False)
 
 _TINY_MODEL = ("--conv1-channels", "8", "--primary-types", "2", "--primary-dim", "4", "--batch-size", "32",
@@ -160,7 +160,7 @@ REHEARSAL_PROFILE = Profile(
     train_epochs=1, train_flags=_TINY_MODEL, full_train_images=128, headline_flags=_TINY_MODEL,
     caps={"backends": 40, "device": 10, "probe": 40, "data": 40, "conformance": 40, "bench": 40, "train": 40,
           "headline": 40},
-    mins={"backends": 1, "device": 1, "probe": 1, "data": 1, "conformance": 1, "bench": 1, "train": 1, "headline": 1},
+    mins={"backends": 1, "device": 1, "probe": 1, "data": 1, "conformance": 1, "bench": 1, "train": 1},
     overhead_s=5.0, reserve_s=2.0, download=True)
 
 
@@ -182,11 +182,11 @@ class StepResult:
 
 
 class Runner:
-    """Runs steps as subprocesses within one time budget, logging each, and keeps the report.
+    """Runs steps as subprocesses within one time budget, logging each; on_step is called after each.
 
-    `planned` is every step the check may run, in order, with the minimum seconds each needs: a
-    step's timeout is the time left less the minimums of the later planned steps still pending,
-    capped by its own cap, so early steps cannot starve later ones of their minimum.
+    `pending` is every step still to come, in order, with its phase and the minimum seconds it needs
+    (see allowance): early steps cannot starve later ones of their minimum while the budget holds
+    them all, and when it does not, the earlier steps come first.
     """
 
     def __init__(self, out: Path, budget_s: float, reserve_s: float, *, env: dict[str, str] | None = None,
