@@ -246,7 +246,9 @@ def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailab
     assert fast[fast.index("--backend") + 1] == "capsspec.gpucheck:torch_fast" and "cuda" in fast
     assert "--fast" in steps["bench-torch-cuda-fast"]["command"]
     assert "fast=true" in steps["train-torch-cuda-fast"]["command"]
-    assert "-k" in fast and fast[fast.index("-k") + 1] == "float64"
+    assert fast[fast.index("-k") + 1] == "(float64) and (test_optim or test_model or test_interchange)"
+    plain = steps["conformance-torch-cuda-float32"]["command"]
+    assert plain[plain.index("-k") + 1] == "not float64" and "--profile" in plain and "ci" in plain
     assert "--no-download" in steps["data"]["command"]
     # training sized from the bench: 5000 images/s; the headline on the fastest target that passed
     assert "images" in steps["train-torch-cuda"]["figures"]["sizing"]
