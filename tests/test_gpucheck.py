@@ -41,10 +41,7 @@ def mnist_dir():
 @pytest.mark.mnist
 def test_rehearsal_runs_every_step_from_a_checkout_within_its_budget(tmp_path, mnist_dir):
     out, budget = tmp_path / "out", 240.0
-    # This interpreter's package folders, but no installed capsspec: with -S no .pth file runs, so an
-    # editable install's finder is not there either.
-    paths = [str(ROOT), *(p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != ROOT)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    env = _checkout_env()
     t0 = time.monotonic()
     # -S: no site processing, so no installed capsspec (editable or not): the device machine's situation.
     proc = subprocess.run([sys.executable, "-S", "-m", "capsspec.gpucheck", "--rehearsal", "--out", str(out),
@@ -87,6 +84,25 @@ def test_rehearsal_runs_every_step_from_a_checkout_within_its_budget(tmp_path, m
     assert {f"logs/{n}.log" for n in ran} == names
     for f in (out / "report.json", out / "logs.tar.gz"):
         assert f.stat().st_size < 16 * 2**20
+
+
+def _checkout_env() -> dict[str, str]:
+    """PYTHONPATH = the repository, then this interpreter's package folders (no installed capsspec
+    under python -S: no .pth file runs, so an editable install's finder is not there either)."""
+    paths = [str(ROOT), *(p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != ROOT)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def test_a_checkout_on_pythonpath_finds_the_backends_and_the_suite_without_an_install(tmp_path):
+    code = ("import sys, capsspec, capsspec.backends, capsspec.conformance.cli\n"
+            "from capsspec.registry import get_backend\n"
+            "assert capsspec.backends.__file__.startswith(sys.argv[1]), capsspec.backends.__file__\n"
+            "b = get_backend('numpy')\n"
+            "print(type(b).__module__)\n")
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT / "backends")], env=_checkout_env(), cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "capsspec.backends.numpy"
 
 
 # ===================================================================================== stubs
