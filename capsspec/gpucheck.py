@@ -523,7 +523,7 @@ def default_launcher() -> list[str]:
     return [sys.executable, *(["-S"] if sys.flags.no_site else []), "-m", "capsspec"]
 
 
-def _nvidia_smi(runner: Runner, profile: Profile, gpu: bool) -> None:
+def _nvidia_smi(runner: Runner, report: dict[str, Any], profile: Profile, gpu: bool) -> None:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         why = "nvidia-smi is not on PATH" + ("; the device is read from torch.cuda in the probe" if gpu else
@@ -532,18 +532,19 @@ def _nvidia_smi(runner: Runner, profile: Profile, gpu: bool) -> None:
         return
 
     def parse(result: StepResult, text: str) -> None:
-        keys = ("name", "driver_version", "memory_total_mib", "memory_used_mib", "temperature_c", "max_sm_clock_mhz")
+        keys = ("name", "driver_version", "memory_total_mib", "memory_used_mib")
         gpus = []
         for line in text.splitlines():
             parts = [p.strip() for p in line.split(",")]
             if len(parts) == len(keys) and not line.startswith("$"):
                 gpus.append(dict(zip(keys, parts)))
         result.figures["gpus"] = gpus
+        report["device"] = gpus
         if not gpus and result.status == "passed":
             result.status, result.reason = "failed", "nvidia-smi listed no GPU"
 
-    runner.run("device", "backends", [exe, "--query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,"
-                                           "clocks.max.sm", "--format=csv,noheader,nounits"],
+    runner.run("device", "backends", [exe, "--query-gpu=name,driver_version,memory.total,memory.used",
+                                       "--format=csv,noheader,nounits"],
                cap=profile.caps["device"], min_s=profile.mins["device"], parse=parse)
 
 
@@ -701,7 +702,7 @@ def _plan_and_run(runner: Runner, report: dict[str, Any], profile: Profile, laun
 
         runner.run("backends", "backends", [*launcher, "backends", "--json"], cap=caps["backends"],
                    min_s=mins["backends"], parse=parse_backends)
-        _nvidia_smi(runner, profile, gpu=not rehearsal)
+        _nvidia_smi(runner, report, profile, gpu=not rehearsal)
         rows = {r["name"]: r for r in report.get("backends") or []}
         jax = rows.get("jax")
         if not rehearsal and JAX_GPU_TARGET not in targets and jax is not None:

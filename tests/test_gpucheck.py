@@ -245,6 +245,11 @@ def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailab
     launcher = stub(backends=rows, unavailable={"cupy": "no CUDA device"})
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)  # relative folders, as in the README's device command
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04, 81559, 0'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
     rc = gpucheck.run_check(Path("out"), budget_s=60, launcher=launcher, data_dir=".mnist",
                             profile=_fast(gpucheck.GPU_PROFILE, caps=10.0), paper_dir=Path(".gpucheck/paper"))
     report, steps = _report(out)
@@ -254,6 +259,8 @@ def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailab
     assert (tmp_path / ".gpucheck" / "paper" / "metrics.jsonl").is_file()
     assert rc == 1 and report["summary"]["failed_steps"] == ["probe-cupy"]
     assert [t["name"] for t in report["targets"]] == ["cupy", "torch-cuda", "torch-cuda-fast", "jax-gpu"]
+    assert report["device"] == [{"name": "NVIDIA H100 80GB HBM3", "driver_version": "580.159.04",
+                                 "memory_total_mib": "81559", "memory_used_mib": "0"}]
     assert report["jax"].startswith("included")
     assert steps["probe"]["timeout_s"] == 10.0  # its whole cap: the probe's answers share no time with it
     for phase in ("conformance-cupy-float32", "bench-cupy", "train-cupy"):
