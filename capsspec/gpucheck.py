@@ -22,7 +22,8 @@ versions, the device, what passed, failed, timed out or was skipped, and why) an
 log per step, each cut to a few MiB): two files, each under 16 MiB. The report is rewritten after
 every step, so even a check killed from outside leaves one. Exit status 1 when any check failed
 (a test failed, a command crashed, a GPU target is not available), 2 for a usage error, else 0;
-a step that timed out without a failure, or was skipped, is listed but fails nothing.
+a step that timed out without a failure, or was skipped, is listed but fails nothing. Stopped from
+outside (SIGTERM, SIGHUP, Ctrl-C), it kills the running step, writes the report and exits with 130.
 
 --rehearsal runs the same sequence on the CPU backends (numpy, torch on the CPU) with small
 configs (the meta conformance profile on a few checks, a tiny bench, a few training steps on a
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -186,6 +188,14 @@ class StepResult:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+class Interrupted(Exception):
+    """The check received SIGTERM or SIGHUP (a tool's timeout, a closed terminal)."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 class Runner:
     """Runs steps as subprocesses within one time budget, logging each; on_step is called after each.
 
@@ -286,6 +296,13 @@ class Runner:
                 result.status = "timed_out"
                 result.reason = f"killed after {self.clock() - t0:.0f}s (its share of the budget)"
                 result.returncode = proc.returncode
+            except BaseException as exc:  # the check itself is being stopped: its step (a session of its own) too
+                _kill_group(proc, 1.0)
+                result.status, result.returncode = "skipped", proc.returncode
+                result.reason = f"stopped after {self.clock() - t0:.0f}s: gpu-check was stopped ({exc or type(exc).__name__})"
+                result.seconds = round(self.clock() - t0, 2)
+                self._finish(result)
+                raise
         result.seconds = round(self.clock() - t0, 2)
         _truncate_log(log_path, LOG_LIMIT_BYTES)
         text = log_path.read_text(encoding="utf-8", errors="replace")
@@ -608,6 +625,10 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
         atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2, default=str) + "\n")
 
     runner.on_step = write_report
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    interrupted = None
     try:
         _plan_and_run(runner, report, profile, launcher, chosen, phases, data_dir, paper, work, rehearsal)
         if keep_params:
@@ -617,6 +638,11 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
                 report["paper_params"] = bring_back_params(paper, out, work=work)
             else:
                 report["paper_params"] = f"--keep-params: {paper / CHECKPOINT_NAME} does not exist"
+    except (KeyboardInterrupt, Interrupted) as exc:  # stopped from outside: the step was killed; say what ran
+        interrupted = str(exc) or type(exc).__name__
+        report["interrupted"] = interrupted
+        for name in list(runner.pending):
+            runner.skip(name, runner.pending[name][0] or name, f"not reached: gpu-check was stopped ({interrupted})")
     except Exception as exc:  # a bug of the check itself: say so in the report, and fail
         import traceback
 
@@ -625,6 +651,8 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
             runner.skip(name, runner.pending[name][0] or name, f"not reached: gpu-check stopped ({exc!r})")
         runner.fail("gpu-check", "internal", f"gpu-check itself failed: {type(exc).__name__}: {exc}")
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         runner.pending.clear()
         shutil.rmtree(work, ignore_errors=True)
         write_report(final=True)
@@ -634,6 +662,8 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
     s = report["summary"]
     print(f"[gpu-check] {s['passed']} passed, {s['failed']} failed, {s['timed_out']} timed out, {s['skipped']} skipped "
           f"in {report['elapsed_seconds']:.0f}s of {budget_s:.0f}s; report: {out / REPORT_NAME}", file=sys.stderr)
+    if interrupted:
+        return 130
     return 1 if s["failed"] else 0
 
 

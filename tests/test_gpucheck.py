@@ -239,6 +239,29 @@ def test_a_hung_step_is_killed_with_its_children_at_its_timeout(tmp_path, stub):
             os.kill(pid, 0)
 
 
+def test_a_stopped_check_kills_its_step_and_leaves_a_report(tmp_path, stub):
+    pids = tmp_path / "pids.txt"
+    launcher = stub(sleep={"conformance:numpy": 600}, pidfile=str(pids))
+    out = tmp_path / "out"
+    code = ("import sys, json\nfrom pathlib import Path\nfrom capsspec import gpucheck\n"
+            "sys.exit(gpucheck.run_check(Path(sys.argv[1]), budget_s=60, rehearsal=True, targets=['numpy'], "
+            "phases=['conformance', 'bench'], launcher=json.loads(sys.argv[2])))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out), json.dumps(launcher)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not (pids.is_file() and pids.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.terminate()
+    assert proc.wait(timeout=20) == 130
+    report, steps = _report(out)
+    assert report["interrupted"] == "SIGTERM"
+    assert steps["bench-numpy"]["status"] == "skipped" and "not reached" in steps["bench-numpy"]["reason"]
+    killed = steps["conformance-numpy-float32"]
+    assert killed["status"] == "skipped" and "stopped after" in killed["reason"] and killed["log"]
+    pid = int(pids.read_text().split()[1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailable_one(tmp_path, stub, monkeypatch):
     rows = [{"name": "jax", "available": True, "device": "cuda:0 (NVIDIA H100)"},
             {"name": "torch", "available": True, "device": "cpu (cuda available: 1 device(s))"}]
