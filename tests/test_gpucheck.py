@@ -40,7 +40,7 @@ def mnist_dir():
 @pytest.mark.slow
 @pytest.mark.mnist
 def test_rehearsal_runs_every_step_from_a_checkout_within_its_budget(tmp_path, mnist_dir):
-    out, budget = tmp_path / "out", 240.0
+    out, budget = tmp_path / "out", 300.0  # about 60 s on two idle cores; room for a loaded machine
     env = _checkout_env()
     t0 = time.monotonic()
     # -S: no site processing, so no installed capsspec (editable or not): the device machine's situation.
