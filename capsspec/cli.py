@@ -7,6 +7,7 @@
     capsspec figures CKPT [--out DIR]     reconstructions, Figure 4, training curves (PNG)
     capsspec conformance ...              the conformance suite's own command line
     capsspec bench ...                    the benchmark's own command line
+    capsspec gpu-check --out DIR ...      every GPU claim checked within a time budget (capsspec.gpucheck)
 
 Errors caused by the input (bad flags or files, an unavailable backend, missing data) print one
 line to stderr and exit with status 2; a diverged run exits with 1; Ctrl-C with 130.
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 __all__ = ["main", "build_parser"]
 
 # Subcommands whose arguments belong to another module's parser, passed through untouched.
-_PASSTHROUGH = ("conformance", "bench")
+_PASSTHROUGH = ("conformance", "bench", "gpu-check")
 
 
 class _UsageError(ValueError):
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help; main() hands their arguments over before argparse sees them.
     sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
     sub.add_parser("bench", help="benchmark a backend (arguments go to its own parser)", add_help=False)
+    sub.add_parser("gpu-check", help="prove the GPU claims within a time budget (capsspec.gpucheck)", add_help=False)
     return parser
 
 
@@ -364,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
         if command == "conformance":
             from capsspec.conformance.cli import main as m
+            return m(rest)
+        if command == "gpu-check":
+            from capsspec.gpucheck import main as m
             return m(rest)
         from capsspec.bench import main as m
         return m(rest)
