@@ -263,3 +263,13 @@ def test_float64_checkpoint_is_exported_as_float32_with_a_note(tmp_path, capsys)
     assert "rounded to float32" in capsys.readouterr().err
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
     np.testing.assert_array_equal(inits["digit.weight"], params["digit.weight"].astype(np.float32))
+
+
+def test_bench_times_inference_and_skips_training_with_a_note(capsys):
+    from capsspec.bench import _format, run_benchmark
+
+    r = run_benchmark("onnxruntime", config=SMALL, batch_size=4, steps=1, warmup=0)
+    assert r["train_images_per_second"] is None and r["inference_images_per_second"] > 0
+    assert "inference-only" in r["note"]
+    text = _format(r)
+    assert "training:   not measured" in text and "inference:" in text
