@@ -235,8 +235,11 @@ def export_onnx(params: Mapping[str, np.ndarray], config: CapsNetConfig, out: st
     onnx = _onnx()
     model = build_model(params, config, doc=doc)
     onnx.checker.check_model(model)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(model.SerializeToString())
+    try:
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(model.SerializeToString())
+    except OSError as exc:  # a parent that is a file, no permission, a full disk: the user's input or machine
+        raise ValueError(f"out: cannot write {out}: {exc}") from exc
     return out
 
 
