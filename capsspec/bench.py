@@ -5,6 +5,8 @@ dense matmul on the same backend in the same run (through the spec's decoder op 
 square layer, so no backend needs extra code), then reports images per second, seconds per
 60k-image epoch, peak memory, and achieved FLOP/s as a fraction of that matmul's rate.
 Results print as a table and, with --json, as one JSON object per run for comparison over time.
+An inference-only backend (Backend.trains False, e.g. onnxruntime) gets its inference timed and
+its training figures reported as not measured (None in the JSON, with a note), never invented.
 A benchmark only: nothing here asserts a speed.
 """
 
@@ -96,8 +98,10 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
     x_np = rng.uniform(size=(batch_size, *config.input_shape)).astype(dtype)
     y_np = rng.integers(0, config.num_classes, size=batch_size)
     params = backend.params_from_numpy(init_params(config, 0, dtype), config)
-    state = backend.adam_init(params)
     x, y = backend.asarray(x_np), backend.asarray(y_np)
+    if not backend.trains:
+        return _inference_only(backend, params, x, config, batch_size, dtype, steps, say)
+    state = backend.adam_init(params)
     adam = AdamConfig()
 
     holder = {"params": params, "state": state}
@@ -150,8 +154,41 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
     }
 
 
+def _run_info(backend, config: CapsNetConfig, batch_size: int, dtype: str) -> dict[str, Any]:
+    avail = backend.availability()
+    return {"backend": backend.name, "backend_version": avail.version, "device": avail.device,
+            "host": platform.node(), "cpu_count": os.cpu_count(), "dtype": dtype, "batch_size": batch_size,
+            "routing_iterations": config.routing_iterations, "use_decoder": config.use_decoder,
+            "paper_config": config == CapsNetConfig()}
+
+
+def _inference_only(backend, params, x, config, batch_size, dtype, steps, say) -> dict[str, Any]:
+    """An inference-only backend (trains = False): predict is timed; training and the matmul
+    (which goes through the spec's decoder op) are not measured, and the result says so."""
+    infer = lambda: backend.predict(params, x, config)  # noqa: E731
+    infer()
+    backend.synchronize()
+    say(f"timing {steps} inference batches")
+    t_infer = _median_time(infer, steps, backend.synchronize)
+    flops = model_flops(config)
+    ips = batch_size / t_infer
+    return {**_run_info(backend, config, batch_size, dtype),
+            "note": "inference-only backend: training and the dense-matmul rate are not measured",
+            "train_step_seconds": None, "train_images_per_second": None, "epoch_seconds_60k": None,
+            "inference_images_per_second": ips, "inference_gflops_achieved": flops["forward"] * ips / 1e9,
+            "train_gflops_per_image": None, "achieved_tflops": None, "matmul_tflops": None,
+            "fraction_of_matmul_rate": None, **_peak_memory(backend), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def _format(r: dict[str, Any]) -> str:
     mem = r["peak_memory_bytes"] / 2**20
+    if r.get("train_images_per_second") is None:
+        return (f"{r['backend']} {r['backend_version']} on {r['device']} ({r['dtype']}, batch {r['batch_size']}, "
+                f"{r['routing_iterations']} routing iterations{', decoder' if r['use_decoder'] else ''})\n"
+                f"  training:   not measured ({r.get('note', 'inference-only backend')})\n"
+                f"  inference:  {r['inference_images_per_second']:10.1f} images/s "
+                f"({r['inference_gflops_achieved']:.2f} GFLOP/s)\n"
+                f"  peak memory: {mem:9.1f} MiB ({r['peak_memory_kind']})")
     return (
         f"{r['backend']} {r['backend_version']} on {r['device']} ({r['dtype']}, batch {r['batch_size']}, "
         f"{r['routing_iterations']} routing iterations{', decoder' if r['use_decoder'] else ''})\n"

@@ -5,6 +5,7 @@
     capsspec train [--backend NAME] ...   train with the paper's settings (flags change them)
     capsspec eval [--backend NAME] CKPT   test accuracy, per-class accuracy, confusion matrix
     capsspec figures CKPT [--out DIR]     reconstructions, Figure 4, training curves (PNG)
+    capsspec export CKPT --out FILE       the inference graph as ONNX (capsspec.onnx_export)
     capsspec conformance ...              the conformance suite's own command line
     capsspec bench ...                    the benchmark's own command line
     capsspec gpu-check --out DIR ...      every GPU claim checked within a time budget (capsspec.gpucheck)
@@ -172,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_nonnegative_int, default=3, help="Figure 4 panels to draw (default 3)")
     p.add_argument("--pairs", type=_positive_int, default=16, help="input/reconstruction pairs (default 16)")
 
+    p = sub.add_parser("export", help="export a checkpoint's inference graph (ONNX) for deployment")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="the export format (default onnx)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+
     # Listed for --help; main() hands their arguments over before argparse sees them.
     sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
     sub.add_parser("bench", help="benchmark a backend (arguments go to its own parser)", add_help=False)
@@ -297,11 +303,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _load_for_backend(args: argparse.Namespace, default: str | None):
     from .checkpoint import load_checkpoint
+    from .registry import get_backend
     from .train import choose_backend
 
     ck = load_checkpoint(args.checkpoint)
     name = args.backend if args.backend is not None else default
-    backend, why = choose_backend(name, args.device, dict(args.backend_options))
+    # An inference-only backend (onnxruntime) can evaluate; choose_backend refuses it for training.
+    if name is not None and args.command == "eval" and not get_backend(name, check=False).trains:
+        backend, why = get_backend(name, device=args.device, **dict(args.backend_options)), f"{name}: asked for"
+    else:
+        backend, why = choose_backend(name, args.device, dict(args.backend_options))
     if ck.dtype not in backend.dtypes:
         raise ValueError(f"the checkpoint holds {ck.dtype} parameters, which backend {backend.name!r} does not support")
     return ck, backend, why
@@ -351,8 +362,19 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export_checkpoint
+
+    path, note = export_checkpoint(args.checkpoint, args.out, format=args.format)
+    if note:
+        print(f"capsspec export: note: {note}", file=sys.stderr)
+    print(path)
+    return 0
+
+
 _COMMANDS = {"backends": _cmd_backends, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
-             "figures": _cmd_figures}
+             "figures": _cmd_figures,
+             "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

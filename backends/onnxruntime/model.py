@@ -1,0 +1,63 @@
+"""The spec's forward and predict, run by ONNX Runtime on the graph of capsspec.onnx_export.
+
+An OnnxModel holds the canonical parameters, the graph built from them and an InferenceSession
+of it; forward with labels (the decoder sees the true class) runs a second graph that takes the
+labels as an input, built on first use and kept. Argument checks are the door's (the Backend base
+class), not this module's: these functions are the computation only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import onnxruntime
+
+from capsspec.config import CapsNetConfig
+from capsspec.onnx_export import INPUT_NAME, LABELS_NAME, model_bytes
+from capsspec.spec import CapsNetOutput
+
+__all__ = ["OnnxModel", "forward", "predict"]
+
+
+def _session(data: bytes) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: the runtime's warnings about unused initializers are noise
+    return onnxruntime.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel:
+    """The native params of the onnxruntime backend: canonical arrays, their graph, its session."""
+
+    def __init__(self, params: Mapping[str, np.ndarray], config: CapsNetConfig) -> None:
+        self.config = config
+        self.params = {k: np.array(params[k], dtype=np.float32, copy=True) for k in config.param_shapes()}
+        self.session = _session(model_bytes(self.params, config))
+        self._labelled: onnxruntime.InferenceSession | None = None
+
+    def labelled_session(self) -> onnxruntime.InferenceSession:
+        """The graph whose decoder sees the capsule of the given labels."""
+        if self._labelled is None:
+            self._labelled = _session(model_bytes(self.params, self.config, with_labels=True))
+        return self._labelled
+
+    def __repr__(self) -> str:
+        return f"<OnnxModel {self.config.parameter_count():,} parameters, routing {self.config.routing_iterations}>"
+
+
+def forward(params: OnnxModel, x: np.ndarray, config: CapsNetConfig, labels: np.ndarray | None = None) -> CapsNetOutput:
+    """The model's outputs; the decoder sees the true class's capsule when labels are given, else the longest."""
+    names = ["v", "lengths", "coupling"] + (["reconstruction"] if config.use_decoder else [])
+    feeds = {INPUT_NAME: x}
+    session = params.session
+    if labels is not None and config.use_decoder:
+        session = params.labelled_session()
+        feeds[LABELS_NAME] = np.asarray(labels).astype(np.int64)
+    out = session.run(names, feeds)
+    return CapsNetOutput(v=out[0], lengths=out[1], coupling=out[2],
+                         reconstruction=out[3] if config.use_decoder else None)
+
+
+def predict(params: OnnxModel, x: np.ndarray, config: CapsNetConfig) -> np.ndarray:
+    """The class of the longest class capsule, per example (int64; ties go to the lowest index)."""
+    return params.session.run(["predicted"], {INPUT_NAME: x})[0]
