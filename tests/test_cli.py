@@ -248,7 +248,9 @@ def test_out_that_cannot_be_a_folder_is_refused(capsys, tmp_path):
 ])
 def test_train_flags_that_make_no_sense_are_refused_before_any_work(capsys, tmp_path, flags, names):
     out = tmp_path / "run"
-    rc = main(["train", "--backend", "numpy", "--data-dir", str(tmp_path / "no-mnist"), "--out", str(out), *flags])
+    not_mnist = tmp_path / "not-mnist"  # were the flags let through, loading the data would fail at once
+    not_mnist.write_text("")
+    rc = main(["train", "--backend", "numpy", "--data-dir", str(not_mnist), "--out", str(out), *flags])
     line = _one_line_error(capsys, rc, "capsspec train: error:")
     for name in names:
         assert name in line, line
