@@ -251,7 +251,7 @@ def check_train_flags(args: argparse.Namespace, config: Any, adam: Any, settings
         raise _UsageError(f"--max-shift {settings.max_shift} would move a {h}x{w} image entirely out of view: use a "
                           f"value below {min(h, w)} (the paper shifts by up to 2 px; 0 turns shifts off)")
     if adam.lr_floor > adam.lr:
-        floor = f"--lr-floor {adam.lr_floor:g}" if args.lr_floor is not None else f"the default --lr-floor {adam.lr_floor:g}"
+        floor = f"{'' if args.lr_floor is not None else 'the default '}--lr-floor {adam.lr_floor:g}"
         raise _UsageError(f"{floor} is above --lr {adam.lr:g}, so every step would use the floor, "
                           f"never --lr: pass a --lr-floor of at most {adam.lr:g}")
     if adam.decay_rate > 1:
@@ -381,8 +381,8 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     metrics = Path(args.checkpoint).parent / METRICS_NAME
     if not ck.config.use_decoder and not (metrics.is_file() and read_metrics_rows(metrics)):
         raise _UsageError(f"nothing to draw: the model in {args.checkpoint} has no decoder (so no reconstructions or "
-                          f"Figure 4) and there is no {METRICS_NAME} with an epoch in it beside it (so no training curves): pass a "
-                          f"checkpoint in a training run's --out folder")
+                          f"Figure 4) and there is no {METRICS_NAME} with an epoch in it beside it (so no training "
+                          f"curves): pass a checkpoint in a training run's --out folder")
     images = labels = None
     if ck.config.use_decoder:
         if ck.config.input_shape != (1, 28, 28):

@@ -189,7 +189,8 @@ def draw_training_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
     loss_ax.set_title("Training loss (mean per image)")
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
-    for key, name in (("train_accuracy", "train"), ("val_accuracy", "validation"), ("test_accuracy", "test")):
+    for key, name in (("train_accuracy", "train (during the epoch)"), ("val_accuracy", "validation"),
+                      ("test_accuracy", "test")):
         xs, ys = series(key, error=True)
         if xs:
             err_ax.plot(xs, ys, marker="o", markersize=3, label=name)

@@ -365,13 +365,14 @@ def test_figures_have_titles_labelled_axes_and_a_colour_bar(monkeypatch, tmp_pat
     config = _tiny_config()
     rng = np.random.default_rng(1)
     imgs = rng.random((3, 1, 28, 28))
-    figures.draw_reconstructions(tmp_path / "r.png", imgs, imgs[::-1], np.array([1, 2, 3]), np.array([1, 2, 4]), config)
+    figures.draw_reconstructions(tmp_path / "r.png", imgs, imgs[::-1], np.array([1, 2, 3]), np.array([1, 2, 4]),
+                                 config)
     figures.draw_perturbations(tmp_path / "p.png", rng.random((16 * 11, 784)), config, title="fig 4")
-    figures.draw_training_curves(tmp_path / "t.png", [{"epoch": 1, "loss": 0.5, "margin": 0.4, "reconstruction": 0.1,
-                                                       "train_accuracy": 0.9, "val_accuracy": 0.95, "test_accuracy": None},
-                                                      {"epoch": 2, "loss": 0.3, "margin": 0.25, "reconstruction": 0.05,
-                                                       "train_accuracy": 0.95, "val_accuracy": 0.97,
-                                                       "test_accuracy": 0.96}])
+    rows = [{"epoch": 1, "loss": 0.5, "margin": 0.4, "reconstruction": 0.1, "train_accuracy": 0.9,
+             "val_accuracy": 0.95, "test_accuracy": None},
+            {"epoch": 2, "loss": 0.3, "margin": 0.25, "reconstruction": 0.05, "train_accuracy": 0.95,
+             "val_accuracy": 0.97, "test_accuracy": 0.96}]
+    figures.draw_training_curves(tmp_path / "t.png", rows)
     for name in ("r.png", "p.png", "t.png"):
         _png(tmp_path / name)
 
@@ -387,13 +388,14 @@ def test_figures_have_titles_labelled_axes_and_a_colour_bar(monkeypatch, tmp_pat
 
     p = drawn["p.png"]
     (grid,) = [ax for ax in p.axes if ax.get_label() != "<colorbar>"]
-    assert grid.get_title() == "fig 4" and grid.get_xlabel() and grid.get_ylabel() and colour_bars(p) == ["pixel intensity"]
+    assert grid.get_title() == "fig 4" and grid.get_xlabel() and grid.get_ylabel()
+    assert colour_bars(p) == ["pixel intensity"]
     assert [t.get_text() for t in grid.get_xticklabels()] == [f"{o:+.2f}" for o in PERTURBATION_OFFSETS]
     assert [t.get_text() for t in grid.get_yticklabels()] == [str(d) for d in range(16)]
 
     t = drawn["t.png"]
     loss_ax, err_ax = t.axes
     assert loss_ax.get_xlabel() == err_ax.get_xlabel() == "epoch" and loss_ax.get_title() and err_ax.get_title()
-    assert [line.get_label() for line in err_ax.get_lines()] == ["train", "validation", "test"]
+    assert [line.get_label() for line in err_ax.get_lines()] == ["train (during the epoch)", "validation", "test"]
     np.testing.assert_allclose(err_ax.get_lines()[2].get_xydata(), [[2, 4]])  # test error 4%, only where recorded
     np.testing.assert_allclose(err_ax.get_lines()[0].get_ydata(), [10, 5])
