@@ -8,8 +8,11 @@
     capsspec conformance ...              the conformance suite's own command line
     capsspec bench ...                    the benchmark's own command line
 
-Errors caused by the input (bad flags or files, an unavailable backend, missing data) print one
-line to stderr and exit with status 2; a diverged run exits with 1; Ctrl-C with 130.
+Errors caused by the input (bad flags or files, values out of range, an unavailable backend,
+missing data) print one line to stderr, saying what was wrong and what to do, and exit with
+status 2: never the whole usage text, never a traceback. A diverged run or a refusal by the
+machine (disk full) exits with 1; Ctrl-C with 130; a reader that closes the pipe early
+(`capsspec eval ... | head`) ends the command quietly with 141, as SIGPIPE would.
 What this module must never do: import a framework at import time (a backend imports its own
 framework when it is used).
 """
