@@ -242,7 +242,7 @@ def _check_out_file(path: str | os.PathLike, flag: str) -> None:
     _check_out_folder(p.parent, f"{flag} {path}: its folder")
 
 
-def check_train_flags(args: argparse.Namespace, config: Any, adam: Any, settings: Any) -> None:
+def _check_train_flags(args: argparse.Namespace, config: Any, adam: Any, settings: Any) -> None:
     """Refuse train settings that each parse but make no sense together or for MNIST (before any work).
 
     Called by the train command with the values it resolved (from the flags, the paper's defaults
@@ -315,7 +315,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import choose_backend, train
 
     config, adam, settings = _train_values(args)
-    check_train_flags(args, config, adam, settings)
+    _check_train_flags(args, config, adam, settings)
     backend, why = choose_backend(args.backend, args.device, dict(args.backend_options))
     avail = backend.availability()
     print(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}", file=sys.stderr)
