@@ -10,8 +10,11 @@
     capsspec bench ...                    the benchmark's own command line
     capsspec gpu-check --out DIR ...      every GPU claim checked within a time budget (capsspec.gpucheck)
 
-Errors caused by the input (bad flags or files, an unavailable backend, missing data) print one
-line to stderr and exit with status 2; a diverged run exits with 1; Ctrl-C with 130.
+Errors caused by the input (bad flags or files, values out of range, an unavailable backend,
+missing data) print one line to stderr, saying what was wrong and what to do, and exit with
+status 2: never the whole usage text, never a traceback. A diverged run or a refusal by the
+machine (disk full) exits with 1; Ctrl-C with 130; a reader that closes the pipe early
+(`capsspec eval ... | head`) ends the command quietly with 141, as SIGPIPE would.
 What this module must never do: import a framework at import time (a backend imports its own
 framework when it is used).
 """
@@ -19,10 +22,12 @@ framework when it is used).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -32,6 +37,21 @@ _PASSTHROUGH = ("conformance", "bench", "gpu-check")
 
 class _UsageError(ValueError):
     """A problem with the command line itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: what was wrong and where to read more, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+    def unrecognized(self, extra: Sequence[str]) -> NoReturn:
+        """Refuse flags this (sub)command does not know, suggesting the closest one it does."""
+        known = [o for a in self._actions for o in a.option_strings]
+        flag = next((a.split("=", 1)[0] for a in extra if a.startswith("-")), "")
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag else []
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def _positive_int(text: str) -> int:
@@ -94,7 +114,7 @@ def _add_backend_flags(p: argparse.ArgumentParser, default_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="capsspec", description="The capsule network of 'Dynamic Routing Between Capsules' as a specification: "
                                      "a NumPy reference, framework backends held to it, and MNIST training on any of them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -182,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
     sub.add_parser("bench", help="benchmark a backend (arguments go to its own parser)", add_help=False)
     sub.add_parser("gpu-check", help="prove the GPU claims within a time budget (capsspec.gpucheck)", add_help=False)
+    parser.set_defaults(commands=sub.choices)  # main() refuses a subcommand's unknown flags with its own parser
     return parser
 
 
@@ -210,6 +231,52 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(f"  {name}  {sha}")
     print(f"  train: {m.train_images.shape[0]} images, test: {m.test_images.shape[0]} images")
     return 0
+
+
+def _check_out_folder(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be one: an existing file, or a path through a file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise _UsageError(f"{flag} {path} is a file, not a folder: name a new or existing folder instead")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise _UsageError(f"{flag} {path} goes through {parent}, which is a file, so no folder can be made "
+                                  f"there: name a folder elsewhere")
+            if not p.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise _UsageError(f"{flag} {path}: no permission to create a folder in {parent}: name a folder "
+                                  f"you can write to")
+            break
+    if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+        raise _UsageError(f"{flag} {path}: no permission to write in that folder: name a folder you can write to")
+
+
+def _check_out_file(path: str | os.PathLike, flag: str) -> None:
+    """Refuse an output file name that is a folder or lies under a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise _UsageError(f"{flag} {path} is a folder: name a file to write, e.g. {Path(path) / 'report.json'}")
+    _check_out_folder(p.parent, f"{flag} {path}: its folder")
+
+
+def _check_train_flags(args: argparse.Namespace, config: Any, adam: Any, settings: Any) -> None:
+    """Refuse train settings that each parse but make no sense together or for MNIST (before any work).
+
+    Called by the train command with the values it resolved (from the flags, the paper's defaults
+    or the resumed run), so a value is checked whichever way it came.
+    """
+    _check_out_folder(args.out)
+    h, w = config.input_height, config.input_width
+    if settings.max_shift >= min(h, w):
+        raise _UsageError(f"--max-shift {settings.max_shift} would move a {h}x{w} image entirely out of view: use a "
+                          f"value below {min(h, w)} (the paper shifts by up to 2 px; 0 turns shifts off)")
+    if adam.lr_floor > adam.lr:
+        floor = f"{'' if args.lr_floor is not None else 'the default '}--lr-floor {adam.lr_floor:g}"
+        raise _UsageError(f"{floor} is above --lr {adam.lr:g}, so every step would use the floor, "
+                          f"never --lr: pass a --lr-floor of at most {adam.lr:g}")
+    if adam.decay_rate > 1:
+        raise _UsageError(f"--lr-decay-rate {adam.decay_rate:g} is above 1, so the learning rate would grow: use a "
+                          f"rate in (0, 1] (1 keeps it constant; the default is 0.96)")
 
 
 def _train_values(args: argparse.Namespace):
@@ -264,6 +331,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
     try:
         config, adam, settings, name, device, options, why_resumed = _train_values(args)
+        _check_train_flags(args, config, adam, settings)
         try:
             backend, why = choose_backend(name, device, options)
         except BackendUnavailable as exc:
@@ -321,12 +389,19 @@ def _load_for_backend(args: argparse.Namespace, default: str | None):
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .evaluate import evaluate
+    from .fileio import atomic_write_text
 
+    if args.json:
+        _check_out_file(args.json, "--json")
     ck, backend, why = _load_for_backend(args, None)
     if ck.config.input_shape != (1, 28, 28):
         raise ValueError(f"MNIST images are 1x28x28 but the checkpoint's model takes {ck.config.input_shape}")
     m = load_mnist(args.data_dir)
-    n = m.test_images.shape[0] if args.test_subset is None else min(args.test_subset, m.test_images.shape[0])
+    available = m.test_images.shape[0]
+    if args.test_subset is not None and args.test_subset > available:
+        raise _UsageError(f"--test-subset {args.test_subset} is more than the {available} test images: pass at most "
+                          f"{available}, or leave it out to use them all")
+    n = available if args.test_subset is None else args.test_subset
     params = backend.params_from_numpy(ck.params, ck.config)
     result = evaluate(backend, params, m.test_images[:n], m.test_labels[:n], ck.config, batch_size=args.batch_size,
                       dtype=ck.dtype)
@@ -336,29 +411,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         report = {"checkpoint": str(args.checkpoint), "epoch": ck.epoch, "step": ck.step, "backend": backend.name,
                   "device": backend.availability().device, **result.to_dict()}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
     from .data import load_mnist
-    from .figures import make_figures
+    from .figures import make_figures, read_metrics_rows
+    from .train import METRICS_NAME
 
+    if args.out is not None:
+        _check_out_folder(args.out)
     ck, backend, _ = _load_for_backend(args, "numpy")
+    metrics = Path(args.checkpoint).parent / METRICS_NAME
+    if not ck.config.use_decoder and not (metrics.is_file() and read_metrics_rows(metrics)):
+        raise _UsageError(f"nothing to draw: the model in {args.checkpoint} has no decoder (so no reconstructions or "
+                          f"Figure 4) and there is no {METRICS_NAME} with an epoch in it beside it (so no training "
+                          f"curves): pass a checkpoint in a training run's --out folder")
     images = labels = None
-    if ck.config.use_decoder and (args.samples or args.pairs):
+    if ck.config.use_decoder:
         if ck.config.input_shape != (1, 28, 28):
             raise ValueError(f"MNIST images are 1x28x28 but the checkpoint's model takes {ck.config.input_shape}")
         m = load_mnist(args.data_dir)
         images, labels = m.test_images, m.test_labels
-    elif not ck.config.use_decoder:
-        print("capsspec: the model has no decoder, so only the training curves can be drawn", file=sys.stderr)
     paths = make_figures(args.checkpoint, args.out, backend=backend, images=images, labels=labels,
-                         samples=args.samples, pairs=args.pairs)
+                         samples=args.samples, pairs=args.pairs,
+                         log=lambda msg: print(f"capsspec figures: {msg}", file=sys.stderr))
+    if not paths:
+        raise _UsageError(f"nothing was drawn from {args.checkpoint}: see the lines above for why")
     for p in paths:
         print(p)
-    if not paths:
-        print("capsspec: nothing to draw (no decoder and no metrics.jsonl beside the checkpoint)", file=sys.stderr)
     return 0
 
 
@@ -377,6 +459,17 @@ _COMMANDS = {"backends": _cmd_backends, "data": _cmd_data, "train": _cmd_train, 
              "export": _cmd_export}
 
 
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (`capsspec eval ... | head`): stop quietly, as other tools do."""
+    try:
+        # Point stdout at /dev/null so the interpreter's final flush of what is left has nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 128 + 13  # what the shell reports for a writer ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from .backend import BackendUnavailable
@@ -386,27 +479,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
         command, rest = argv[0], argv[1:]
-        if command == "conformance":
-            from capsspec.conformance.cli import main as m
-            return m(rest)
-        if command == "gpu-check":
-            from capsspec.gpucheck import main as m
-            return m(rest)
-        from capsspec.bench import main as m
-        return m(rest)
+        try:
+            if command == "conformance":
+                from capsspec.conformance.cli import main as m
+            elif command == "gpu-check":
+                from capsspec.gpucheck import main as m
+            else:
+                from capsspec.bench import main as m
+            status = m(rest)
+            sys.stdout.flush()
+            return status
+        except BrokenPipeError:
+            return _reader_went_away()
 
-    args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:
+            args.commands[args.command].unrecognized(extra)  # the subcommand's own one-line error
+    except SystemExit as exc:  # --help, or a usage error argparse has already reported in one line
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _reader_went_away()
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        status = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        return _reader_went_away()
     except (ValueError, BackendUnavailable, MnistUnavailable, FileNotFoundError) as exc:
         print(f"capsspec {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
         print(f"capsspec {args.command}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        hint = ""
-        if args.command == "train":
-            hint = f"; the last completed epoch's checkpoint is in {args.out}: continue with --resume --out {args.out}"
-        print(f"\ncapsspec {args.command}: interrupted{hint}", file=sys.stderr)
+    except OSError as exc:
+        # The machine refused (disk full, permissions changed mid-run): one line, not a traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"capsspec {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # train reports its own stops (and its checkpoint); the others have nothing to keep
+        print(f"\ncapsspec {args.command}: interrupted", file=sys.stderr)
         return 130

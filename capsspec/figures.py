@@ -1,14 +1,19 @@
-"""Figures from a checkpoint, drawn with Pillow only: reconstructions, the paper's Figure 4, training curves.
+"""Figures from a checkpoint, drawn with matplotlib: reconstructions, the paper's Figure 4, training curves.
 
-* reconstructions.png: test images (top of each pair) over their reconstructions (below), the
-  decoder fed the longest class capsule (no label is used, as at test time).
+* reconstructions.png: test images (upper row of each pair) over their reconstructions (lower),
+  the decoder fed the longest class capsule (no label is used, as at test time); each pair is
+  titled with the true and the predicted class, a wrong prediction in red; one colour bar for
+  the pixel intensity.
 * perturbations-<i>.png: the paper's Figure 4 for test image i: each of the 16 dimensions of the
   winning class capsule is moved by -0.25, -0.20, ..., +0.25 (steps of 0.05) while the others
   stay put, and each perturbed capsule is decoded: 16 rows (dimensions) x 11 columns (offsets).
-* training-curves.png: loss and accuracies per epoch from the metrics.jsonl beside the checkpoint.
+* training-curves.png: loss (total, margin, reconstruction) and error rates (train, validation,
+  test) per epoch, from the metrics.jsonl a training run writes beside its checkpoints.
 
-The model runs through a backend (numpy by default: figures are small and the reference is exact).
-What this module must never do: import matplotlib or a framework (a backend does that itself).
+Every PNG is written whole or not at all (capsspec.fileio.atomic_path). The model runs through a
+backend (numpy by default: figures are small and the reference is exact).
+What this module must never do: import matplotlib or a framework at import time (matplotlib is
+imported when a figure is drawn; a backend imports its framework itself).
 """
 
 from __future__ import annotations
@@ -17,49 +22,44 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .checkpoint import load_checkpoint
 from .config import CapsNetConfig
+from .fileio import atomic_path
+from .train import METRICS_NAME  # the per-epoch metrics a training run writes beside its checkpoints
 
 __all__ = ["PERTURBATION_OFFSETS", "perturbed_capsules", "make_figures", "draw_reconstructions",
-           "draw_perturbations", "draw_training_curves"]
+           "draw_perturbations", "draw_training_curves", "read_metrics_rows"]
 
 # Figure 4: offsets -0.25..0.25 in steps of 0.05 (11 columns), computed exactly rather than accumulated.
 PERTURBATION_OFFSETS = np.round(np.arange(-5, 6) * 0.05, 2)
 
-_SCALE = 3  # pixels per image pixel in the saved PNGs
-_GAP = 2
+_DPI = 100
+_CMAP = "gray"  # MNIST is shown as it is: white strokes on black
 
 
-def _pil():
+def _figure(width: float, height: float):
+    """A matplotlib Figure that is not registered with pyplot (no global state, no GUI backend)."""
     try:
-        from PIL import Image, ImageDraw, ImageFont
+        from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ValueError("figures need Pillow: pip install 'capsspec[train]'") from exc
-    return Image, ImageDraw, ImageFont
+        raise ValueError("figures need matplotlib: pip install 'capsspec[train]'") from exc
+    return Figure(figsize=(width, height), dpi=_DPI)
 
 
-def _to_gray(img: np.ndarray, config: CapsNetConfig) -> np.ndarray:
-    """One image (flat or C,H,W) as an (H, W) uint8 picture; several channels are averaged."""
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
+    return path
+
+
+def _picture(img: np.ndarray, config: CapsNetConfig) -> np.ndarray:
+    """One image (flat or C,H,W) as an (H, W) float array in [0, 1]; several channels are averaged."""
     a = np.asarray(img, dtype=np.float64).reshape(config.input_shape).mean(axis=0)
-    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def _grid(tiles: Sequence[Sequence[np.ndarray]], top: int = 0, left: int = 0):
-    """Paste rows of (H, W) uint8 tiles into one white-gapped picture with room for labels."""
-    Image, _, _ = _pil()
-    rows, cols = len(tiles), max(len(r) for r in tiles)
-    h, w = tiles[0][0].shape
-    th, tw = h * _SCALE, w * _SCALE
-    canvas = Image.new("L", (left + cols * (tw + _GAP) + _GAP, top + rows * (th + _GAP) + _GAP), 255)
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            im = Image.fromarray(np.ascontiguousarray(tile, dtype=np.uint8)).resize((tw, th), Image.Resampling.NEAREST)
-            canvas.paste(im, (left + _GAP + c * (tw + _GAP), top + _GAP + r * (th + _GAP)))
-    return canvas, th, tw
+    return np.clip(a, 0.0, 1.0)
 
 
 def perturbed_capsules(v: np.ndarray, winner: int, offsets: np.ndarray = PERTURBATION_OFFSETS) -> np.ndarray:
@@ -79,133 +79,147 @@ def perturbed_capsules(v: np.ndarray, winner: int, offsets: np.ndarray = PERTURB
 
 def draw_reconstructions(path: Path, images: np.ndarray, reconstructions: np.ndarray, predictions: np.ndarray,
                          labels: np.ndarray, config: CapsNetConfig, per_row: int = 8) -> Path:
-    """Pairs of (input over reconstruction), with 'label->prediction' under each."""
-    _, ImageDraw, _ = _pil()
-    n = images.shape[0]
-    rows: list[list[np.ndarray]] = []
-    for start in range(0, n, per_row):
-        idx = range(start, min(start + per_row, n))
-        rows.append([_to_gray(images[i], config) for i in idx])
-        rows.append([_to_gray(reconstructions[i], config) for i in idx])
-    canvas, th, tw = _grid(rows, top=14)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((_GAP, 1), "input (upper) / reconstruction (lower); true->predicted", fill=0)
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        x = _GAP + c * (tw + _GAP)
-        y = 14 + _GAP + (2 * r + 1) * (th + _GAP) + th - 11
-        draw.text((x + 2, y), f"{labels[i]}->{predictions[i]}", fill=255 if predictions[i] == labels[i] else 128)
-    canvas.save(path)
-    return path
+    """Pairs of (input over reconstruction), each titled 'true t, pred p' (red when p != t)."""
+    n = int(images.shape[0])
+    if n == 0:
+        raise ValueError("draw_reconstructions needs at least one image")
+    cols = min(per_row, n)
+    pair_rows = math.ceil(n / cols)
+    fig = _figure(1.15 * cols + 1.2, 2.35 * pair_rows + 0.7)
+    axes = fig.subplots(2 * pair_rows, cols, squeeze=False)
+    shown = None
+    for i in range(2 * pair_rows * cols):
+        r, c = divmod(i, cols)
+        ax = axes[r][c]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        pair, lower = divmod(r, 2)
+        k = pair * cols + c
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        source = reconstructions if lower else images
+        shown = ax.imshow(_picture(source[k], config), cmap=_CMAP, vmin=0.0, vmax=1.0)
+        if not lower:
+            wrong = int(predictions[k]) != int(labels[k])
+            ax.set_title(f"true {int(labels[k])}, pred {int(predictions[k])}", fontsize=8,
+                         color="tab:red" if wrong else "black")
+        if c == 0:
+            ax.set_ylabel("reconstruction" if lower else "input", fontsize=8)
+    fig.suptitle("Test images (upper) and their reconstructions from the longest capsule (lower)", fontsize=10)
+    fig.subplots_adjust(left=0.06, right=0.86, top=1 - 0.55 / fig.get_figheight(), bottom=0.03, wspace=0.08,
+                        hspace=0.3)
+    bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+    bar.set_label("pixel intensity")
+    return _save(fig, path)
 
 
 def draw_perturbations(path: Path, decoded: np.ndarray, config: CapsNetConfig, title: str = "") -> Path:
-    """Figure 4: decoded (E * 11, pixels) as E rows of 11 columns, labelled with offsets and dims."""
-    _, ImageDraw, _ = _pil()
+    """Figure 4: decoded (E * 11, pixels) as E rows (capsule dimensions) by 11 columns (offsets)."""
     k = PERTURBATION_OFFSETS.size
     e = decoded.shape[0] // k
-    tiles = [[_to_gray(decoded[d * k + c], config) for c in range(k)] for d in range(e)]
-    top, left = 28, 44
-    canvas, th, tw = _grid(tiles, top=top, left=left)
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), title, fill=0)
-    for c, off in enumerate(PERTURBATION_OFFSETS):
-        draw.text((left + _GAP + c * (tw + _GAP) + 4, 15), f"{off:+.2f}", fill=0)
+    if e * k != decoded.shape[0] or e == 0:
+        raise ValueError(f"decoded must have a multiple of {k} rows (one per offset per dimension), "
+                         f"got {decoded.shape[0]}")
+    h, w = config.input_height, config.input_width
+    gap = 1
+    # One mosaic with a thin gap between tiles, shown as a single image so the axes can carry
+    # the offsets (x) and the dimensions (y) as tick labels.
+    mosaic = np.full((e * (h + gap) - gap, k * (w + gap) - gap), np.nan)
     for d in range(e):
-        draw.text((2, top + _GAP + d * (th + _GAP) + th // 2 - 5), f"dim {d}", fill=0)
-    canvas.save(path)
-    return path
+        for c in range(k):
+            mosaic[d * (h + gap):d * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = _picture(decoded[d * k + c],
+                                                                                                config)
+    fig = _figure(7.0, 7.0 * mosaic.shape[0] / mosaic.shape[1])
+    ax = fig.add_subplot()
+    cmap = _cmap_with_gaps()
+    shown = ax.imshow(mosaic, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([c * (w + gap) + (w - 1) / 2 for c in range(k)], [f"{o:+.2f}" for o in PERTURBATION_OFFSETS],
+                  fontsize=7)
+    ax.set_yticks([d * (h + gap) + (h - 1) / 2 for d in range(e)], [str(d) for d in range(e)], fontsize=7)
+    ax.set_xlabel("offset added to the dimension")
+    ax.set_ylabel("capsule dimension")
+    ax.tick_params(length=0)
+    ax.set_title(title or "Decoded class capsule, one dimension perturbed per row", fontsize=9)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label("pixel intensity")
+    return _save(fig, path)
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if not math.isfinite(lo) or not math.isfinite(hi):
-        return []
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), default=raw)
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 1)]
+def _cmap_with_gaps():
+    """The gray colour map with NaN (the gaps between tiles) drawn white."""
+    from matplotlib import colormaps
+
+    return colormaps[_CMAP].with_extremes(bad="white")
 
 
-def _panel(draw: Any, box: tuple[int, int, int, int], series: list[tuple[str, tuple[int, int, int], list[tuple[float, float]]]],
-           title: str, ylabel: str) -> None:
-    x0, y0, x1, y1 = box
-    pts = [p for _, _, s in series for p in s]
-    draw.text((x0, y0 - 16), title, fill=(0, 0, 0))
-    draw.rectangle(box, outline=(0, 0, 0))
-    if not pts:
-        draw.text((x0 + 10, y0 + 10), "no data", fill=(0, 0, 0))
-        return
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    xlo, xhi = min(xs), max(xs)
-    if xhi == xlo:
-        xlo, xhi = xlo - 1, xhi + 1
-    ylo, yhi = min(ys), max(ys)
-    pad = (yhi - ylo) * 0.05 or abs(yhi) * 0.05 or 1.0
-    ylo, yhi = ylo - pad, yhi + pad
-
-    def sx(x: float) -> float:
-        return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)
-
-    def sy(y: float) -> float:
-        return y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
-
-    for t in _nice_ticks(ylo, yhi):
-        draw.line([(x0, sy(t)), (x1, sy(t))], fill=(225, 225, 225))
-        draw.text((x0 - 46, sy(t) - 5), f"{t:.3g}", fill=(0, 0, 0))
-    for t in _nice_ticks(xlo, xhi):
-        if abs(t - round(t)) < 1e-9:
-            draw.text((sx(t) - 3, y1 + 4), f"{int(round(t))}", fill=(0, 0, 0))
-    draw.text((x0 + (x1 - x0) // 2 - 15, y1 + 18), "epoch", fill=(0, 0, 0))
-    draw.text((x0, y1 + 32), ylabel, fill=(80, 80, 80))
-    for i, (name, color, s) in enumerate(series):
-        line = [(sx(x), sy(y)) for x, y in s]
-        if len(line) > 1:
-            draw.line(line, fill=color, width=2)
-        for x, y in line:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        draw.line([(x1 - 120, y0 + 12 + 14 * i), (x1 - 100, y0 + 12 + 14 * i)], fill=color, width=2)
-        draw.text((x1 - 95, y0 + 6 + 14 * i), name, fill=(0, 0, 0))
+def read_metrics_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl that parse and name their epoch (a torn last line is skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), (int, float)):
+            rows.append(row)
+    return rows
 
 
 def draw_training_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Loss (left) and error rates in % (right) per epoch, as simple line plots."""
-    Image, ImageDraw, _ = _pil()
-    canvas = Image.new("RGB", (1000, 420), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+    """Loss (left) and error rates in % (right) per epoch."""
+    if not rows:
+        raise ValueError("draw_training_curves needs at least one row of metrics")
 
-    def series(key: str, scale: float = 1.0, error: bool = False) -> list[tuple[float, float]]:
-        out = []
+    def series(key: str, error: bool = False) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
         for r in rows:
             v = r.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                out.append((float(r["epoch"]), 100 * (1 - v) if error else v * scale))
-        return out
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                xs.append(float(r["epoch"]))
+                ys.append(100.0 * (1.0 - v) if error else float(v))
+        return xs, ys
 
-    _panel(draw, (70, 40, 470, 340), [("total", (31, 119, 180), series("loss")),
-                                      ("margin", (255, 127, 14), series("margin")),
-                                      ("reconstr.", (44, 160, 44), series("reconstruction"))],
-           "training loss (mean per image)", "loss")
-    _panel(draw, (570, 40, 970, 340), [("train", (31, 119, 180), series("train_accuracy", error=True)),
-                                       ("validation", (255, 127, 14), series("val_accuracy", error=True)),
-                                       ("test", (214, 39, 40), series("test_accuracy", error=True))],
-           "error rate (%)", "error %")
-    canvas.save(path)
-    return path
+    fig = _figure(11.0, 4.2)
+    loss_ax, err_ax = fig.subplots(1, 2)
+    for key, name in (("loss", "total"), ("margin", "margin"), ("reconstruction", "reconstruction (scaled)")):
+        xs, ys = series(key)
+        if xs:
+            loss_ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    loss_ax.set_title("Training loss (mean per image)")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    for key, name in (("train_accuracy", "train (during the epoch)"), ("val_accuracy", "validation"),
+                      ("test_accuracy", "test")):
+        xs, ys = series(key, error=True)
+        if xs:
+            err_ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    err_ax.set_title("Error rate")
+    err_ax.set_xlabel("epoch")
+    err_ax.set_ylabel("error (%)")
+    for ax in (loss_ax, err_ax):
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no values recorded", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, backend: Any = None,
                  images: np.ndarray | None = None, labels: np.ndarray | None = None, samples: int = 3,
-                 pairs: int = 16) -> list[Path]:
+                 pairs: int = 16, log: Callable[[str], None] | None = None) -> list[Path]:
     """Draw every figure for a checkpoint into out_dir (default: the checkpoint's folder); returns the paths.
 
     images/labels: test images (float NCHW in [0, 1]) and labels for the reconstruction figures;
-    without them only the training curves are drawn.
+    without them only the training curves are drawn. log, when given, is told about each figure
+    that cannot be drawn and why (no decoder, no metrics.jsonl beside the checkpoint).
     """
     from .registry import get_backend
 
+    say = log or (lambda _msg: None)
     ck = load_checkpoint(checkpoint)
     config = ck.config
     out = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
@@ -213,7 +227,9 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
     backend = get_backend("numpy") if backend is None else backend
     written: list[Path] = []
 
-    if images is not None and labels is not None and config.use_decoder:
+    if not config.use_decoder:
+        say("the model has no decoder, so there are no reconstructions or Figure 4 to draw")
+    elif images is not None and labels is not None:
         if tuple(images.shape[1:]) != config.input_shape:
             raise ValueError(f"images have shape {images.shape[1:]}, the checkpoint's model takes {config.input_shape}")
         n = min(max(pairs, samples), images.shape[0])
@@ -224,8 +240,9 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
         lengths = np.asarray(backend.to_numpy(result.lengths))
         recon = np.asarray(backend.to_numpy(result.reconstruction))
         preds = np.argmax(lengths, axis=1)
-        written.append(draw_reconstructions(out / "reconstructions.png", images[:pairs], recon[:pairs], preds[:pairs],
-                                            np.asarray(labels[:pairs]), config))
+        if pairs > 0:
+            written.append(draw_reconstructions(out / "reconstructions.png", images[:pairs], recon[:pairs],
+                                                preds[:pairs], np.asarray(labels[:pairs]), config))
         ws = [backend.asarray(ck.params[f"decoder.{k}.weight"]) for k in range(config.num_decoder_layers)]
         bs = [backend.asarray(ck.params[f"decoder.{k}.bias"]) for k in range(config.num_decoder_layers)]
         for i in range(min(samples, n)):
@@ -233,15 +250,15 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
             decoded = backend.decoder(backend.asarray(perturbed_capsules(v[i], winner)), ws, bs)
             written.append(draw_perturbations(
                 out / f"perturbations-{i}.png", np.asarray(backend.to_numpy(decoded)), config,
-                title=f"test image {i} (label {int(labels[i])}, capsule {winner}): dims x offsets"))
-    metrics = Path(checkpoint).parent / "metrics.jsonl"
-    if metrics.is_file():
-        rows = []
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        if rows:
-            written.append(draw_training_curves(out / "training-curves.png", rows))
+                title=f"Figure 4 for test image {i} (label {int(labels[i])}, predicted {winner}): "
+                      f"capsule {winner} decoded with one dimension perturbed"))
+    metrics = Path(checkpoint).parent / METRICS_NAME
+    rows = read_metrics_rows(metrics) if metrics.is_file() else []
+    if rows:
+        written.append(draw_training_curves(out / "training-curves.png", rows))
+    elif metrics.is_file():
+        say(f"{metrics} holds no epoch yet, so there are no training curves to draw")
+    else:
+        say(f"no {METRICS_NAME} beside {checkpoint}, so there are no training curves to draw (a training run "
+            f"writes it into its --out folder)")
     return written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import types
@@ -52,8 +53,9 @@ def _one_line_error(capsys, rc, prefix):
 
 
 def test_importing_the_cli_imports_no_framework():
-    code = ("import sys, capsspec.cli, capsspec.__main__\n"
-            "bad = [m for m in ('torch', 'tensorflow', 'cupy', 'jax', 'PIL', 'safetensors') if m in sys.modules]\n"
+    code = ("import sys, capsspec.cli, capsspec.__main__, capsspec.figures\n"
+            "bad = [m for m in ('torch', 'tensorflow', 'cupy', 'jax', 'PIL', 'safetensors', 'matplotlib')\n"
+            "       if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -109,17 +111,20 @@ def test_train_resume_eval_figures(capsys, tmp_path, mnist_dir):
     assert main(["figures", str(out / "final.safetensors"), "--out", str(figs), "--data-dir", str(mnist_dir),
                  "--samples", "2", "--pairs", "6"]) == 0
     capsys.readouterr()
-    from PIL import Image
-
     names = sorted(p.name for p in figs.iterdir())
     assert names == ["perturbations-0.png", "perturbations-1.png", "reconstructions.png", "training-curves.png"]
-    from capsspec import figures
+    for name in names:
+        pixels = _png(figs / name)
+        assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 3, name  # something was drawn
 
-    with Image.open(figs / "perturbations-0.png") as im:
-        tile = 28 * figures._SCALE + figures._GAP
-        assert im.size == (44 + 11 * tile + figures._GAP, 28 + 16 * tile + figures._GAP)  # 16 rows x 11 columns
-    with Image.open(figs / "training-curves.png") as im:
-        assert im.size == (1000, 420) and len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 3  # something was drawn
+
+def _png(path):
+    """The pixels of a PNG (H, W, channels), checking the file is a whole PNG."""
+    import matplotlib.image
+
+    raw = path.read_bytes()
+    assert raw.startswith(b"\x89PNG\r\n\x1a\n") and raw.endswith(b"IEND\xaeB`\x82"), path
+    return matplotlib.image.imread(path)
 
 
 def test_model_flags_reach_the_model(capsys, tmp_path, mnist_dir):
@@ -135,6 +140,15 @@ def test_model_flags_reach_the_model(capsys, tmp_path, mnist_dir):
     assert main(["figures", str(out / "final.safetensors"), "--data-dir", str(mnist_dir)]) == 0
     assert "no decoder" in capsys.readouterr().err
     assert (out / "training-curves.png").is_file() and not (out / "reconstructions.png").exists()
+
+    # Without metrics.jsonl there is nothing to draw: that is an error, not a quiet success.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.safetensors").write_bytes((out / "final.safetensors").read_bytes())
+    rc = main(["figures", str(alone / "model.safetensors"), "--data-dir", str(mnist_dir)])
+    line = _one_line_error(capsys, rc, "capsspec figures: error: nothing to draw")
+    assert "no decoder" in line and "metrics.jsonl" in line
+    assert list(alone.iterdir()) == [alone / "model.safetensors"]
 
 
 def test_perturbed_capsules_is_figure_4():
@@ -186,3 +200,202 @@ def test_conformance_and_bench_get_their_arguments_untouched(monkeypatch):
 def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "capsspec", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout and "conformance" in r.stdout
+
+
+# ============================================================ plain errors: one line, status 2, no traceback
+def _usage_error(capsys, argv, prefix):
+    """argparse errors: one line naming the problem and pointing at --help, instead of the usage text."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix) and "usage:" not in err, err
+    return lines[0]
+
+
+def test_argparse_errors_are_one_line_with_a_hint(capsys):
+    line = _usage_error(capsys, ["train", "--max-shfit", "3"], "capsspec train: error: unrecognized arguments")
+    assert "--max-shfit" in line and "did you mean --max-shift?" in line and "`capsspec train --help`" in line
+    # An unknown flag to a subcommand is that subcommand's error, not the top level's.
+    line = _usage_error(capsys, ["eval", "ckpt", "--bogus"], "capsspec eval: error: unrecognized arguments: --bogus")
+    assert "`capsspec eval --help`" in line
+    line = _usage_error(capsys, ["train", "--epochs", "x"], "capsspec train: error: argument --epochs")
+    assert "positive integer" in line
+    _usage_error(capsys, ["eval"], "capsspec eval: error: the following arguments are required: checkpoint")
+    _usage_error(capsys, [], "capsspec: error: the following arguments are required")
+    _usage_error(capsys, ["trian"], "capsspec: error: argument COMMAND: invalid choice: 'trian'")
+
+
+def test_out_that_cannot_be_a_folder_is_refused(capsys, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for out in (a_file, a_file / "sub"):
+        rc = main(["train", "--backend", "numpy", "--out", str(out)])
+        line = _one_line_error(capsys, rc, f"capsspec train: error: --out {out}")
+        assert "is a file" in line and "name a" in line
+        rc = main(["figures", "missing.safetensors", "--out", str(out)])
+        _one_line_error(capsys, rc, f"capsspec figures: error: --out {out}")
+    rc = main(["eval", "missing.safetensors", "--json", str(tmp_path)])
+    assert "is a folder" in _one_line_error(capsys, rc, f"capsspec eval: error: --json {tmp_path}")
+    assert a_file.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--max-shift", "30"], ["--max-shift 30", "28x28", "below 28"]),
+    (["--max-shift", "28"], ["--max-shift 28", "below 28"]),
+    (["--lr-floor", "1"], ["--lr-floor 1 is above --lr 0.001", "at most 0.001"]),
+    (["--lr", "1e-7"], ["default --lr-floor 1e-06 is above --lr 1e-07"]),
+    (["--lr-decay-rate", "1.5"], ["--lr-decay-rate 1.5 is above 1"]),
+])
+def test_train_flags_that_make_no_sense_are_refused_before_any_work(capsys, tmp_path, flags, names):
+    out = tmp_path / "run"
+    not_mnist = tmp_path / "not-mnist"  # were the flags let through, loading the data would fail at once
+    not_mnist.write_text("")
+    rc = main(["train", "--backend", "numpy", "--data-dir", str(not_mnist), "--out", str(out), *flags])
+    line = _one_line_error(capsys, rc, "capsspec train: error:")
+    for name in names:
+        assert name in line, line
+    assert not out.exists()  # refused before a folder, a download or a model was made
+
+
+def test_eval_test_subset_larger_than_the_test_set_is_refused(capsys, tmp_path, mnist_dir):
+    path = tmp_path / "model.safetensors"
+    config = _tiny_config()
+    ckpt.save_checkpoint(path, capsspec_init(config), config)
+    rc = main(["eval", "--backend", "numpy", str(path), "--data-dir", str(mnist_dir), "--test-subset", "13"])
+    assert "--test-subset 13 is more than the 12 test images" in _one_line_error(capsys, rc, "capsspec eval: error:")
+    report = tmp_path / "r.json"
+    assert main(["eval", "--backend", "numpy", str(path), "--data-dir", str(mnist_dir), "--test-subset", "12",
+                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["count"] == 12
+
+
+def _tiny_config():
+    from capsspec.config import CapsNetConfig
+
+    return CapsNetConfig(conv1_channels=2, primary_types=2, primary_dim=4)
+
+
+def capsspec_init(config):
+    from capsspec.model import init_params
+
+    return init_params(config, seed=0)
+
+
+def test_figures_say_why_training_curves_are_missing(capsys, tmp_path, mnist_dir):
+    path = tmp_path / "model.safetensors"
+    config = _tiny_config()
+    ckpt.save_checkpoint(path, capsspec_init(config), config)
+    assert main(["figures", str(path), "--data-dir", str(mnist_dir), "--samples", "1", "--pairs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "no metrics.jsonl beside" in captured.err and "training curves" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist", "model.safetensors", "perturbations-0.png",
+                                                           "reconstructions.png"]
+
+
+_CLOSED_PIPE_SCRIPT = """
+import hashlib, sys
+from capsspec import data
+from capsspec.cli import main
+for name in data.MNIST_FILES:  # the stand-in MNIST files written by the test
+    raw = open(sys.argv[1] + '/' + name, 'rb').read()
+    data.MNIST_FILES[name] = hashlib.sha256(raw).hexdigest()
+    data._EXPECTED_DIMS[name] = data.parse_idx(raw).shape
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _into_closed_pipe(args, unbuffered):
+    """Run the command line with stdout a pipe whose reader has already gone (`... | head` after head exits)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:  # as CI runs it: the error comes at the print, not at the final flush
+        env["PYTHONUNBUFFERED"] = "1"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-c", _CLOSED_PIPE_SCRIPT, *args], stdout=w, stderr=subprocess.PIPE,
+                              text=True, timeout=300, env=env)
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_closed_pipe_ends_quietly(tmp_path, mnist_dir, unbuffered):
+    path = tmp_path / "model.safetensors"
+    config = _tiny_config()
+    ckpt.save_checkpoint(path, capsspec_init(config), config)
+    for argv in (["data", "--no-download", "--data-dir", str(mnist_dir)],
+                 ["eval", "--backend", "numpy", str(path), "--data-dir", str(mnist_dir)]):
+        proc = _into_closed_pipe([str(mnist_dir), *argv], unbuffered)
+        assert proc.returncode == 141 and proc.stderr == "", (argv, proc.returncode, proc.stderr)
+    # argparse itself ignores a failed write of --help; what is left must not fail at exit either.
+    proc = _into_closed_pipe([str(mnist_dir), "train", "--help"], unbuffered)
+    assert proc.returncode in (0, 141) and proc.stderr == "", proc.stderr
+
+
+def test_a_config_mismatch_names_only_the_fields_that_differ():
+    import capsspec
+
+    config = _tiny_config()
+    other = config.replace(routing_iterations=2)
+    x = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    for name in ("torch", "tensorflow"):
+        pytest.importorskip(name)
+        backend = capsspec.get_backend(name)
+        params = backend.params_from_numpy(capsspec_init(config), config)
+        with pytest.raises(ValueError) as exc:
+            backend.forward(params, backend.asarray(x), other)
+        message = str(exc.value)
+        assert "routing_iterations=2" in message and "3" in message, message
+        assert "CapsNetConfig(" not in message and len(message) < 200, message
+
+
+# ============================================================ figures: what each one shows
+def test_figures_have_titles_labelled_axes_and_a_colour_bar(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from capsspec import figures
+
+    drawn = {}
+    save = figures._save
+
+    def keep(fig, path):  # keep each Figure to inspect, and still write its PNG
+        drawn[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    config = _tiny_config()
+    rng = np.random.default_rng(1)
+    imgs = rng.random((3, 1, 28, 28))
+    figures.draw_reconstructions(tmp_path / "r.png", imgs, imgs[::-1], np.array([1, 2, 3]), np.array([1, 2, 4]),
+                                 config)
+    figures.draw_perturbations(tmp_path / "p.png", rng.random((16 * 11, 784)), config, title="fig 4")
+    rows = [{"epoch": 1, "loss": 0.5, "margin": 0.4, "reconstruction": 0.1, "train_accuracy": 0.9,
+             "val_accuracy": 0.95, "test_accuracy": None},
+            {"epoch": 2, "loss": 0.3, "margin": 0.25, "reconstruction": 0.05, "train_accuracy": 0.95,
+             "val_accuracy": 0.97, "test_accuracy": 0.96}]
+    figures.draw_training_curves(tmp_path / "t.png", rows)
+    for name in ("r.png", "p.png", "t.png"):
+        _png(tmp_path / name)
+
+    def colour_bars(fig):
+        return [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+    r = drawn["r.png"]
+    assert colour_bars(r) == ["pixel intensity"] and r.get_suptitle()
+    titles = [ax.get_title() for ax in r.axes if ax.get_title()]
+    assert titles == ["true 1, pred 1", "true 2, pred 2", "true 4, pred 3"]
+    wrong = next(ax for ax in r.axes if ax.get_title() == "true 4, pred 3")
+    assert wrong.title.get_color() != "black"
+
+    p = drawn["p.png"]
+    (grid,) = [ax for ax in p.axes if ax.get_label() != "<colorbar>"]
+    assert grid.get_title() == "fig 4" and grid.get_xlabel() and grid.get_ylabel()
+    assert colour_bars(p) == ["pixel intensity"]
+    assert [t.get_text() for t in grid.get_xticklabels()] == [f"{o:+.2f}" for o in PERTURBATION_OFFSETS]
+    assert [t.get_text() for t in grid.get_yticklabels()] == [str(d) for d in range(16)]
+
+    t = drawn["t.png"]
+    loss_ax, err_ax = t.axes
+    assert loss_ax.get_xlabel() == err_ax.get_xlabel() == "epoch" and loss_ax.get_title() and err_ax.get_title()
+    assert [line.get_label() for line in err_ax.get_lines()] == ["train (during the epoch)", "validation", "test"]
+    np.testing.assert_allclose(err_ax.get_lines()[2].get_xydata(), [[2, 4]])  # test error 4%, only where recorded
+    np.testing.assert_allclose(err_ax.get_lines()[0].get_ydata(), [10, 5])

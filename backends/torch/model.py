@@ -181,8 +181,9 @@ def check_model_inputs(params: Any, x: Any, config: CapsNetConfig, labels: Any |
             f"params must be a CapsNet (what TorchBackend.params_from_numpy returns), got {type(params).__name__}"
         )
     if params.config != config:
-        raise ValueError(f"config does not match the config params were built for: got {config}, "
-                         f"params have {params.config}")
+        ours, theirs = config.to_dict(), params.config.to_dict()
+        diff = ", ".join(f"{k}={ours[k]!r} but params have {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
+        raise ValueError(f"config does not match the config params were built for: {diff}")
     ops.check_tensor("x", x, shape=(None, *config.input_shape))
     if x.dtype != params.dtype:
         raise ValueError(f"x has dtype {str(x.dtype).replace('torch.', '')} but params have dtype "

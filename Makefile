@@ -1,0 +1,8 @@
+# Shortcuts for the two scripts a fresh machine needs; each does its own set-up.
+.PHONY: quickstart test
+
+quickstart:  ## set up, train the quick start (one epoch on the CPU), draw its figures
+	scripts/quickstart.sh
+
+test:  ## set up, run the tests and the conformance suite (what CI runs)
+	scripts/test.sh

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The tests on a fresh machine: set up (the CPU builds of torch and TensorFlow, the project with
+# its test extras), then the test suite and the conformance suite against every backend that runs
+# here. This is what CI runs (.ci/run calls it).
+#
+#   scripts/test.sh                  (or: make test)
+#
+# Extra arguments go to pytest (e.g. scripts/test.sh -x -k cli; the conformance suite then does
+# not run). CAPSSPEC_VENV and PYTHON choose the environment (see scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+start=$(date +%s)
+. scripts/setup.sh
+capsspec_setup "test,torch,tensorflow,onnx" "torch==2.13.0" "tensorflow-cpu==2.21.*" "cupy-cuda12x"
+echo "setup took $(( $(date +%s) - start )) s"
+capsspec backends
+if [ "$#" -gt 0 ]; then
+    python -m pytest "$@"
+else
+    python -m pytest -q && capsspec conformance --backend all
+fi
+echo "tests took $(( $(date +%s) - start )) s"
