@@ -65,7 +65,6 @@ def _build(key: str, patch: Callable[[ModuleType], None]) -> tuple[str, str, str
     model.ops = ops  # model calls ops.<private> at run time: now the broken copy
     optim = _load_copy(capsspec.optim, names[2])
     optim._value_and_grad = model._value_and_grad
-    optim._check_model_inputs = model._check_model_inputs
     for name, mod in zip(names, (ops, model, optim)):
         sys.modules[name] = mod
     return names
