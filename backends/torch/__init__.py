@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from capsspec.backend import Availability, Backend
+from capsspec.backend_kit import ModuleParams, state_to_numpy
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -50,7 +51,7 @@ def _parse_device(device: Any) -> str:
     return "cpu" if match.group(1) == "cpu" else text
 
 
-class TorchBackend(Backend):
+class TorchBackend(ModuleParams, Backend):
     name = "torch"
     framework = "torch"
     install_hint = "pip install 'capsspec[torch]'"
@@ -117,6 +118,45 @@ class TorchBackend(Backend):
         self._torch()
         return super()._implementations()
 
+    # ------------------------------------------------------------------------- the door's adapter
+    array_type = "torch.Tensor"
+
+    def is_array(self, a: Any) -> bool:
+        return isinstance(a, self._torch().Tensor)
+
+    def dtype_name(self, a: Any) -> str:
+        return str(a.dtype).replace("torch.", "")
+
+    def device_of(self, a: Any) -> str | None:
+        return str(a.device)
+
+    def all_finite(self, a: Any) -> bool:
+        return bool(self._torch().isfinite(a).all())
+
+    def min_max(self, a: Any) -> tuple[int, int]:
+        lo, hi = self._torch().aminmax(a)
+        return int(lo), int(hi)
+
+    def defers(self, a: Any) -> bool:
+        return a.device.type != "cpu"  # a CUDA read stalls the queue: settle at the next host read
+
+    def deferred_flags(self, a: Any, num_classes: int | None) -> Any:
+        torch = self._torch()
+        return ~torch.isfinite(a).all() if num_classes is None else ((a < 0) | (a >= num_classes)).any()
+
+    def params_class(self) -> type:
+        from .model import CapsNet
+
+        return CapsNet
+
+    def state_class(self) -> type:
+        from .optim import AdamState
+
+        return AdamState
+
+    def module_device(self, params: Any) -> str | None:
+        return str(params.device)
+
     # ------------------------------------------------------------------------- conversions
     def asarray(self, a: np.ndarray) -> Any:
         """A tensor on the backend's device with a's dtype (int64 labels stay int64), a copy."""
@@ -149,30 +189,21 @@ class TorchBackend(Backend):
 
     def params_to_numpy(self, params: Any) -> dict[str, np.ndarray]:
         """The canonical dict {name: float array} of a CapsNet, in the canonical order."""
-        from .model import CapsNet
-
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
+        self.check_native(params)
         return {k: self.to_numpy(p) for k, p in params.canonical_parameters().items()}
 
     def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
         """An AdamState for these params (a CapsNet) from {"step", "m", "v"} of NumPy arrays."""
-        self._torch()
-        from .model import CapsNet
+        self.check_native(params)
         from .optim import state_from_arrays
 
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
         return state_from_arrays(state, params)
 
     def state_to_numpy(self, state: Any) -> dict[str, Any]:
-        from .optim import AdamState
-
-        if not isinstance(state, AdamState):
-            raise ValueError(f"state must be an AdamState (what adam_init returns), got {type(state).__name__}")
-        return {"step": state.step,
-                "m": {k: self.to_numpy(a) for k, a in state.moments("m").items()},
-                "v": {k: self.to_numpy(a) for k, a in state.moments("v").items()}}
+        owner = self.native_state(state)
+        if isinstance(owner, str):
+            raise ValueError(owner)
+        return state_to_numpy(state, self.to_numpy)
 
     def default_device(self) -> str | None:
         """"cuda" where torch sees a CUDA device, else "cpu": what a training run uses by default."""
