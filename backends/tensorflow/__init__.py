@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from capsspec.backend import Availability, Backend
+from capsspec.backend_kit import ModuleParams, state_to_numpy
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -61,7 +62,7 @@ def _import_tensorflow() -> Any:
     return importlib.import_module("tensorflow")
 
 
-class TensorFlowBackend(Backend):
+class TensorFlowBackend(ModuleParams, Backend):
     name = "tensorflow"
     framework = "tensorflow"
     install_hint = "pip install 'capsspec[tensorflow]'"
@@ -102,9 +103,59 @@ class TensorFlowBackend(Backend):
             return Availability(False, f"tensorflow {version} imports, but checking its devices failed: {exc}",
                                 version=version)
 
-    # ------------------------------------------------------------------------- conversions
     def _tf(self) -> Any:
         return _import_tensorflow()
+
+    # ------------------------------------------------------------------------- the door's adapter
+    array_type = "tf.Tensor"
+
+    def is_array(self, a: Any) -> bool:
+        tf = self._tf()
+        return tf.is_tensor(a) and not isinstance(a, (tf.SparseTensor, tf.RaggedTensor))
+
+    def dtype_name(self, a: Any) -> str:
+        return a.dtype.name
+
+    def shape_of(self, a: Any) -> tuple[int, ...]:
+        return tuple(a.shape)  # a None stays None inside a user's tf.function (and matches nothing)
+
+    def _symbolic(self, a: Any) -> bool:
+        # Inside a user's tf.function a tensor has no values yet: the value checks apply to eager calls.
+        return not hasattr(a, "numpy") or not self._tf().executing_eagerly()
+
+    def all_finite(self, a: Any) -> bool:
+        tf = self._tf()
+        return self._symbolic(a) or bool(tf.reduce_all(tf.math.is_finite(a)))
+
+    def min_max(self, a: Any) -> tuple[int, int]:
+        if self._symbolic(a):
+            return 0, 0
+        tf = self._tf()
+        return int(tf.reduce_min(a)), int(tf.reduce_max(a))
+
+    def defers(self, a: Any) -> bool:
+        return not self._symbolic(a) and "GPU" in (a.device or "").upper()
+
+    def deferred_flags(self, a: Any, num_classes: int | None) -> Any:
+        tf = self._tf()
+        if num_classes is None:
+            return tf.logical_not(tf.reduce_all(tf.math.is_finite(a)))
+        return tf.reduce_any((a < 0) | (a >= num_classes))
+
+    def _read_flag(self, flag: Any) -> Any:
+        return flag.numpy()
+
+    def params_class(self) -> type:
+        from .model import CapsNet
+
+        return CapsNet
+
+    def state_class(self) -> type:
+        from .optim import AdamState
+
+        return AdamState
+
+    # ------------------------------------------------------------------------- conversions
 
     def asarray(self, a: np.ndarray) -> Any:
         """A tf.Tensor on the backend's device with a's dtype (int64 labels stay int64), a copy."""
@@ -131,33 +182,22 @@ class TensorFlowBackend(Backend):
 
     def params_to_numpy(self, params: Any) -> dict[str, np.ndarray]:
         """The canonical dict {name: float array} of a CapsNet, in the canonical order and layouts."""
-        self.require_available()
-        from .model import CapsNet
-
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
+        self.check_native(params)
         return params.canonical_numpy()
 
     def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
         """An AdamState for these params (a CapsNet) from {"step", "m", "v"} of canonical NumPy arrays."""
-        self.require_available()
-        from .model import CapsNet
+        self.check_native(params)
         from .optim import state_from_arrays
 
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
         return state_from_arrays(state, params)
 
     def state_to_numpy(self, state: Any) -> dict[str, Any]:
         """{"step": int, "m": {name: array}, "v": {name: array}} in the canonical layouts."""
-        self.require_available()
-        from .optim import AdamState
-
-        if not isinstance(state, AdamState):
-            raise ValueError(f"state must be an AdamState (what adam_init returns), got {type(state).__name__}")
-        return {"step": state.step,
-                "m": {k: self.to_numpy(a) for k, a in state.moments("m").items()},
-                "v": {k: self.to_numpy(a) for k, a in state.moments("v").items()}}
+        owner = self.native_state(state)
+        if isinstance(owner, str):
+            raise ValueError(owner)
+        return state_to_numpy(state, self.to_numpy)
 
     def synchronize(self) -> None:
         """Wait for queued device work: TensorFlow's eager async queues, if any."""
