@@ -28,6 +28,8 @@ state_to_numpy(state, to_numpy) / state_from_numpy(state, shapes, dtype, load)
     The two directions of the state conversion. state_from_numpy checks a {"step", "m", "v"}
     dict of NumPy arrays against the canonical shapes and the params' dtype (ValueError naming
     the entry) and hands each moment to load(which, name, array); it returns the step.
+    dict_state_from_numpy(state, params, asarray, shape_of, dtype_name) does the whole
+    conversion for a backend whose params and state are dicts of arrays (the reference's layout).
 
 ModuleParams
     A mixin for a Backend whose native params are one object built for a config (an
@@ -54,7 +56,7 @@ from .config import CapsNetConfig
 from .spec import OPS, CapsNetOutput, LossParts, OpSpec
 from .validation import spec_signature
 
-__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "ModuleParams", "loss_parts"]
+__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "ModuleParams", "loss_parts"]
 
 Vjp = Callable[..., tuple[Any, Callable[[Any], tuple[Any, ...]]]]
 
@@ -155,6 +157,20 @@ def state_from_numpy(state: Any, shapes: Mapping[str, tuple[int, ...]], dtype: s
                                  f"{dtype}, got {a.shape} {a.dtype.name}")
             load(part, k, a)
     return int(step)
+
+
+def dict_state_from_numpy(state: Any, params: Mapping[str, Any], asarray: Callable[[np.ndarray], Any],
+                          shape_of: Callable[[Any], tuple[int, ...]], dtype_name: Callable[[Any], str]) -> dict:
+    """The reference's state layout {"step", "m", "v"} of a backend whose params are a dict of arrays."""
+    shapes = {k: shape_of(p) for k, p in params.items()}
+    dtypes = {dtype_name(p) for p in params.values()}
+    out: dict[str, Any] = {"m": {}, "v": {}}
+
+    def load(which: str, name: str, a: np.ndarray) -> None:
+        out[which][name] = asarray(a)
+
+    out["step"] = state_from_numpy(state, shapes, dtypes.pop() if len(dtypes) == 1 else "float32", load)
+    return out
 
 
 # ============================================================================== module params
