@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 __all__ = ["CapsNetConfig", "AdamConfig", "PAPER_PARAMETER_COUNT"]
 
-# The paper's model has 8,215,568 parameters, 6,804,224 without the decoder (PAPER.md).
+# The paper's model has 8,215,568 parameters, 6,804,224 without the decoder (docs/spec.md, section 1).
 PAPER_PARAMETER_COUNT = 8_215_568
 
 

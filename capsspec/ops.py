@@ -14,8 +14,8 @@ Conventions
 * No Python loop runs over examples or capsules. (conv2d's VJP loops over kernel offsets, and
   routing over its iterations, which are the only sequential dimensions.)
 
-What the spec decides where the paper is silent (also in the README's SPEC section)
------------------------------------------------------------------------------------
+What the spec decides where the paper is silent (docs/spec.md, section 2, says it in full)
+-----------------------------------------------------------------------------------------
 * squash(s) = s |s| / (1 + |s|^2) exactly, with value and gradient 0 at s = 0: no epsilon.
   Its domain is every s whose |s|^2 is finite in the dtype (up to ~1e19 per vector in float32,
   ~1e154 in float64); within it no intermediate overflows.
@@ -31,6 +31,9 @@ What the spec decides where the paper is silent (also in the README's SPEC secti
   the per-image sum of squared pixel errors times the scale, averaged over the batch.
 * Masking keeps the true class's capsule (training) or the longest one (inference; ties go to
   the lowest class index), flattened class-major: feature j * E + e.
+
+Arguments are checked at the door (capsspec.validation): the public names at the bottom of this
+module are wrapped by it, and the functions above check nothing.
 
 What this module must never do: import a framework, keep state, or change its inputs.
 """

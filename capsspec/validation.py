@@ -422,7 +422,11 @@ def check_params(params: Any, shapes: Mapping[str, tuple[int, ...]], *, name: st
         parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
         raise ValueError(f"{name} does not match the config: " + "; ".join(parts) + f". Expected exactly {list(shapes)}")
     for k, want in shapes.items():
-        d.array(f"{name}[{k!r}]", params[k], shape=tuple(want))
+        a = params[k]
+        if d.k.is_array(a) and d.k.shape_of(a) != tuple(want):
+            raise ValueError(f"{name}[{k!r}] must have shape {tuple(want)} to match the config, got shape "
+                             f"{d.k.shape_of(a)}")
+        d.array(f"{name}[{k!r}]", a, shape=tuple(want))
     dtypes = sorted({d.k.dtype_name(a) for a in params.values()})
     if len(dtypes) > 1:
         raise ValueError(f"{name} mixes dtypes {dtypes}: all parameters must share one dtype")

@@ -9,7 +9,7 @@ train_step alike. Select one with its import path, e.g.
 
     capsspec conformance --backend capsspec.conformance.broken:SoftmaxOverChildren
 
-The mistakes (PAPER.md, "Mistakes earlier implementations made"):
+The mistakes (docs/spec.md, section 4, "Mistakes earlier implementations made"):
   SoftmaxOverChildren       routing's softmax over the children i instead of the parents j (1)
   SquashNanAtZero           squash divides by |s| with no guard: NaN for a zero vector (2)
   PrimaryNoChannelsLast     PrimaryCaps reshaped without moving channels last (3)

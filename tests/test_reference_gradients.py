@@ -110,7 +110,7 @@ def test_primary_capsules_vjp(seed, b, types, dim, k, stride, c):
 
 
 def test_primary_capsule_order_moves_channels_last():
-    # Capsule i = (t*Gh + y)*Gw + x, dim d = conv channel t*D + d (PAPER.md mistake 3).
+    # Capsule i = (t*Gh + y)*Gw + x, dim d = conv channel t*D + d (docs/spec.md, mistake 3).
     rng = np.random.default_rng(1)
     types, dim = 3, 2
     h = rng.normal(size=(2, 2, 6, 5))
