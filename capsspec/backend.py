@@ -84,9 +84,9 @@ class Backend(ArrayAdapter):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in _HOST_READS:
-            read = cls.__dict__.get(name)
-            if read is not None and not getattr(read, "__capsspec_settles__", False):
+        for name in _HOST_READS:  # defined here or taken from a mixin (backend_kit.ModuleParams)
+            read = getattr(cls, name)
+            if not getattr(read, "__capsspec_settles__", False):
                 setattr(cls, name, _settling(read))
 
     def __init__(self, device: str | None = None, **options: Any) -> None:

@@ -54,7 +54,7 @@ import numpy as np
 
 from .config import CapsNetConfig
 from .spec import OPS, CapsNetOutput, LossParts, OpSpec
-from .validation import spec_signature
+from .validation import check_state, spec_signature
 
 __all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "ModuleParams", "loss_parts"]
 
@@ -140,23 +140,11 @@ def state_to_numpy(state: Mapping[str, Any], to_numpy: Callable[[Any], np.ndarra
 def state_from_numpy(state: Any, shapes: Mapping[str, tuple[int, ...]], dtype: str,
                      load: Callable[[str, str, np.ndarray], None]) -> int:
     """Checks a {"step", "m", "v"} dict of NumPy arrays and loads each moment; returns the step."""
-    if not isinstance(state, Mapping) or not {"step", "m", "v"} <= set(state):
-        raise ValueError("state must be a dict with 'step', 'm' and 'v' (as state_to_numpy returns)")
-    step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
+    step = check_state(state, shapes, dtype)
     for part in ("m", "v"):
-        arrays = state[part]
-        if not isinstance(arrays, Mapping) or set(arrays) != set(shapes):
-            got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
-            raise ValueError(f"state[{part!r}] has keys {got} but params have {list(shapes)}")
-        for k, want in shapes.items():
-            a = np.asarray(arrays[k])
-            if a.shape != tuple(want) or a.dtype.name != dtype:
-                raise ValueError(f"state[{part!r}][{k!r}] must have the parameter's shape {tuple(want)} and dtype "
-                                 f"{dtype}, got {a.shape} {a.dtype.name}")
-            load(part, k, a)
-    return int(step)
+        for k in shapes:
+            load(part, k, state[part][k])
+    return step
 
 
 def dict_state_from_numpy(state: Any, params: Mapping[str, Any], asarray: Callable[[np.ndarray], Any],
@@ -175,7 +163,8 @@ def dict_state_from_numpy(state: Any, params: Mapping[str, Any], asarray: Callab
 
 # ============================================================================== module params
 class ModuleParams:
-    """Backend mixin: native params are one module built for a config; answers the door's questions."""
+    """Backend mixin: native params are one module built for a config; answers the door's questions
+    and converts the optimizer state (the state class has a classmethod from_numpy(state, params))."""
 
     def params_class(self) -> type:
         raise NotImplementedError
@@ -186,12 +175,10 @@ class ModuleParams:
     def module_device(self, params: Any) -> str | None:
         return None
 
-    def _native_name(self) -> str:
-        return f"a {self.params_class().__name__} (what {type(self).__name__}.params_from_numpy returns)"
-
     def native_params(self, params: Any) -> tuple[CapsNetConfig, str, str | None] | str:
         if not isinstance(params, self.params_class()):
-            return f"params must be {self._native_name()}, got {type(params).__name__}"
+            return (f"params must be a {self.params_class().__name__} (what {type(self).__name__}.params_from_numpy "
+                    f"returns), got {type(params).__name__}")
         return params.config, self.dtype_name(params), self.module_device(params)  # type: ignore[attr-defined]
 
     def native_state(self, state: Any) -> Any:
@@ -200,11 +187,22 @@ class ModuleParams:
                     f"got {type(state).__name__}")
         return state.params
 
-    def check_native(self, params: Any) -> None:
-        """For the conversions (params_to_numpy, state_from_numpy): refuse anything but our params."""
-        native = self.native_params(params)
-        if isinstance(native, str):
-            raise ValueError(native)
+    def check_native(self, params: Any = None, state: Any = None) -> None:
+        """For the conversions: refuse anything but this backend's params (and state)."""
+        for found in ((self.native_params(params),) if params is not None else ()) + \
+                ((self.native_state(state),) if state is not None else ()):
+            if isinstance(found, str):
+                raise ValueError(found)
+
+    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
+        """The backend's state for these params from {"step", "m", "v"} of canonical NumPy arrays."""
+        self.check_native(params)
+        return self.state_class().from_numpy(state, params)
+
+    def state_to_numpy(self, state: Any) -> dict[str, Any]:
+        """{"step": int, "m": {name: array}, "v": {name: array}} in the canonical layouts."""
+        self.check_native(state=state)
+        return state_to_numpy(state, self.to_numpy)  # type: ignore[attr-defined]
 
 
 # ============================================================================== losses

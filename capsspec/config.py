@@ -225,6 +225,12 @@ class AdamConfig:
         """The learning rate for the update that follows `step` completed updates."""
         return max(self.lr_floor, self.lr * self.decay_rate ** (step / self.decay_steps))
 
+    def step_size(self, step: int) -> float:
+        """alpha = lr(step) sqrt(1 - beta2^t) / (1 - beta1^t), t = step + 1: the update's step size
+        with the bias correction folded in (every backend's Adam takes it from here)."""
+        t = step + 1
+        return self.learning_rate(step) * math.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

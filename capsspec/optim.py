@@ -32,9 +32,7 @@ def adam_update(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray
                 adam: AdamConfig = AdamConfig()) -> tuple[dict[str, np.ndarray], dict]:
     """One Adam update with the scheduled learning rate. Returns (new params, new state)."""
     step = int(state["step"])
-    t = step + 1
-    lr = adam.learning_rate(step)
-    alpha = lr * np.sqrt(1 - adam.beta2 ** t) / (1 - adam.beta1 ** t)
+    alpha = np.float64(adam.step_size(step))  # a NumPy float64: float32 updates are computed in float64
     new_params, m_new, v_new = {}, {}, {}
     for k, p in params.items():
         g = grads[k]
@@ -42,7 +40,7 @@ def adam_update(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray
         v = adam.beta2 * state["v"][k] + (1 - adam.beta2) * (g * g)
         new_params[k] = (p - (alpha * m / (np.sqrt(v) + adam.epsilon))).astype(p.dtype, copy=False)
         m_new[k], v_new[k] = m.astype(p.dtype, copy=False), v.astype(p.dtype, copy=False)
-    return new_params, {"step": t, "m": m_new, "v": v_new}
+    return new_params, {"step": step + 1, "m": m_new, "v": v_new}
 
 
 def train_step(params: Mapping[str, np.ndarray], state: Mapping, x: np.ndarray, labels: np.ndarray,

@@ -54,7 +54,7 @@ from .config import AdamConfig, CapsNetConfig
 FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
-__all__ = ["FLOAT_DTYPES", "ArrayAdapter", "NUMPY", "Door", "CHECKS", "guard", "guard_module", "unchecked", "check_params",
+__all__ = ["FLOAT_DTYPES", "ArrayAdapter", "NUMPY", "Door", "CHECKS", "guard", "guard_module", "unchecked", "check_params", "check_state",
            "spec_signature"]
 
 
@@ -132,12 +132,7 @@ class Door:
     def array(self, name: str, a: Any, *, ndim: int | None = None, shape: Sequence[int | None] | None = None,
               min_ndim: int = 0, batch: bool = False, finite: bool = True) -> tuple[int, ...]:
         """A float32/float64 array of the backend of the given rank/shape; returns its shape."""
-        if not self.k.is_array(a):
-            raise ValueError(f"{name} must be a {self.k.array_type} of float32 or float64, got {type(a).__name__}")
-        dt = self.k.dtype_name(a)
-        if dt not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must have dtype float32 or float64, got {dt}")
-        got = self.k.shape_of(a)
+        got = self._typed(name, a, FLOAT_DTYPES, "float32 or float64", "dtype float32 or float64")
         if shape is not None:
             ndim = len(shape)
         if ndim is not None and len(got) != ndim:
@@ -153,6 +148,13 @@ class Door:
             self._values.append((name, a, None))
         return got
 
+    def _typed(self, name: str, a: Any, dtypes: tuple[str, ...], of: str, want: str) -> tuple[int, ...]:
+        if not self.k.is_array(a):
+            raise ValueError(f"{name} must be a {self.k.array_type} of {of}, got {type(a).__name__}")
+        if self.k.dtype_name(a) not in dtypes:
+            raise ValueError(f"{name} must have {want}, got {self.k.dtype_name(a)}")
+        return self.k.shape_of(a)
+
     def nonempty(self, name: str, shape: tuple[int, ...]) -> None:
         if shape and shape[0] == 0:
             raise ValueError(f"{name} must hold at least one example: an empty batch has no loss or prediction, "
@@ -160,12 +162,7 @@ class Door:
 
     def labels(self, name: str, labels: Any, batch: int, num_classes: int) -> None:
         """Integer class labels of shape (batch,) in [0, num_classes) (the range is a value check)."""
-        if not self.k.is_array(labels):
-            raise ValueError(f"{name} must be a {self.k.array_type} of integers, got {type(labels).__name__}")
-        dt = self.k.dtype_name(labels)
-        if dt not in INT_DTYPES:
-            raise ValueError(f"{name} must have an integer dtype, got {dt}")
-        got = self.k.shape_of(labels)
+        got = self._typed(name, labels, INT_DTYPES, "integers", "an integer dtype")
         if got != (batch,):
             raise ValueError(f"{name} must have shape ({batch},) to match the batch, got shape {got}")
         self._values.append((name, labels, num_classes))
@@ -504,6 +501,15 @@ def _state(d: Door, state: Any, params: Any) -> None:
         if owner is not params:
             raise ValueError("state belongs to other params: make it with adam_init(params) for these params")
         return
+    check_state(state, {k: d.k.shape_of(p) for k, p in params.items()}, d.k.dtype_name(next(iter(params.values()))),
+                door=d, params=params)
+
+
+def check_state(state: Any, shapes: Mapping[str, tuple[int, ...]], dtype: str, *, door: Door | None = None,
+                params: Mapping[str, Any] | None = None) -> int:
+    """A {"step", "m", "v"} dict whose moments match the parameters' names, shapes and dtype (and,
+    given params, their array type and device); returns the step. Without a door: NumPy arrays."""
+    d = door if door is not None else Door(NUMPY)
     if not isinstance(state, Mapping) or not {"step", "m", "v"} <= set(state):
         raise ValueError("state must be a dict with 'step', 'm' and 'v', as adam_init returns")
     step = state["step"]
@@ -511,15 +517,22 @@ def _state(d: Door, state: Any, params: Any) -> None:
         raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
     for part in ("m", "v"):
         arrays = state[part]
-        if not isinstance(arrays, Mapping) or set(arrays) != set(params):
+        if not isinstance(arrays, Mapping) or set(arrays) != set(shapes):
             got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
-            raise ValueError(f"state[{part!r}] has keys {got} but params have {sorted(params)}")
-        for k, p in params.items():
-            _like(d, f"state[{part!r}][{k!r}]", arrays[k], p, "the parameter's")
+            raise ValueError(f"state[{part!r}] has keys {got} but params have {sorted(shapes)}")
+        for k, want in shapes.items():
+            name, a = f"state[{part!r}][{k!r}]", arrays[k]
+            if not d.k.is_array(a) or d.k.shape_of(a) != tuple(want) or d.k.dtype_name(a) != dtype:
+                got = f"{d.k.shape_of(a)} {d.k.dtype_name(a)}" if d.k.is_array(a) else type(a).__name__
+                raise ValueError(f"{name} must be a {d.k.array_type} of the parameter's shape {tuple(want)} and "
+                                 f"dtype {dtype}, got {got}")
+            if params is not None:
+                d.same_device(**{name: a, "the parameter": params[k]})
+    return int(step)
 
 
-def _like(d: Door, name: str, a: Any, p: Any, whose: str, shape: tuple[int, ...] | None = None) -> None:
-    shape = d.k.shape_of(p) if shape is None else shape
+def _like(d: Door, name: str, a: Any, p: Any, whose: str) -> None:
+    shape = d.k.shape_of(p)
     if not d.k.is_array(a) or d.k.shape_of(a) != shape or d.k.dtype_name(a) != d.k.dtype_name(p):
         got = (f"{type(a).__name__} {d.k.shape_of(a)} {d.k.dtype_name(a)}" if d.k.is_array(a)
                else type(a).__name__)

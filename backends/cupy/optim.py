@@ -13,7 +13,6 @@ implementation.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 
@@ -40,9 +39,7 @@ def adam_update(params: Mapping[str, Any], grads: Mapping[str, Any], state: Mapp
                 adam: AdamConfig = AdamConfig()) -> tuple[dict[str, Any], dict]:
     """One Adam update with the scheduled learning rate. Returns (new params, new state)."""
     step = int(state["step"])
-    t = step + 1
-    lr = adam.learning_rate(step)
-    alpha = lr * math.sqrt(1 - adam.beta2 ** t) / (1 - adam.beta1 ** t)
+    alpha = adam.step_size(step)
     new_params, m_new, v_new = {}, {}, {}
     for k, p in params.items():
         xp = ops.array_module(p)
@@ -50,7 +47,7 @@ def adam_update(params: Mapping[str, Any], grads: Mapping[str, Any], state: Mapp
             new_params[k], m_new[k], v_new[k] = kernels.adam_step(
                 xp, p, grads[k], state["m"][k], state["v"][k], alpha, adam.beta1, adam.beta2, adam.epsilon
             )
-    return new_params, {"step": t, "m": m_new, "v": v_new}
+    return new_params, {"step": step + 1, "m": m_new, "v": v_new}
 
 
 def train_step(params: Mapping[str, Any], state: Mapping, x: Any, labels: Any, config: CapsNetConfig,

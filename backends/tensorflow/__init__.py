@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from capsspec.backend import Availability, Backend
-from capsspec.backend_kit import ModuleParams, state_to_numpy
+from capsspec.backend_kit import ModuleParams
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -184,20 +184,6 @@ class TensorFlowBackend(ModuleParams, Backend):
         """The canonical dict {name: float array} of a CapsNet, in the canonical order and layouts."""
         self.check_native(params)
         return params.canonical_numpy()
-
-    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
-        """An AdamState for these params (a CapsNet) from {"step", "m", "v"} of canonical NumPy arrays."""
-        self.check_native(params)
-        from .optim import state_from_arrays
-
-        return state_from_arrays(state, params)
-
-    def state_to_numpy(self, state: Any) -> dict[str, Any]:
-        """{"step": int, "m": {name: array}, "v": {name: array}} in the canonical layouts."""
-        owner = self.native_state(state)
-        if isinstance(owner, str):
-            raise ValueError(owner)
-        return state_to_numpy(state, self.to_numpy)
 
     def synchronize(self) -> None:
         """Wait for queued device work: TensorFlow's eager async queues, if any."""

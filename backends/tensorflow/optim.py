@@ -33,7 +33,6 @@ What this module must never do: import the reference's implementation.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +46,7 @@ from capsspec.spec import StepMetrics
 from . import ops
 from .model import CapsNet, _labels64, to_canonical, to_native
 
-__all__ = ["AdamState", "adam_init", "adam_update", "train_step", "state_from_arrays", "step_hyperparameters"]
+__all__ = ["AdamState", "adam_init", "adam_update", "train_step", "step_hyperparameters"]
 
 # Layout of the hyperparameter vector the compiled steps take.
 _ALPHA, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPSILON = range(6)
@@ -55,10 +54,7 @@ _ALPHA, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPSILON = range(6)
 
 def step_hyperparameters(adam: AdamConfig, step: int) -> tuple[float, list[float]]:
     """(lr, the float64 vector the compiled update takes) for the update after `step` updates."""
-    t = step + 1
-    lr = adam.learning_rate(step)
-    alpha = lr * math.sqrt(1 - adam.beta2 ** t) / (1 - adam.beta1 ** t)
-    return lr, [alpha, adam.beta1, 1 - adam.beta1, adam.beta2, 1 - adam.beta2, adam.epsilon]
+    return adam.learning_rate(step), [adam.step_size(step), adam.beta1, 1 - adam.beta1, adam.beta2, 1 - adam.beta2, adam.epsilon]
 
 
 def _apply_adam(params: list[tf.Variable], grads: list[tf.Tensor], ms: list[tf.Variable], vs: list[tf.Variable],
@@ -118,6 +114,17 @@ class AdamState(AdamStateView):
         names = list(self.variables)
         return list(self.variables.values()), [self.m[k] for k in names], [self.v[k] for k in names]
 
+    @classmethod
+    def from_numpy(cls, state: Mapping[str, Any], params: CapsNet) -> "AdamState":
+        """An AdamState for params from {"step", "m", "v"} of canonical arrays keyed by canonical names."""
+        new = adam_init(params)
+
+        def load(which: str, name: str, a: np.ndarray) -> None:
+            getattr(new, which)[name].assign(to_native(name, a))
+
+        new.step = state_from_numpy(state, params.config.param_shapes(), params.dtype.name, load)
+        return new
+
 
 # The bodies of AdamState's compiled steps (traces counted in the CapsNet's traces).
 def _train_step(state: AdamState, x: tf.Tensor, labels: tf.Tensor, hyper: tf.Tensor) -> tuple:
@@ -174,14 +181,3 @@ def train_step(params: CapsNet, state: AdamState, x: tf.Tensor, labels: tf.Tenso
     state.step += 1
     metrics = StepMetrics(total=total, margin=margin, reconstruction=recon, correct=correct, lr=lr)
     return params, state, metrics
-
-
-def state_from_arrays(state: Mapping[str, Any], params: CapsNet) -> AdamState:
-    """An AdamState for params from {"step", "m", "v"} of canonical arrays keyed by canonical names."""
-    new = adam_init(params)
-
-    def load(which: str, name: str, a: np.ndarray) -> None:
-        getattr(new, which)[name].assign(to_native(name, a))
-
-    new.step = state_from_numpy(state, params.config.param_shapes(), params.dtype.name, load)
-    return new

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from capsspec.backend import Availability, Backend
-from capsspec.backend_kit import ModuleParams, state_to_numpy
+from capsspec.backend_kit import ModuleParams
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -191,19 +191,6 @@ class TorchBackend(ModuleParams, Backend):
         """The canonical dict {name: float array} of a CapsNet, in the canonical order."""
         self.check_native(params)
         return {k: self.to_numpy(p) for k, p in params.canonical_parameters().items()}
-
-    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
-        """An AdamState for these params (a CapsNet) from {"step", "m", "v"} of NumPy arrays."""
-        self.check_native(params)
-        from .optim import state_from_arrays
-
-        return state_from_arrays(state, params)
-
-    def state_to_numpy(self, state: Any) -> dict[str, Any]:
-        owner = self.native_state(state)
-        if isinstance(owner, str):
-            raise ValueError(owner)
-        return state_to_numpy(state, self.to_numpy)
 
     def default_device(self) -> str | None:
         """"cuda" where torch sees a CUDA device, else "cpu": what a training run uses by default."""

@@ -25,7 +25,6 @@ path (fast.py) unless a CapsNet asks for it.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from typing import Any, Iterable
 
@@ -94,8 +93,7 @@ class SpecAdam(torch.optim.Optimizer):
     def _update(self, adam: AdamConfig, ps: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in ps]
         step = states[0]["step"]
-        t = step + 1
-        alpha = adam.learning_rate(step) * math.sqrt(1 - adam.beta2 ** t) / (1 - adam.beta1 ** t)
+        alpha = adam.step_size(step)
         ms = [s["exp_avg"] for s in states]
         vs = [s["exp_avg_sq"] for s in states]
         torch._foreach_mul_(ms, adam.beta1)
@@ -106,7 +104,7 @@ class SpecAdam(torch.optim.Optimizer):
         torch._foreach_add_(denom, adam.epsilon)
         torch._foreach_addcdiv_(ps, ms, denom, value=-alpha)
         for s in states:
-            s["step"] = t
+            s["step"] = step + 1
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -141,6 +139,19 @@ class AdamState(AdamStateView):
     def moments(self, which: str) -> dict[str, torch.Tensor]:
         key = {"m": "exp_avg", "v": "exp_avg_sq"}[which]
         return {k: self.optimizer.state[p][key] for k, p in self.names.items()}
+
+    @classmethod
+    def from_numpy(cls, state: Mapping[str, Any], params: CapsNet) -> "AdamState":
+        """An AdamState for params from {"step", "m", "v"} of NumPy arrays keyed by canonical names."""
+        new = adam_init(params)
+
+        def load(which: str, name: str, a: np.ndarray) -> None:
+            with torch.no_grad():
+                new.moments(which)[name].copy_(torch.from_numpy(np.array(a, copy=True)))
+
+        new.optimizer.set_step_count(state_from_numpy(state, params.config.param_shapes(),
+                                                      str(params.dtype).replace("torch.", ""), load))
+        return new
 
 
 def adam_init(params: CapsNet) -> AdamState:
@@ -191,16 +202,3 @@ def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch
         total, margin, recon = parts.total.detach(), parts.margin.detach(), parts.reconstruction.detach()
     metrics = StepMetrics(total=total, margin=margin, reconstruction=recon, correct=correct, lr=lr)
     return params, state, metrics
-
-
-def state_from_arrays(state: Mapping[str, Any], params: CapsNet) -> AdamState:
-    """An AdamState for params from {"step", "m", "v"} of NumPy arrays keyed by canonical names."""
-    new = adam_init(params)
-
-    def load(which: str, name: str, a: np.ndarray) -> None:
-        with torch.no_grad():
-            new.moments(which)[name].copy_(torch.from_numpy(np.array(a, copy=True)))
-
-    new.optimizer.set_step_count(state_from_numpy(state, params.config.param_shapes(),
-                                                  str(params.dtype).replace("torch.", ""), load))
-    return new
