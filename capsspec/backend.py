@@ -99,11 +99,33 @@ class Backend(ArrayAdapter):
         """Whether this backend can run here, and if not, why. Never raises."""
         if self.framework is None:
             return Availability(True, version=np.__version__, device="cpu")
+        mod, missing = self.import_framework()
+        if missing is not None:
+            return missing
+        version = getattr(mod, "__version__", None)
         try:
-            mod = importlib.import_module(self.framework)
+            return self.device_availability(mod, version)
+        except Exception as exc:  # a broken driver or runtime: say so rather than raise
+            return Availability(False, f"{self.framework} {version} imports, but checking its device failed: {exc}",
+                                version=version)
+
+    def device_availability(self, framework: Any, version: str | None) -> Availability:
+        """Whether the backend's device is there, once its framework imports (override for a GPU).
+
+        It may raise: availability() turns an exception into a reason.
+        """
+        return Availability(True, version=version, device=self.device or "cpu")
+
+    def import_framework(self) -> tuple[Any, Availability | None]:
+        """(the framework's module, None), or (None, an Availability saying why it does not import).
+
+        The first step of every availability(); never raises.
+        """
+        try:
+            return importlib.import_module(str(self.framework)), None
         except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"{self.framework} is not importable ({exc}); install it with: {self.install_hint}")
-        return Availability(True, version=getattr(mod, "__version__", None), device=self.device or "cpu")
+            return None, Availability(False, f"{self.framework} is not importable ({exc}); install it with: "
+                                             f"{self.install_hint}")
 
     def is_available(self) -> bool:
         return self.availability().available

@@ -38,6 +38,9 @@ ModuleParams
     state_class(), so the model functions' checks (config match, dtype, device, state ownership)
     are the door's, not the backend's.
 
+float_dtype(dtype, table)
+    A module's dtype argument ("float32", "float64" or the framework's own) as the framework's.
+
 loss_parts(margin_loss, reconstruction_loss, out, x, labels, config, zero)
     The spec's LossParts of a forward output, from the backend's two (unchecked) loss ops and a
     0-d zero of the input's dtype (the reconstruction term without a decoder).
@@ -56,7 +59,7 @@ from .config import CapsNetConfig
 from .spec import OPS, CapsNetOutput, LossParts, OpSpec
 from .validation import check_state, spec_signature
 
-__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "ModuleParams", "loss_parts"]
+__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "ModuleParams", "loss_parts", "float_dtype"]
 
 Vjp = Callable[..., tuple[Any, Callable[[Any], tuple[Any, ...]]]]
 
@@ -203,6 +206,17 @@ class ModuleParams:
         """{"step": int, "m": {name: array}, "v": {name: array}} in the canonical layouts."""
         self.check_native(state=state)
         return state_to_numpy(state, self.to_numpy)  # type: ignore[attr-defined]
+
+
+# ============================================================================== dtypes
+def float_dtype(dtype: Any, table: Mapping[str, Any]) -> Any:
+    """The framework's float dtype for "float32"/"float64" (table maps the names to it) or for one
+    of the framework's own float dtypes; ValueError otherwise."""
+    if isinstance(dtype, str) and dtype in table:
+        return table[dtype]
+    if dtype in table.values():
+        return dtype
+    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
 
 
 # ============================================================================== losses

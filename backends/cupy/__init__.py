@@ -15,7 +15,6 @@ availability() and by the implementation modules, which load on first use.
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any, Mapping
 
@@ -55,31 +54,23 @@ class CupyBackend(Backend):
         super().__init__(device=f"cuda:{self.device_index}", **options)
 
     # ------------------------------------------------------------------------- availability
-    def availability(self) -> Availability:
-        """Available when cupy imports and sees the chosen CUDA device. Never raises."""
-        try:
-            cupy = importlib.import_module("cupy")
-        except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"cupy is not importable ({exc}); install it with: {self.install_hint}")
-        version = getattr(cupy, "__version__", None)
-        try:
-            if not cupy.cuda.is_available():
-                try:
-                    cupy.cuda.runtime.getDeviceCount()
-                    why = "it sees no CUDA device"
-                except Exception as exc:  # the driver's own words say why (none, too old, ...)
-                    why = f"CUDA says: {exc}"
-                return Availability(False, f"no CUDA device (cupy {version} imports, but {why})", version=version)
-            count = cupy.cuda.runtime.getDeviceCount()
-            if self.device_index >= count:
-                return Availability(
-                    False, f"no CUDA device {self.device_index} (cupy {version} sees {count} device(s))", version=version
-                )
-            name = cupy.cuda.runtime.getDeviceProperties(self.device_index)["name"]
-            if isinstance(name, bytes):
-                name = name.decode(errors="replace")
-        except Exception as exc:
-            return Availability(False, f"no usable CUDA device (cupy {version} imports, but: {exc})", version=version)
+    def device_availability(self, cupy: Any, version: str | None) -> Availability:
+        """Available when cupy imports and sees the chosen CUDA device."""
+        if not cupy.cuda.is_available():
+            try:
+                cupy.cuda.runtime.getDeviceCount()
+                why = "it sees no CUDA device"
+            except Exception as exc:  # the driver's own words say why (none, too old, ...)
+                why = f"CUDA says: {exc}"
+            return Availability(False, f"no CUDA device (cupy {version} imports, but {why})", version=version)
+        count = cupy.cuda.runtime.getDeviceCount()
+        if self.device_index >= count:
+            return Availability(
+                False, f"no CUDA device {self.device_index} (cupy {version} sees {count} device(s))", version=version
+            )
+        name = cupy.cuda.runtime.getDeviceProperties(self.device_index)["name"]
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
         return Availability(True, version=version, device=f"cuda:{self.device_index} ({name})")
 
     def _cupy(self) -> Any:

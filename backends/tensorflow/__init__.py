@@ -76,32 +76,27 @@ class TensorFlowBackend(ModuleParams, Backend):
         self.tf_device = tf_device
 
     # ------------------------------------------------------------------------- availability
-    def availability(self) -> Availability:
-        """Available when tensorflow imports and, for a GPU device, sees it. Never raises."""
-        try:
-            tf = _import_tensorflow()
-        except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"tensorflow is not importable ({exc}); install it with: {self.install_hint}")
-        version = getattr(tf, "__version__", None)
-        try:
-            gpus = tf.config.list_physical_devices("GPU")
-            if self.device.startswith("gpu"):
-                index = int(self.device.partition(":")[2])
-                if not gpus:
-                    built = "built with CUDA" if tf.test.is_built_with_cuda() else "built without CUDA (tensorflow-cpu?)"
-                    return Availability(False, f"no GPU: tensorflow {version} is {built} and sees no GPU",
-                                        version=version)
-                if index >= len(gpus):
-                    return Availability(False, f"no GPU {index} (tensorflow {version} sees {len(gpus)})",
-                                        version=version)
-                return Availability(True, version=version, device=f"{self.tf_device} ({gpus[index].name})")
-            device = "cpu"
-            if gpus:
-                device += f" ({len(gpus)} GPU(s) available; pass device='gpu' to use one)"
-            return Availability(True, version=version, device=device)
-        except Exception as exc:
-            return Availability(False, f"tensorflow {version} imports, but checking its devices failed: {exc}",
-                                version=version)
+    def import_framework(self) -> tuple[Any, Availability | None]:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import; a user's setting wins
+        return super().import_framework()
+
+    def device_availability(self, tf: Any, version: str | None) -> Availability:
+        """Available when tensorflow imports and, for a GPU device, sees it."""
+        gpus = tf.config.list_physical_devices("GPU")
+        if self.device.startswith("gpu"):
+            index = int(self.device.partition(":")[2])
+            if not gpus:
+                built = "built with CUDA" if tf.test.is_built_with_cuda() else "built without CUDA (tensorflow-cpu?)"
+                return Availability(False, f"no GPU: tensorflow {version} is {built} and sees no GPU",
+                                    version=version)
+            if index >= len(gpus):
+                return Availability(False, f"no GPU {index} (tensorflow {version} sees {len(gpus)})",
+                                    version=version)
+            return Availability(True, version=version, device=f"{self.tf_device} ({gpus[index].name})")
+        device = "cpu"
+        if gpus:
+            device += f" ({len(gpus)} GPU(s) available; pass device='gpu' to use one)"
+        return Availability(True, version=version, device=device)
 
     def _tf(self) -> Any:
         return _import_tensorflow()

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
-from capsspec.backend_kit import loss_parts
+from capsspec.backend_kit import float_dtype, loss_parts
 from capsspec.config import CapsNetConfig
 from capsspec.spec import CapsNetOutput, LossParts
 
@@ -61,30 +61,22 @@ def _kind(name: str) -> str | None:
     return None
 
 
-def to_native(name: str, a: Any) -> Any:
-    """A canonical parameter (or gradient, or moment) in the layout CapsNet stores it in."""
+def _permuted(name: str, a: Any, perms: dict[str, tuple[int, ...]]) -> Any:
     kind = _kind(name)
     if kind is None:
         return a
-    perm = CANONICAL_TO_NATIVE[kind]
+    perm = perms[kind]
     return np.ascontiguousarray(np.transpose(a, perm)) if isinstance(a, np.ndarray) else tf.transpose(a, perm)
+
+
+def to_native(name: str, a: Any) -> Any:
+    """A canonical parameter (or gradient, or moment) in the layout CapsNet stores it in."""
+    return _permuted(name, a, CANONICAL_TO_NATIVE)
 
 
 def to_canonical(name: str, a: Any) -> Any:
     """The inverse of to_native."""
-    kind = _kind(name)
-    if kind is None:
-        return a
-    perm = _NATIVE_TO_CANONICAL[kind]
-    return np.ascontiguousarray(np.transpose(a, perm)) if isinstance(a, np.ndarray) else tf.transpose(a, perm)
-
-
-def _tf_dtype(dtype: Any) -> tf.DType:
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    if dtype in (tf.float32, tf.float64):
-        return dtype
-    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return _permuted(name, a, _NATIVE_TO_CANONICAL)
 
 
 # ============================================================================== layers
@@ -185,7 +177,7 @@ class CapsNet(tf.Module):
             raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
         self.config = config
         self.device = device
-        tf_dtype = _tf_dtype(dtype)
+        tf_dtype = float_dtype(dtype, _DTYPES)
         c = config
         with tf.device(device):
             if initial is None:

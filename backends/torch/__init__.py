@@ -27,7 +27,6 @@ backends on machines without torch).
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any, Mapping
 
@@ -74,33 +73,24 @@ class TorchBackend(ModuleParams, Backend):
         self._configured = False
 
     # ------------------------------------------------------------------------- availability
-    def availability(self) -> Availability:
-        """Available when torch imports and, for a CUDA device, sees it. Never raises."""
-        try:
-            torch = importlib.import_module("torch")
-        except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"torch is not importable ({exc}); install it with: {self.install_hint}")
-        version = getattr(torch, "__version__", None)
-        try:
-            cuda_ok = bool(torch.cuda.is_available())
-            if self.device.startswith("cuda"):
-                if not cuda_ok:
-                    built = (f"built with CUDA {torch.version.cuda} but it sees no device" if torch.version.cuda
-                             else "built without CUDA")
-                    return Availability(False, f"no CUDA device (torch {version} is {built})", version=version)
-                index = int(self.device.partition(":")[2] or torch.cuda.current_device())
-                count = torch.cuda.device_count()
-                if index >= count:
-                    return Availability(False, f"no CUDA device {index} (torch {version} sees {count})",
-                                        version=version)
-                return Availability(True, version=version, device=f"cuda:{index} ({torch.cuda.get_device_name(index)})")
-            device = "cpu"
-            if cuda_ok:
-                device += f" (cuda available: {torch.cuda.device_count()} device(s); pass device='cuda' to use it)"
-            return Availability(True, version=version, device=device)
-        except Exception as exc:
-            return Availability(False, f"torch {version} imports, but checking its device failed: {exc}",
-                                version=version)
+    def device_availability(self, torch: Any, version: str | None) -> Availability:
+        """Available when torch imports and, for a CUDA device, sees it."""
+        cuda_ok = bool(torch.cuda.is_available())
+        if self.device.startswith("cuda"):
+            if not cuda_ok:
+                built = (f"built with CUDA {torch.version.cuda} but it sees no device" if torch.version.cuda
+                         else "built without CUDA")
+                return Availability(False, f"no CUDA device (torch {version} is {built})", version=version)
+            index = int(self.device.partition(":")[2] or torch.cuda.current_device())
+            count = torch.cuda.device_count()
+            if index >= count:
+                return Availability(False, f"no CUDA device {index} (torch {version} sees {count})",
+                                    version=version)
+            return Availability(True, version=version, device=f"cuda:{index} ({torch.cuda.get_device_name(index)})")
+        device = "cpu"
+        if cuda_ok:
+            device += f" (cuda available: {torch.cuda.device_count()} device(s); pass device='cuda' to use it)"
+        return Availability(True, version=version, device=device)
 
     # ------------------------------------------------------------------------- plumbing
     def _torch(self) -> Any:

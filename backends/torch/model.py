@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from capsspec.backend_kit import loss_parts
+from capsspec.backend_kit import float_dtype, loss_parts
 from capsspec.config import CapsNetConfig
 from capsspec.spec import CapsNetOutput, LossParts
 
@@ -43,14 +43,6 @@ from . import ops
 __all__ = ["CapsNet", "PrimaryCaps", "DigitCaps", "Decoder", "forward", "loss", "value_and_grad", "predict"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _torch_dtype(dtype: Any) -> torch.dtype:
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    if dtype in (torch.float32, torch.float64):
-        return dtype
-    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
 
 
 class PrimaryCaps(nn.Conv2d):
@@ -125,7 +117,7 @@ class CapsNet(nn.Module):
         if not isinstance(config, CapsNetConfig):
             raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
         self.config = config
-        factory = {"dtype": _torch_dtype(dtype), "device": device}
+        factory = {"dtype": float_dtype(dtype, _DTYPES), "device": device}
         c = config
         # Registration order = the canonical order of CapsNetConfig.param_shapes.
         self.conv1 = nn.Conv2d(c.input_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, **factory)
