@@ -109,6 +109,20 @@ class Backend(ArrayAdapter):
             return Availability(False, f"{self.framework} {version} imports, but checking its device failed: {exc}",
                                 version=version)
 
+    def gpu_report(self, version: str | None, gpus: list[str], index: int | None, why_none: str,
+                   name: str) -> Availability:
+        """Availability said the same way by every GPU-capable backend: on the CPU (index None), with a
+        note when GPUs are there; else GPU `index` among `gpus` (their names), named `name` if there."""
+        label = f"{self.framework} {version}"
+        if index is None:
+            note = f" ({len(gpus)} GPU(s) available; pass device={name!r} to use one)" if gpus else ""
+            return Availability(True, version=version, device="cpu" + note)
+        if not gpus:
+            return Availability(False, f"no GPU ({label} {why_none})", version=version)
+        if index >= len(gpus):
+            return Availability(False, f"no GPU {index} ({label} sees {len(gpus)})", version=version)
+        return Availability(True, version=version, device=f"{name}:{index} ({gpus[index]})")
+
     def device_availability(self, framework: Any, version: str | None) -> Availability:
         """Whether the backend's device is there, once its framework imports (override for a GPU).
 

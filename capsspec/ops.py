@@ -379,15 +379,13 @@ def _decoder_fwd(x, weights, biases):
     return h, hs
 
 
-def _decoder_bwd(hs, weights, g, need_input_grad=True):
+def _decoder_bwd(hs, weights, g):
     gws, gbs = [None] * len(weights), [None] * len(weights)
     out = hs[-1]
     gz = g * out * (1 - out)
     for k in reversed(range(len(weights))):
         gws[k] = gz.T @ hs[k]
         gbs[k] = gz.sum(axis=0)
-        if k == 0 and not need_input_grad:
-            return None, gws, gbs
         gh = gz @ weights[k]
         if k > 0:
             gz = gh * (hs[k] > 0)

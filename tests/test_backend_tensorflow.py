@@ -27,6 +27,7 @@ from capsspec import optim as ref_optim  # noqa: E402
 from capsspec.spec import OPS, StepMetrics  # noqa: E402
 from capsspec.backends.tensorflow import TensorFlowBackend  # noqa: E402
 from capsspec.backends.tensorflow import ops as tops  # noqa: E402
+from batches import random_batch  # noqa: E402
 
 # PrimaryCaps grid 5x4 (not square), 3 types of 4 dims: a capsule order that mixes grid
 # positions, types or dims gives different numbers here.
@@ -42,11 +43,7 @@ def backend():
     return get_backend("tensorflow")
 
 
-def _data(config, batch, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(batch, *config.input_shape)).astype(dtype)
-    y = rng.integers(0, config.num_classes, size=batch)
-    return x, y
+_data = random_batch
 
 
 def _close(got, want, rtol=1e-10, atol=1e-12):

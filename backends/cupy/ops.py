@@ -348,19 +348,15 @@ def _decoder_fwd(xp, x, weights, biases):
     return h, hs
 
 
-def _decoder_bwd(xp, hs, weights, g, need_input_grad=True):
-    gws, gbs = [None] * len(weights), [None] * len(weights)
-    out = hs[-1]
-    gz = g * out * (1 - out)
-    gh = None
+def _decoder_bwd(xp, hs, weights, g):
+    """Layer by layer from the output: through the sigmoid, then each dense layer and its ReLU."""
+    gz = g * hs[-1] * (1 - hs[-1])
+    gws, gbs = [], []
     for k in reversed(range(len(weights))):
-        gws[k] = gz.T @ hs[k]
-        gbs[k] = gz.sum(axis=0)
-        if k == 0 and not need_input_grad:
-            return None, gws, gbs
+        gws.insert(0, gz.T @ hs[k])
+        gbs.insert(0, gz.sum(axis=0))
         gh = gz @ weights[k]
-        if k > 0:
-            gz = gh * (hs[k] > 0)
+        gz = gh * (hs[k] > 0) if k else gz  # the ReLU that made layer k's input (none before layer 0)
     return gh, gws, gbs
 
 

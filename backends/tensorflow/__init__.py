@@ -82,21 +82,11 @@ class TensorFlowBackend(ModuleParams, Backend):
 
     def device_availability(self, tf: Any, version: str | None) -> Availability:
         """Available when tensorflow imports and, for a GPU device, sees it."""
-        gpus = tf.config.list_physical_devices("GPU")
-        if self.device.startswith("gpu"):
-            index = int(self.device.partition(":")[2])
-            if not gpus:
-                built = "built with CUDA" if tf.test.is_built_with_cuda() else "built without CUDA (tensorflow-cpu?)"
-                return Availability(False, f"no GPU: tensorflow {version} is {built} and sees no GPU",
-                                    version=version)
-            if index >= len(gpus):
-                return Availability(False, f"no GPU {index} (tensorflow {version} sees {len(gpus)})",
-                                    version=version)
-            return Availability(True, version=version, device=f"{self.tf_device} ({gpus[index].name})")
-        device = "cpu"
-        if gpus:
-            device += f" ({len(gpus)} GPU(s) available; pass device='gpu' to use one)"
-        return Availability(True, version=version, device=device)
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+        why = "is built with CUDA and sees no GPU" if tf.test.is_built_with_cuda() else \
+            "is built without CUDA (tensorflow-cpu?)"
+        index = int(self.device.partition(":")[2]) if self.device.startswith("gpu") else None
+        return self.gpu_report(version, gpus, index, why, "gpu")
 
     def _tf(self) -> Any:
         return _import_tensorflow()

@@ -75,22 +75,14 @@ class TorchBackend(ModuleParams, Backend):
     # ------------------------------------------------------------------------- availability
     def device_availability(self, torch: Any, version: str | None) -> Availability:
         """Available when torch imports and, for a CUDA device, sees it."""
-        cuda_ok = bool(torch.cuda.is_available())
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
+        why = f"is built with CUDA {torch.version.cuda} but sees no device" if torch.version.cuda else \
+            "is built without CUDA"
+        index = None  # the CPU
         if self.device.startswith("cuda"):
-            if not cuda_ok:
-                built = (f"built with CUDA {torch.version.cuda} but it sees no device" if torch.version.cuda
-                         else "built without CUDA")
-                return Availability(False, f"no CUDA device (torch {version} is {built})", version=version)
-            index = int(self.device.partition(":")[2] or torch.cuda.current_device())
-            count = torch.cuda.device_count()
-            if index >= count:
-                return Availability(False, f"no CUDA device {index} (torch {version} sees {count})",
-                                    version=version)
-            return Availability(True, version=version, device=f"cuda:{index} ({torch.cuda.get_device_name(index)})")
-        device = "cpu"
-        if cuda_ok:
-            device += f" (cuda available: {torch.cuda.device_count()} device(s); pass device='cuda' to use it)"
-        return Availability(True, version=version, device=device)
+            index = int(self.device.partition(":")[2] or (torch.cuda.current_device() if gpus else 0))
+        return self.gpu_report(version, gpus, index, why, "cuda")
 
     # ------------------------------------------------------------------------- plumbing
     def _torch(self) -> Any:
