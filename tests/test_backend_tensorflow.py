@@ -217,9 +217,9 @@ def test_forward_loss_value_and_grad_predict_match_the_reference_in_float64(back
     net = backend.params_from_numpy(params, SMALL)
     x, y = _data(SMALL, 5, "float64")
     tx, ty = backend.asarray(x), backend.asarray(y)
-    for labels, tlabels in ((y, ty), (None, None)):
+    for labels in (y, None):  # the decoder sees the true class, then the longest capsule
+        got = backend.forward(net, tx, SMALL, None if labels is None else ty)
         want = ref_model.forward(params, x, SMALL, labels)
-        got = backend.forward(net, tx, SMALL, tlabels)
         for field in want._fields:
             _close(getattr(got, field), getattr(want, field))
     want_parts = ref_model.loss(params, x, y, SMALL)
