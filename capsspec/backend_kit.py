@@ -59,7 +59,8 @@ from .config import CapsNetConfig
 from .spec import OPS, CapsNetOutput, LossParts, OpSpec
 from .validation import check_state, spec_signature
 
-__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "ModuleParams", "loss_parts", "float_dtype"]
+__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "ModuleParams",
+           "loss_parts", "float_dtype"]
 
 Vjp = Callable[..., tuple[Any, Callable[[Any], tuple[Any, ...]]]]
 

@@ -54,8 +54,8 @@ from .config import AdamConfig, CapsNetConfig
 FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
-__all__ = ["FLOAT_DTYPES", "ArrayAdapter", "NUMPY", "Door", "CHECKS", "guard", "guard_module", "unchecked", "check_params", "check_state",
-           "spec_signature"]
+__all__ = ["FLOAT_DTYPES", "ArrayAdapter", "NUMPY", "Door", "CHECKS", "guard", "guard_module", "unchecked",
+           "check_params", "check_state", "spec_signature"]
 
 
 def _fmt_shape(shape: Sequence[int | None]) -> str:
@@ -369,7 +369,8 @@ def _decoder(d: Door, x, weights, biases):
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         raise ValueError("weights and biases must be sequences of arrays, one per layer")
     if len(weights) == 0 or len(weights) != len(biases):
-        raise ValueError(f"weights and biases must be non-empty and of equal length, got {len(weights)} and {len(biases)}")
+        raise ValueError(f"weights and biases must be non-empty and of equal length, got {len(weights)} and "
+                         f"{len(biases)}")
     for k, (w, bias) in enumerate(zip(weights, biases)):
         width = d.array(f"weights[{k}]", w, shape=(None, width))[0]
         d.array(f"biases[{k}]", bias, shape=(width,))
@@ -417,7 +418,8 @@ def check_params(params: Any, shapes: Mapping[str, tuple[int, ...]], *, name: st
     extra = [k for k in params if k not in shapes]
     if missing or extra:
         parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
-        raise ValueError(f"{name} does not match the config: " + "; ".join(parts) + f". Expected exactly {list(shapes)}")
+        raise ValueError(f"{name} does not match the config: " + "; ".join(parts)
+                         + f". Expected exactly {list(shapes)}")
     for k, want in shapes.items():
         a = params[k]
         if d.k.is_array(a) and d.k.shape_of(a) != tuple(want):

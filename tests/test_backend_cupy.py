@@ -873,3 +873,21 @@ def test_gpu_paper_sized_step_runs():
     params, state, metrics = backend.train_step(params, state, x, labels, config)
     assert np.isfinite(float(metrics.total)) and 0 <= int(metrics.correct) <= 8
     assert all(v.dtype == cupy.float32 and bool(cupy.isfinite(v).all()) for v in params.values())
+
+
+@requires_gpu
+def test_gpu_value_checks_are_deferred_to_the_next_read_never_dropped():
+    # On the GPU the door queues NaN/inf and label-range checks as device flags (no stall per
+    # call) and raises at the next host read through the backend.
+    backend = get_backend("cupy")
+    params, x, labels = _model_inputs(SMALL, batch=2, seed=6)
+    p = backend.params_from_numpy(params, SMALL)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    pred = backend.predict(p, backend.asarray(bad), SMALL)
+    with pytest.raises(ValueError, match="x passed to predict must contain only finite values"):
+        backend.to_numpy(pred)
+    backend.loss(p, backend.asarray(x), backend.asarray(np.array([0, SMALL.num_classes])), SMALL)
+    with pytest.raises(ValueError, match=r"labels passed to loss must contain labels in \[0, "):
+        backend.synchronize()
+    backend.synchronize()  # settled: nothing is reported twice

@@ -249,6 +249,18 @@ def test_registration_imports_no_torch_and_the_cpu_path_not_the_fast_path():
 
 # ------------------------------------------------------------------------------ CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_value_checks_are_deferred_to_the_next_read_never_dropped():
+    backend = TorchBackend(device="cuda")
+    net = backend.params_from_numpy(ref_model.init_params(SMALL, seed=5, dtype="float32"), SMALL)
+    x, _ = _data(SMALL, 2, "float32")
+    x[1, 0, 2, 2] = np.inf
+    pred = backend.predict(net, backend.asarray(x), SMALL)  # queued as a device flag: no stall here
+    with pytest.raises(ValueError, match="x passed to predict must contain only finite values"):
+        backend.to_numpy(pred)
+    backend.to_numpy(pred)  # settled: reported once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("fast", [False, True])
 def test_cuda_train_step_matches_the_cpu(fast):
     cpu, gpu = TorchBackend(), TorchBackend(device="cuda", fast=fast)

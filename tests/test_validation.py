@@ -59,7 +59,8 @@ def test_missing_extra_misshapen_params(setup):
     with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
         forward(p, x, SMALL)
     p = dict(params, **{"digit.weight": np.zeros((1, 3, 2, 2), np.float32)})
-    with pytest.raises(ValueError, match=r"params\['digit.weight'\] must have shape \(\d+, 3, 2, 2\) to match the config, got shape \(1, 3, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"params\['digit.weight'\] must have shape \(\d+, 3, 2, 2\) to match the config, "
+                                         r"got shape \(1, 3, 2, 2\)"):
         forward(p, x, SMALL)
     p = dict(params, **{"conv1.bias": params["conv1.bias"].astype(np.float64)})
     with pytest.raises(ValueError, match="mixes dtypes"):

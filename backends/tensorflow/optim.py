@@ -54,7 +54,8 @@ _ALPHA, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPSILON = range(6)
 
 def step_hyperparameters(adam: AdamConfig, step: int) -> tuple[float, list[float]]:
     """(lr, the float64 vector the compiled update takes) for the update after `step` updates."""
-    return adam.learning_rate(step), [adam.step_size(step), adam.beta1, 1 - adam.beta1, adam.beta2, 1 - adam.beta2, adam.epsilon]
+    b1, b2 = adam.beta1, adam.beta2
+    return adam.learning_rate(step), [adam.step_size(step), b1, 1 - b1, b2, 1 - b2, adam.epsilon]
 
 
 def _apply_adam(params: list[tf.Variable], grads: list[tf.Tensor], ms: list[tf.Variable], vs: list[tf.Variable],
