@@ -18,6 +18,9 @@ make_vjps(namespace, vjp) -> dict[str, function]
     output's dtype). A primal an output does not depend on gets zeros, never None. Each
     generated VJP has the reference's signature (g, *args) and returns a tuple in the order of
     OpSpec.differentiable. Use:  ``globals().update(make_vjps(globals(), vjp))``.
+    The ops are looked up in `namespace` at call time, so the VJPs follow a patched op. With
+    JAX, `vjp` is jax.vjp with each None in the cotangent replaced by zeros of that output;
+    torch's and TensorFlow's are in backends/torch/ops.py and backends/tensorflow/ops.py.
 
 AdamStateView
     The spec's optimizer state {"step", "m", "v"} as a read-only Mapping over a backend's own
@@ -32,11 +35,14 @@ state_to_numpy(state, to_numpy) / state_from_numpy(state, shapes, dtype, load)
     conversion for a backend whose params and state are dicts of arrays (the reference's layout).
 
 ModuleParams
-    A mixin for a Backend whose native params are one object built for a config (an
-    nn.Module, a tf.Module) with ``.config`` and ``.dtype``: it answers the door's
-    native_params / native_state (capsspec.validation) from two hooks, params_class() and
-    state_class(), so the model functions' checks (config match, dtype, device, state ownership)
-    are the door's, not the backend's.
+    A mixin for a Backend (list it before Backend) whose native params are one object built
+    for a config (an nn.Module, a tf.Module) with ``.config`` and ``.dtype``: it answers the
+    door's native_params / native_state (capsspec.validation) from two hooks, params_class()
+    and state_class() (and module_device(params) where placement matters), so the model
+    functions' checks (config match, dtype, device, state ownership) are the door's, not the
+    backend's. It also implements the Backend's state_from_numpy (through the state class's
+    classmethod from_numpy(state, params)) and state_to_numpy, and check_native(params, state)
+    for the other conversions.
 
 float_dtype(dtype, table)
     A module's dtype argument ("float32", "float64" or the framework's own) as the framework's.
@@ -45,7 +51,11 @@ loss_parts(margin_loss, reconstruction_loss, out, x, labels, config, zero)
     The spec's LossParts of a forward output, from the backend's two (unchecked) loss ops and a
     0-d zero of the input's dtype (the reconstruction term without a decoder).
 
-What this module must never do: import a framework, or check arguments (the door does).
+An inference-only backend (Backend.trains False) needs none of the VJP or optimizer parts: it
+implements forward and predict, and the door checks them as for any backend.
+
+What this module must never do: import a framework, or check a spec name's arguments (the door
+does; the checks here are of the conversions' inputs, which are not spec names).
 """
 
 from __future__ import annotations
