@@ -7,8 +7,7 @@ Generator the caller owns, so a run is reproducible; the work is one gather for 
 batch (no Python loop over images).
 
 What this module must never do: be applied to validation or test images (the trainer only
-calls it on training batches: shifted test images would measure another task), or draw from a
-global random state.
+calls it on training batches; docs/spec.md, mistake 5), or draw from a global random state.
 """
 
 from __future__ import annotations

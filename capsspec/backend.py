@@ -16,12 +16,18 @@ A backend is an object with
 
 Backends subclass ``Backend`` and list the modules that implement the spec's names in
 ``impl_modules``; those modules are imported on first use, so constructing a backend or asking
-for its availability never imports more than the availability check needs. Importing this
-module imports no framework.
+for its availability never imports more than the availability check needs. Every name resolved
+from them is put behind the door (capsspec.validation.guard): the implementations check
+nothing, and a Backend is the door's adapter (capsspec.validation.ArrayAdapter: is this one of
+my arrays, its dtype, shape and device, the host reads a value check needs). The defaults are
+NumPy's. A backend that defers value checks on a device settles them at its next host read:
+to_numpy, params_to_numpy, state_to_numpy and synchronize do so before anything else.
+Importing this module imports no framework.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -30,6 +36,7 @@ import numpy as np
 
 from .config import CapsNetConfig
 from .spec import INFERENCE_NAMES, SPEC_NAMES
+from .validation import ArrayAdapter, guard
 
 __all__ = ["Availability", "Backend", "BackendUnavailable"]
 
@@ -46,8 +53,22 @@ class Availability:
     device: str | None = None  # where it would run (e.g. "cpu", "cuda:0 (NVIDIA H100)")
 
 
-class Backend:
-    """Base class: lazy loading of the implementing modules, availability, and common plumbing."""
+# The host reads after which no deferred value check may stay pending (see the module docstring).
+_HOST_READS = ("to_numpy", "params_to_numpy", "state_to_numpy", "synchronize")
+
+
+def _settling(read: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(read)
+    def settled_first(self: "Backend", *args: Any, **kwargs: Any) -> Any:
+        self.settle_checks()
+        return read(self, *args, **kwargs)
+
+    settled_first.__capsspec_settles__ = True  # type: ignore[attr-defined]
+    return settled_first
+
+
+class Backend(ArrayAdapter):
+    """Base class: lazy loading of the implementing modules behind the door, availability, plumbing."""
 
     name: str = ""
     framework: str | None = None  # import name of the framework, None for NumPy only
@@ -61,6 +82,13 @@ class Backend:
     # conformance suite reports its training checks as not applicable, never as passed.
     trains: bool = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _HOST_READS:  # defined here or taken from a mixin (backend_kit.ModuleParams)
+            read = getattr(cls, name)
+            if not getattr(read, "__capsspec_settles__", False):
+                setattr(cls, name, _settling(read))
+
     def __init__(self, device: str | None = None, **options: Any) -> None:
         if options:
             raise ValueError(f"backend {self.name!r} takes no options {sorted(options)}")
@@ -71,11 +99,47 @@ class Backend:
         """Whether this backend can run here, and if not, why. Never raises."""
         if self.framework is None:
             return Availability(True, version=np.__version__, device="cpu")
+        mod, missing = self.import_framework()
+        if missing is not None:
+            return missing
+        version = getattr(mod, "__version__", None)
         try:
-            mod = importlib.import_module(self.framework)
+            return self.device_availability(mod, version)
+        except Exception as exc:  # a broken driver or runtime: say so rather than raise
+            return Availability(False, f"{self.framework} {version} imports, but checking its device failed: {exc}",
+                                version=version)
+
+    def gpu_report(self, version: str | None, gpus: list[str], index: int | None, why_none: str,
+                   name: str) -> Availability:
+        """Availability said the same way by every GPU-capable backend: on the CPU (index None), with a
+        note when GPUs are there; else GPU `index` among `gpus` (their names), named `name` if there."""
+        label = f"{self.framework} {version}"
+        if index is None:
+            note = f" ({len(gpus)} GPU(s) available; pass device={name!r} to use one)" if gpus else ""
+            return Availability(True, version=version, device="cpu" + note)
+        if not gpus:
+            return Availability(False, f"no GPU ({label} {why_none})", version=version)
+        if index >= len(gpus):
+            return Availability(False, f"no GPU {index} ({label} sees {len(gpus)})", version=version)
+        return Availability(True, version=version, device=f"{name}:{index} ({gpus[index]})")
+
+    def device_availability(self, framework: Any, version: str | None) -> Availability:
+        """Whether the backend's device is there, once its framework imports (override for a GPU).
+
+        It may raise: availability() turns an exception into a reason.
+        """
+        return Availability(True, version=version, device=self.device or "cpu")
+
+    def import_framework(self) -> tuple[Any, Availability | None]:
+        """(the framework's module, None), or (None, an Availability saying why it does not import).
+
+        The first step of every availability(); never raises.
+        """
+        try:
+            return importlib.import_module(str(self.framework)), None
         except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"{self.framework} is not importable ({exc}); install it with: {self.install_hint}")
-        return Availability(True, version=getattr(mod, "__version__", None), device=self.device or "cpu")
+            return None, Availability(False, f"{self.framework} is not importable ({exc}); install it with: "
+                                             f"{self.install_hint}")
 
     def is_available(self) -> bool:
         return self.availability().available
@@ -92,7 +156,9 @@ class Backend:
             raise AttributeError(f"{type(self).__name__!s} has no attribute {attr!r}")
         for fn in self._implementations():
             if attr in fn:
-                return fn[attr]
+                checked = guard(attr, fn[attr], self)
+                self.__dict__[attr] = checked  # resolved once; later lookups never come here
+                return checked
         raise AttributeError(f"backend {self.name!r} does not implement the spec's {attr!r}")
 
     def _implementations(self) -> list[Mapping[str, Any]]:
@@ -157,3 +223,7 @@ def _has(obj: Any, name: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+for _name in _HOST_READS:  # the base class's own reads settle too (a subclass may inherit them)
+    setattr(Backend, _name, _settling(getattr(Backend, _name)))

@@ -13,10 +13,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["CapsNetConfig", "AdamConfig", "PAPER_PARAMETER_COUNT"]
+__all__ = ["CapsNetConfig", "AdamConfig", "PAPER_PARAMETER_COUNT", "from_fields"]
 
-# The paper's model has 8,215,568 parameters, 6,804,224 without the decoder (PAPER.md).
+# The paper's model has 8,215,568 parameters, 6,804,224 without the decoder (docs/spec.md, section 1).
 PAPER_PARAMETER_COUNT = 8_215_568
+
+
+def from_fields(cls: type, d: Mapping[str, Any]) -> Any:
+    """cls(**d) for a dataclass, refusing (ValueError) any field the class does not have."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} got unknown fields {unknown}; known fields are {sorted(known)}")
+    return cls(**dict(d))
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
@@ -182,11 +191,7 @@ class CapsNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CapsNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"CapsNetConfig got unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(d))
+        return from_fields(cls, d)
 
 
 @dataclass(frozen=True)
@@ -225,13 +230,15 @@ class AdamConfig:
         """The learning rate for the update that follows `step` completed updates."""
         return max(self.lr_floor, self.lr * self.decay_rate ** (step / self.decay_steps))
 
+    def step_size(self, step: int) -> float:
+        """alpha = lr(step) sqrt(1 - beta2^t) / (1 - beta1^t), t = step + 1: the update's step size
+        with the bias correction folded in (every backend's Adam takes it from here)."""
+        t = step + 1
+        return self.learning_rate(step) * math.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AdamConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"AdamConfig got unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(d))
+        return from_fields(cls, d)

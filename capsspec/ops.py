@@ -14,8 +14,8 @@ Conventions
 * No Python loop runs over examples or capsules. (conv2d's VJP loops over kernel offsets, and
   routing over its iterations, which are the only sequential dimensions.)
 
-What the spec decides where the paper is silent (also in the README's SPEC section)
------------------------------------------------------------------------------------
+What the spec decides where the paper is silent (docs/spec.md, section 2, says it in full)
+-----------------------------------------------------------------------------------------
 * squash(s) = s |s| / (1 + |s|^2) exactly, with value and gradient 0 at s = 0: no epsilon.
   Its domain is every s whose |s|^2 is finite in the dtype (up to ~1e19 per vector in float32,
   ~1e154 in float64); within it no intermediate overflows.
@@ -32,6 +32,9 @@ What the spec decides where the paper is silent (also in the README's SPEC secti
 * Masking keeps the true class's capsule (training) or the longest one (inference; ties go to
   the lowest class index), flattened class-major: feature j * E + e.
 
+Arguments are checked at the door (capsspec.validation): the public names at the bottom of this
+module are wrapped by it, and the functions above check nothing.
+
 What this module must never do: import a framework, keep state, or change its inputs.
 """
 
@@ -41,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .validation import check_float_array, check_labels, check_same_dtype
+from .validation import guard_module
 
 __all__ = [
     "conv2d", "conv2d_vjp",
@@ -57,10 +60,6 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # ============================================================================== conv2d
@@ -111,35 +110,16 @@ def _conv2d_bwd(cache, g, need_input_grad=True):
     return np.ascontiguousarray(gxt.transpose(1, 0, 2, 3)), np.ascontiguousarray(gweight), gbias
 
 
-def _check_conv2d(x, weight, bias, stride):
-    check_float_array("x", x, ndim=4)
-    check_float_array("weight", weight, ndim=4)
-    stride = _check_int("stride", stride)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"weight must have shape (out, {x.shape[1]}, kh, kw) to match x's {x.shape[1]} channels, "
-            f"got {tuple(weight.shape)}"
-        )
-    check_float_array("bias", bias, shape=(weight.shape[0],))
-    if weight.shape[2] > x.shape[2] or weight.shape[3] > x.shape[3]:
-        raise ValueError(f"weight's kernel {tuple(weight.shape[2:])} is larger than x's spatial size {tuple(x.shape[2:])}")
-    check_same_dtype(x=x, weight=weight, bias=bias)
-    return stride
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1) -> np.ndarray:
     """Cross-correlation with valid padding: x (B,C,H,W), weight (O,C,kh,kw), bias (O,) -> (B,O,Ho,Wo)."""
-    stride = _check_conv2d(x, weight, bias, stride)
     return _conv2d_fwd(x, weight, bias, stride)[0]
 
 
 def conv2d_vjp(g: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1):
     """Gradients of conv2d with respect to (x, weight, bias)."""
-    stride = _check_conv2d(x, weight, bias, stride)
-    y, cache = _conv2d_fwd(x, weight, bias, stride)
-    check_float_array("g", g, shape=y.shape)
-    check_same_dtype(x=x, g=g)
-    return _conv2d_bwd(cache, g)
+    return _conv2d_bwd(_conv2d_fwd(x, weight, bias, stride)[1], g)
 
 
 # ============================================================================== squash
@@ -171,15 +151,11 @@ def _squash_bwd(cache, g):
 
 def squash(s: np.ndarray, axis: int = -1) -> np.ndarray:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
-    check_float_array("s", s)
     return _squash_fwd(s, axis)[0]
 
 
 def squash_vjp(g: np.ndarray, s: np.ndarray, axis: int = -1):
     """Gradient of squash with respect to (s,); 0 at s = 0."""
-    check_float_array("s", s)
-    check_float_array("g", g, shape=s.shape)
-    check_same_dtype(s=s, g=g)
     return (_squash_bwd((s, axis), g),)
 
 
@@ -212,14 +188,6 @@ def _primary_bwd(cache, g, need_input_grad=True):
     return _conv2d_bwd(conv_cache, np.ascontiguousarray(ga), need_input_grad)
 
 
-def _check_primary(h, weight, bias, capsule_dim, stride):
-    stride = _check_conv2d(h, weight, bias, stride)
-    capsule_dim = _check_int("capsule_dim", capsule_dim)
-    if weight.shape[0] % capsule_dim:
-        raise ValueError(
-            f"weight's {weight.shape[0]} output channels are not a whole number of {capsule_dim}-D capsule types"
-        )
-    return capsule_dim, stride
 
 
 def primary_capsules(h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsule_dim: int, stride: int) -> np.ndarray:
@@ -227,17 +195,12 @@ def primary_capsules(h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsul
 
     h (B,C,H,W), weight (T*D,C,k,k) -> u (B, T*Gh*Gw, D) with capsule i = (t*Gh + y)*Gw + x.
     """
-    capsule_dim, stride = _check_primary(h, weight, bias, capsule_dim, stride)
     return _primary_fwd(h, weight, bias, capsule_dim, stride)[0]
 
 
 def primary_capsules_vjp(g: np.ndarray, h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsule_dim: int, stride: int):
     """Gradients of primary_capsules with respect to (h, weight, bias)."""
-    capsule_dim, stride = _check_primary(h, weight, bias, capsule_dim, stride)
-    u, cache = _primary_fwd(h, weight, bias, capsule_dim, stride)
-    check_float_array("g", g, shape=u.shape)
-    check_same_dtype(h=h, g=g)
-    return _primary_bwd(cache, g)
+    return _primary_bwd(_primary_fwd(h, weight, bias, capsule_dim, stride)[1], g)
 
 
 # ============================================================================== predictions
@@ -260,29 +223,15 @@ def _predictions_bwd(cache, g):
     return np.ascontiguousarray(gu), gw
 
 
-def _check_predictions(u, weight):
-    check_float_array("u", u, ndim=3)
-    check_float_array("weight", weight, ndim=4)
-    n, d = u.shape[1], u.shape[2]
-    if weight.shape[0] != n or weight.shape[3] != d:
-        raise ValueError(
-            f"weight must have shape ({n}, J, E, {d}) to match u's {n} capsules of {d} dims, got {tuple(weight.shape)}"
-        )
-    check_same_dtype(u=u, weight=weight)
 
 
 def predictions(u: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """u_hat[b, i, j] = weight[i, j] @ u[b, i]: u (B,N,D), weight (N,J,E,D) -> (B,N,J,E)."""
-    _check_predictions(u, weight)
     return _predictions_fwd(u, weight)[0]
 
 
 def predictions_vjp(g: np.ndarray, u: np.ndarray, weight: np.ndarray):
     """Gradients of predictions with respect to (u, weight)."""
-    _check_predictions(u, weight)
-    b, n, _ = u.shape
-    check_float_array("g", g, shape=(b, n, weight.shape[1], weight.shape[2]))
-    check_same_dtype(u=u, g=g)
     return _predictions_bwd((u, weight), g)
 
 
@@ -338,31 +287,17 @@ def routing(u_hat: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]
 
     c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
     """
-    check_float_array("u_hat", u_hat, ndim=4)
-    iterations = _check_int("iterations", iterations)
     return _routing_fwd(u_hat, iterations)[0]
 
 
 def routing_vjp(g: tuple[np.ndarray, np.ndarray | None], u_hat: np.ndarray, iterations: int):
     """Gradient of routing with respect to (u_hat,), given g = (g_v, g_c); g_c may be None."""
-    check_float_array("u_hat", u_hat, ndim=4)
-    iterations = _check_int("iterations", iterations)
-    if not isinstance(g, (tuple, list)) or len(g) != 2:
-        raise ValueError(f"g must be a pair (g_v, g_c) with g_c possibly None, got {type(g).__name__}")
-    g_v, g_c = g
-    bsz, n, j, e = u_hat.shape
-    check_float_array("g_v", g_v, shape=(bsz, j, e))
-    if g_c is not None:
-        check_float_array("g_c", g_c, shape=(bsz, n, j))
-    check_same_dtype(u_hat=u_hat, g_v=g_v, g_c=g_c)
-    _, cache = _routing_fwd(u_hat, iterations)
-    return (_routing_bwd(cache, g_v, g_c),)
+    return (_routing_bwd(_routing_fwd(u_hat, iterations)[1], *g),)
 
 
 # ============================================================================== lengths
 def capsule_lengths(v: np.ndarray) -> np.ndarray:
     """|v_j| along the last axis: (..., E) -> (...)."""
-    check_float_array("v", v)
     return np.sqrt(np.sum(v * v, axis=-1))
 
 
@@ -374,21 +309,10 @@ def _lengths_bwd(v, g):
 
 def capsule_lengths_vjp(g: np.ndarray, v: np.ndarray):
     """Gradient of capsule_lengths with respect to (v,): g v / |v|, and 0 where v = 0."""
-    check_float_array("v", v)
-    check_float_array("g", g, shape=v.shape[:-1])
-    check_same_dtype(v=v, g=g)
     return (_lengths_bwd(v, g),)
 
 
 # ============================================================================== margin loss
-def _check_margin(lengths, labels, m_plus, m_minus, lambda_):
-    check_float_array("lengths", lengths, ndim=2)
-    check_labels("labels", labels, lengths.shape[0], lengths.shape[1])
-    for name, value in (("m_plus", m_plus), ("m_minus", m_minus), ("lambda_", lambda_)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not np.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
 def _margin_terms(lengths, labels, m_plus, m_minus):
     present = np.zeros(lengths.shape, dtype=lengths.dtype)
     present[np.arange(lengths.shape[0]), labels] = 1
@@ -400,7 +324,6 @@ def _margin_terms(lengths, labels, m_plus, m_minus):
 def margin_loss(lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9, m_minus: float = 0.1,
                 lambda_: float = 0.5) -> np.ndarray:
     """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
-    _check_margin(lengths, labels, m_plus, m_minus, lambda_)
     t, up, down = _margin_terms(lengths, labels, m_plus, m_minus)
     per_class = t * up * up + lambda_ * (1 - t) * down * down
     return per_class.sum(axis=1).mean(dtype=lengths.dtype)
@@ -409,10 +332,7 @@ def margin_loss(lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9, m_
 def margin_loss_vjp(g: np.ndarray, lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9,
                     m_minus: float = 0.1, lambda_: float = 0.5):
     """Gradient of margin_loss with respect to (lengths,)."""
-    _check_margin(lengths, labels, m_plus, m_minus, lambda_)
     g = np.asarray(g, dtype=lengths.dtype)
-    if g.shape != ():
-        raise ValueError(f"g must be a scalar (the loss is a scalar), got shape {g.shape}")
     t, up, down = _margin_terms(lengths, labels, m_plus, m_minus)
     grad = (-2 * t * up + 2 * lambda_ * (1 - t) * down) * (g / lengths.shape[0])
     return (grad.astype(lengths.dtype, copy=False),)
@@ -427,10 +347,6 @@ def _mask_onehot(v, labels):
     return onehot
 
 
-def _check_mask(v, labels):
-    check_float_array("v", v, ndim=3)
-    if labels is not None:
-        check_labels("labels", labels, v.shape[0], v.shape[1])
 
 
 def mask(v: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
@@ -438,15 +354,11 @@ def mask(v: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
 
     The kept capsule is the true class's when labels are given, else the longest.
     """
-    _check_mask(v, labels)
     return (v * _mask_onehot(v, labels)[:, :, None]).reshape(v.shape[0], -1)
 
 
 def mask_vjp(g: np.ndarray, v: np.ndarray, labels: np.ndarray | None = None):
     """Gradient of mask with respect to (v,) (the choice of capsule is piecewise constant)."""
-    _check_mask(v, labels)
-    check_float_array("g", g, shape=(v.shape[0], v.shape[1] * v.shape[2]))
-    check_same_dtype(v=v, g=g)
     return (g.reshape(v.shape) * _mask_onehot(v, labels)[:, :, None],)
 
 
@@ -467,79 +379,47 @@ def _decoder_fwd(x, weights, biases):
     return h, hs
 
 
-def _decoder_bwd(hs, weights, g, need_input_grad=True):
+def _decoder_bwd(hs, weights, g):
     gws, gbs = [None] * len(weights), [None] * len(weights)
     out = hs[-1]
     gz = g * out * (1 - out)
     for k in reversed(range(len(weights))):
         gws[k] = gz.T @ hs[k]
         gbs[k] = gz.sum(axis=0)
-        if k == 0 and not need_input_grad:
-            return None, gws, gbs
         gh = gz @ weights[k]
         if k > 0:
             gz = gh * (hs[k] > 0)
     return gh, gws, gbs
 
 
-def _check_decoder(x, weights, biases):
-    check_float_array("x", x, ndim=2)
-    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
-        raise ValueError("weights and biases must be sequences of arrays, one per layer")
-    if len(weights) == 0 or len(weights) != len(biases):
-        raise ValueError(f"weights and biases must be non-empty and of equal length, got {len(weights)} and {len(biases)}")
-    width = x.shape[1]
-    for k, (w, b) in enumerate(zip(weights, biases)):
-        check_float_array(f"weights[{k}]", w, shape=(None, width))
-        check_float_array(f"biases[{k}]", b, shape=(w.shape[0],))
-        check_same_dtype(x=x, **{f"weights[{k}]": w, f"biases[{k}]": b})
-        width = w.shape[0]
 
 
 def decoder(x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> np.ndarray:
     """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
-    _check_decoder(x, weights, biases)
     return _decoder_fwd(x, weights, biases)[0]
 
 
 def decoder_vjp(g: np.ndarray, x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]):
     """Gradients of decoder with respect to (x, weights, biases); the last two are lists."""
-    _check_decoder(x, weights, biases)
-    out, hs = _decoder_fwd(x, weights, biases)
-    check_float_array("g", g, shape=out.shape)
-    check_same_dtype(x=x, g=g)
-    return _decoder_bwd(hs, weights, g)
+    return _decoder_bwd(_decoder_fwd(x, weights, biases)[1], weights, g)
 
 
 # ============================================================================== reconstruction loss
-def _check_reconstruction(reconstruction, images, scale):
-    check_float_array("reconstruction", reconstruction, ndim=2)
-    check_float_array("images", images)
-    if images.shape[0] != reconstruction.shape[0] or int(np.prod(images.shape[1:])) != reconstruction.shape[1]:
-        raise ValueError(
-            f"images {tuple(images.shape)} do not match reconstruction {tuple(reconstruction.shape)}: "
-            "each image must flatten to one reconstruction row"
-        )
-    check_same_dtype(reconstruction=reconstruction, images=images)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-
-
 def reconstruction_loss(reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005) -> np.ndarray:
     """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
 
     images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
     """
-    _check_reconstruction(reconstruction, images, scale)
     d = reconstruction - images.reshape(reconstruction.shape)
     return (scale * np.sum(d * d, axis=1)).mean(dtype=d.dtype)
 
 
 def reconstruction_loss_vjp(g: np.ndarray, reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005):
     """Gradient of reconstruction_loss with respect to (reconstruction,)."""
-    _check_reconstruction(reconstruction, images, scale)
     g = np.asarray(g, dtype=reconstruction.dtype)
-    if g.shape != ():
-        raise ValueError(f"g must be a scalar (the loss is a scalar), got shape {g.shape}")
     d = reconstruction - images.reshape(reconstruction.shape)
     return ((2 * scale / reconstruction.shape[0]) * g * d,)
+
+
+# The public names behind the door: every argument check lives in capsspec.validation, once.
+guard_module(globals(), __all__)

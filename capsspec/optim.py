@@ -12,8 +12,9 @@ from typing import Mapping
 import numpy as np
 
 from .config import AdamConfig, CapsNetConfig
-from .model import _check_model_inputs, _value_and_grad
+from .model import _value_and_grad
 from .spec import StepMetrics
+from .validation import guard_module, unchecked
 
 __all__ = ["adam_init", "adam_update", "train_step"]
 
@@ -27,51 +28,32 @@ def adam_init(params: Mapping[str, np.ndarray]) -> dict:
     }
 
 
-def _check_state(state: Mapping, params: Mapping[str, np.ndarray]) -> None:
-    if not isinstance(state, Mapping) or not {"step", "m", "v"} <= set(state):
-        raise ValueError("state must be a dict with 'step', 'm' and 'v', as adam_init returns")
-    for part in ("m", "v"):
-        if set(state[part]) != set(params):
-            raise ValueError(f"state[{part!r}] has keys {sorted(state[part])} but params have {sorted(params)}")
-        for k, p in params.items():
-            if state[part][k].shape != p.shape or state[part][k].dtype != p.dtype:
-                raise ValueError(f"state[{part!r}][{k!r}] must match the parameter's shape {p.shape} and dtype {p.dtype}")
-    step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
-
-
 def adam_update(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], state: Mapping,
                 adam: AdamConfig = AdamConfig()) -> tuple[dict[str, np.ndarray], dict]:
     """One Adam update with the scheduled learning rate. Returns (new params, new state)."""
-    _check_state(state, params)
-    if set(grads) != set(params):
-        raise ValueError(f"grads have keys {sorted(grads)} but params have {sorted(params)}")
     step = int(state["step"])
-    t = step + 1
-    lr = adam.learning_rate(step)
-    alpha = lr * np.sqrt(1 - adam.beta2 ** t) / (1 - adam.beta1 ** t)
+    alpha = np.float64(adam.step_size(step))  # a NumPy float64: float32 updates are computed in float64
     new_params, m_new, v_new = {}, {}, {}
     for k, p in params.items():
         g = grads[k]
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{k!r}] has shape {g.shape} but the parameter has {p.shape}")
         m = adam.beta1 * state["m"][k] + (1 - adam.beta1) * g
         v = adam.beta2 * state["v"][k] + (1 - adam.beta2) * (g * g)
         new_params[k] = (p - (alpha * m / (np.sqrt(v) + adam.epsilon))).astype(p.dtype, copy=False)
         m_new[k], v_new[k] = m.astype(p.dtype, copy=False), v.astype(p.dtype, copy=False)
-    return new_params, {"step": t, "m": m_new, "v": v_new}
+    return new_params, {"step": step + 1, "m": m_new, "v": v_new}
 
 
 def train_step(params: Mapping[str, np.ndarray], state: Mapping, x: np.ndarray, labels: np.ndarray,
                config: CapsNetConfig, adam: AdamConfig = AdamConfig()) -> tuple[dict[str, np.ndarray], dict, StepMetrics]:
     """Loss, gradients and one Adam update on one batch. Returns (params, state, metrics)."""
-    _check_model_inputs(params, x, config, labels)
-    _check_state(state, params)
     parts, grads, out = _value_and_grad(params, x, labels, config)
     lr = adam.learning_rate(int(state["step"]))
-    new_params, new_state = adam_update(params, grads, state, adam)
+    new_params, new_state = unchecked(adam_update)(params, grads, state, adam)
     correct = int(np.sum(np.argmax(out.lengths, axis=1) == labels))
     metrics = StepMetrics(total=float(parts.total), margin=float(parts.margin),
                           reconstruction=float(parts.reconstruction), correct=correct, lr=lr)
     return new_params, new_state, metrics
+
+
+# The spec's names behind the door (capsspec.validation); the functions above check nothing.
+guard_module(globals(), __all__)

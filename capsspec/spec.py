@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "OpSpec", "OPS", "OP_NAMES", "MODEL_FUNCTIONS", "OPTIMIZER_FUNCTIONS", "SPEC_NAMES",
-    "INFERENCE_NAMES",
+    "INFERENCE_NAMES", "CONSUMES",
     "CapsNetOutput", "LossParts", "StepMetrics",
 ]
 
@@ -57,6 +57,13 @@ MODEL_FUNCTIONS: tuple[str, ...] = ("forward", "loss", "value_and_grad", "predic
 # adam_init(params) -> state; adam_update(params, grads, state, adam) -> (params, state);
 # train_step(params, state, x, labels, config, adam) -> (params, state, StepMetrics)
 OPTIMIZER_FUNCTIONS: tuple[str, ...] = ("adam_init", "adam_update", "train_step")
+
+# Purity: no spec function changes its inputs (arrays, parameter dicts or modules, optimizer
+# state), with one exception. train_step *consumes* the params and state it is given: a backend
+# may update them in place (an nn.Module or tf.Module and its optimizer, for speed) and returns
+# the updated ones, which the caller must use; what it passed in is not to be used again.
+# adam_update, like every other name, leaves its inputs as they were.
+CONSUMES: dict[str, tuple[str, ...]] = {"train_step": ("params", "state")}
 
 SPEC_NAMES: tuple[str, ...] = (
     *(n for op in OPS for n in (op.name, op.vjp_name)),

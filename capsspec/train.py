@@ -33,7 +33,7 @@ a killed writer left behind are removed when the run is started or resumed.
 Honest accuracy. Validation images are held out of the training set. Each epoch the model is
 evaluated on validation and test, but the accuracy the run reports is the final model's, or
 (select="val") the one of the epoch with the best validation accuracy; never the best of the
-test evaluations. The summary says which.
+test evaluations (docs/spec.md, mistake 6). The summary says which.
 
 Speed. StepMetrics stay backend scalars: they are summed on the device and read back only every
 `log_every` steps and at the end of an epoch (when a backend already returns Python numbers,

@@ -9,7 +9,7 @@ train_step alike. Select one with its import path, e.g.
 
     capsspec conformance --backend capsspec.conformance.broken:SoftmaxOverChildren
 
-The mistakes (PAPER.md, "Mistakes earlier implementations made"):
+The mistakes (docs/spec.md, section 4, "Mistakes earlier implementations made"):
   SoftmaxOverChildren       routing's softmax over the children i instead of the parents j (1)
   SquashNanAtZero           squash divides by |s| with no guard: NaN for a zero vector (2)
   PrimaryNoChannelsLast     PrimaryCaps reshaped without moving channels last (3)
@@ -65,7 +65,6 @@ def _build(key: str, patch: Callable[[ModuleType], None]) -> tuple[str, str, str
     model.ops = ops  # model calls ops.<private> at run time: now the broken copy
     optim = _load_copy(capsspec.optim, names[2])
     optim._value_and_grad = model._value_and_grad
-    optim._check_model_inputs = model._check_model_inputs
     for name, mod in zip(names, (ops, model, optim)):
         sys.modules[name] = mod
     return names

@@ -33,7 +33,8 @@ from capsspec import model as ref_model
 from capsspec import ops as ref_ops
 from capsspec import optim as ref_optim
 from capsspec.spec import MODEL_FUNCTIONS, OPS, OPTIMIZER_FUNCTIONS
-from capsspec.backends.cupy import kernels
+from capsspec.validation import guard
+from capsspec.backends.cupy import CupyBackend, kernels
 from capsspec.backends.cupy import model as cp_model
 from capsspec.backends.cupy import ops as cp_ops
 from capsspec.backends.cupy import optim as cp_optim
@@ -600,47 +601,56 @@ def test_train_step(arr):
 
 
 # ============================================================================== (b) validation
+def _checked(module, name):
+    """The spec name `name` of the CuPy implementation behind the door, with the CuPy backend as the
+    door's adapter: on NumPy arrays, the host path, so no GPU is needed."""
+    return guard(name, getattr(module, name), CupyBackend())
+
+
 def test_bad_inputs_raise_value_error():
     rng = np.random.default_rng(0)
     x, w, b = rng.normal(size=(1, 2, 5, 5)), rng.normal(size=(3, 2, 3, 3)), rng.normal(size=(3,))
     with pytest.raises(ValueError, match="weight"):
-        cp_ops.conv2d(x, w[:, :1], b)
+        _checked(cp_ops, 'conv2d')(x, w[:, :1], b)
     with pytest.raises(ValueError, match="dtype"):
-        cp_ops.conv2d(x.astype(np.float32), w, b)
+        _checked(cp_ops, 'conv2d')(x.astype(np.float32), w, b)
     with pytest.raises(ValueError, match="stride"):
-        cp_ops.conv2d(x, w, b, 0)
+        _checked(cp_ops, 'conv2d')(x, w, b, 0)
     with pytest.raises(ValueError, match="x must be"):
-        cp_ops.conv2d(x.tolist(), w, b)
+        _checked(cp_ops, 'conv2d')(x.tolist(), w, b)
     with pytest.raises(ValueError, match="finite"):
-        cp_ops.squash(np.array([[np.nan, 1.0]]))
+        _checked(cp_ops, 'squash')(np.array([[np.nan, 1.0]]))
     with pytest.raises(ValueError, match="axis"):
-        cp_ops.squash(np.ones((2, 3)), axis=2)
+        _checked(cp_ops, 'squash')(np.ones((2, 3)), axis=2)
     with pytest.raises(ValueError, match="iterations"):
-        cp_ops.routing(np.ones((1, 2, 2, 2)), 0)
+        _checked(cp_ops, 'routing')(np.ones((1, 2, 2, 2)), 0)
     with pytest.raises(ValueError, match="pair"):
-        cp_ops.routing_vjp(np.ones((1, 2, 2)), np.ones((1, 2, 2, 2)), 1)
+        _checked(cp_ops, 'routing_vjp')(np.ones((1, 2, 2)), np.ones((1, 2, 2, 2)), 1)
     with pytest.raises(ValueError, match="labels"):
-        cp_ops.margin_loss(np.ones((2, 3)), np.array([0, 3]))
+        _checked(cp_ops, 'margin_loss')(np.ones((2, 3)), np.array([0, 3]))
     with pytest.raises(ValueError, match="labels"):
-        cp_ops.mask(np.ones((2, 3, 4)), np.array([0.0, 1.0]))
+        _checked(cp_ops, 'mask')(np.ones((2, 3, 4)), np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="g must be a scalar"):
-        cp_ops.margin_loss_vjp(np.ones(2), np.ones((2, 3)), np.array([0, 1]))
+        _checked(cp_ops, 'margin_loss_vjp')(np.ones(2), np.ones((2, 3)), np.array([0, 1]))
     with pytest.raises(ValueError, match="weights"):
-        cp_ops.decoder(np.ones((2, 3)), [], [])
+        _checked(cp_ops, 'decoder')(np.ones((2, 3)), [], [])
     with pytest.raises(ValueError, match="images"):
-        cp_ops.reconstruction_loss(np.ones((2, 12)), np.ones((2, 1, 3, 3)))
+        _checked(cp_ops, 'reconstruction_loss')(np.ones((2, 12)), np.ones((2, 1, 3, 3)))
     params, x, labels = _model_inputs(SMALL, 2, 0)
     with pytest.raises(ValueError, match="dtype"):
-        cp_model.forward(params, x.astype(np.float32), SMALL)
+        _checked(cp_model, 'forward')(params, x.astype(np.float32), SMALL)
     with pytest.raises(ValueError, match="params"):
-        cp_model.forward({k: v for k, v in params.items() if k != "conv1.bias"}, x, SMALL)
+        _checked(cp_model, 'forward')({k: v for k, v in params.items() if k != "conv1.bias"}, x, SMALL)
     with pytest.raises(ValueError, match="labels"):
-        cp_model.loss(params, x, None, SMALL)
+        _checked(cp_model, 'loss')(params, x, None, SMALL)
     state = cp_optim.adam_init(params)
     with pytest.raises(ValueError, match="grads"):
-        cp_optim.adam_update(params, {}, state)
+        _checked(cp_optim, 'adam_update')(params, {}, state)
     with pytest.raises(ValueError, match="step"):
-        cp_optim.adam_update(params, params, {**state, "step": -1})
+        _checked(cp_optim, 'adam_update')(params, params, {**state, "step": -1})
+    # An empty batch is refused here as on every backend.
+    with pytest.raises(ValueError, match="empty batch"):
+        _checked(cp_ops, 'routing')(np.ones((0, 2, 2, 2)), 1)
 
 
 def test_inputs_are_not_changed():
@@ -863,3 +873,21 @@ def test_gpu_paper_sized_step_runs():
     params, state, metrics = backend.train_step(params, state, x, labels, config)
     assert np.isfinite(float(metrics.total)) and 0 <= int(metrics.correct) <= 8
     assert all(v.dtype == cupy.float32 and bool(cupy.isfinite(v).all()) for v in params.values())
+
+
+@requires_gpu
+def test_gpu_value_checks_are_deferred_to_the_next_read_never_dropped():
+    # On the GPU the door queues NaN/inf and label-range checks as device flags (no stall per
+    # call) and raises at the next host read through the backend.
+    backend = get_backend("cupy")
+    params, x, labels = _model_inputs(SMALL, batch=2, seed=6)
+    p = backend.params_from_numpy(params, SMALL)
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    pred = backend.predict(p, backend.asarray(bad), SMALL)
+    with pytest.raises(ValueError, match="x passed to predict must contain only finite values"):
+        backend.to_numpy(pred)
+    backend.loss(p, backend.asarray(x), backend.asarray(np.array([0, SMALL.num_classes])), SMALL)
+    with pytest.raises(ValueError, match=r"labels passed to loss must contain labels in \[0, "):
+        backend.synchronize()
+    backend.synchronize()  # settled: nothing is reported twice

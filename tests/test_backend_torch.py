@@ -26,6 +26,7 @@ from capsspec.spec import OPS, StepMetrics  # noqa: E402
 from capsspec.backends.torch import TorchBackend  # noqa: E402
 from capsspec.backends.torch import model as tm  # noqa: E402
 from capsspec.backends.torch import ops as tops  # noqa: E402
+from batches import random_batch  # noqa: E402
 
 SMALL = CapsNetConfig(
     input_height=12, input_width=12, conv1_channels=8, conv1_kernel=3, primary_types=3, primary_dim=4,
@@ -38,11 +39,7 @@ def backend():
     return get_backend("torch")
 
 
-def _data(config, batch, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(batch, *config.input_shape)).astype(dtype)
-    y = rng.integers(0, config.num_classes, size=batch)
-    return x, y
+_data = random_batch
 
 
 def _close(got, want, rtol, atol=0.0):
@@ -131,7 +128,7 @@ def test_model_functions_match_the_reference_in_float64(backend):
 def test_model_rejects_bad_input(backend):
     net = backend.params_from_numpy(ref_model.init_params(SMALL, dtype="float64"), SMALL)
     x, y = _data(SMALL, 2, "float64")
-    X, Y = backend.asarray(x), backend.asarray(y)
+    X = backend.asarray(x)
     with pytest.raises(ValueError, match="config does not match"):
         backend.forward(net, X, SMALL.replace(routing_iterations=2))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
@@ -251,6 +248,18 @@ def test_registration_imports_no_torch_and_the_cpu_path_not_the_fast_path():
 
 
 # ------------------------------------------------------------------------------ CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_value_checks_are_deferred_to_the_next_read_never_dropped():
+    backend = TorchBackend(device="cuda")
+    net = backend.params_from_numpy(ref_model.init_params(SMALL, seed=5, dtype="float32"), SMALL)
+    x, _ = _data(SMALL, 2, "float32")
+    x[1, 0, 2, 2] = np.inf
+    pred = backend.predict(net, backend.asarray(x), SMALL)  # queued as a device flag: no stall here
+    with pytest.raises(ValueError, match="x passed to predict must contain only finite values"):
+        backend.to_numpy(pred)
+    backend.to_numpy(pred)  # settled: reported once
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("fast", [False, True])
 def test_cuda_train_step_matches_the_cpu(fast):

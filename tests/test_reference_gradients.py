@@ -110,7 +110,7 @@ def test_primary_capsules_vjp(seed, b, types, dim, k, stride, c):
 
 
 def test_primary_capsule_order_moves_channels_last():
-    # Capsule i = (t*Gh + y)*Gw + x, dim d = conv channel t*D + d (PAPER.md mistake 3).
+    # Capsule i = (t*Gh + y)*Gw + x, dim d = conv channel t*D + d (docs/spec.md, mistake 3).
     rng = np.random.default_rng(1)
     types, dim = 3, 2
     h = rng.normal(size=(2, 2, 6, 5))
@@ -247,20 +247,15 @@ def test_reconstruction_loss_vjp(seed, b):
 
 
 # ------------------------------------------------------------------------------ whole model
+# Each size a drawn config may take, as an inclusive range: small enough for finite differences.
+SIZE_RANGES = {
+    "input_channels": (1, 2), "input_height": (7, 10), "input_width": (7, 10), "conv1_channels": (1, 4),
+    "conv1_kernel": (2, 3), "primary_types": (1, 3), "primary_dim": (1, 4), "primary_kernel": (2, 3),
+    "primary_stride": (1, 2), "num_classes": (2, 5), "class_dim": (1, 4), "routing_iterations": (1, 4),
+}
 configs = st.builds(
     CapsNetConfig,
-    input_channels=st.integers(1, 2),
-    input_height=st.integers(7, 10),
-    input_width=st.integers(7, 10),
-    conv1_channels=st.integers(1, 4),
-    conv1_kernel=st.integers(2, 3),
-    primary_types=st.integers(1, 3),
-    primary_dim=st.integers(1, 4),
-    primary_kernel=st.integers(2, 3),
-    primary_stride=st.integers(1, 2),
-    num_classes=st.integers(2, 5),
-    class_dim=st.integers(1, 4),
-    routing_iterations=st.integers(1, 4),
+    **{name: st.integers(lo, hi) for name, (lo, hi) in SIZE_RANGES.items()},
     use_decoder=st.booleans(),
     decoder_widths=st.lists(st.integers(1, 6), min_size=0, max_size=2).map(tuple),
 )

@@ -43,7 +43,7 @@ def test_coupling_sums_to_one_over_parents_not_children():
 
 
 def test_logits_are_per_example():
-    # Routing of one example must not depend on the others in the batch (PAPER.md mistake 7).
+    # Routing of one example must not depend on the others in the batch (docs/spec.md, mistake 7).
     rng = np.random.default_rng(1)
     u_hat = rng.normal(size=(4, 6, 3, 2))
     v_all, c_all = ops.routing(u_hat, 3)
@@ -55,7 +55,7 @@ def test_logits_are_per_example():
 
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
 def test_iterations_change_the_result(iterations):
-    # Each extra iteration moves v on this input (PAPER.md mistake 8: an ignored setting).
+    # Each extra iteration moves v on this input (docs/spec.md, mistake 8: an ignored setting).
     v_prev, _ = ops.routing(U_HAT, iterations)
     v_next, _ = ops.routing(U_HAT, iterations + 1)
     assert not np.allclose(v_prev, v_next)

@@ -44,7 +44,7 @@ def test_config_round_trip_and_unknown_field():
 def test_paper_sizes():
     c = CapsNetConfig()
     assert c.primary_grid == (6, 6) and c.num_primary == 1152
-    assert c.parameter_count() == 8_215_568  # PAPER.md: conv1 20,992 + primary 5,308,672 + W 1,474,560 + decoder 1,411,344
+    assert c.parameter_count() == 8_215_568  # docs/spec.md: conv1 20,992 + primary 5,308,672 + W 1,474,560 + decoder 1,411,344
     assert c.replace(use_decoder=False).parameter_count() == 6_804_224
     assert c.param_shapes()["digit.weight"] == (1152, 10, 16, 8)
 
@@ -59,7 +59,8 @@ def test_missing_extra_misshapen_params(setup):
     with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
         forward(p, x, SMALL)
     p = dict(params, **{"digit.weight": np.zeros((1, 3, 2, 2), np.float32)})
-    with pytest.raises(ValueError, match=r"params\['digit.weight'\] must have shape \(\d+, 3, 2, 2\), got \(1, 3, 2, 2\)"):
+    with pytest.raises(ValueError, match=r"params\['digit.weight'\] must have shape \(\d+, 3, 2, 2\) to match the config, "
+                                         r"got shape \(1, 3, 2, 2\)"):
         forward(p, x, SMALL)
     p = dict(params, **{"conv1.bias": params["conv1.bias"].astype(np.float64)})
     with pytest.raises(ValueError, match="mixes dtypes"):
@@ -121,3 +122,99 @@ def test_adam_config_and_state_errors(setup):
     state["m"].pop("conv1.weight")
     with pytest.raises(ValueError, match=r"state\['m'\] has keys"):
         train_step(params, state, x, y, SMALL)
+
+
+# ============================================================================== the door
+def test_every_spec_name_has_one_check_with_the_reference_signature():
+    import inspect
+
+    from capsspec import model as ref_model, optim as ref_optim
+    from capsspec.spec import SPEC_NAMES
+    from capsspec.validation import CHECKS, spec_signature, unchecked
+
+    assert set(CHECKS) == set(SPEC_NAMES)
+    for name in SPEC_NAMES:
+        ref = next(getattr(m, name) for m in (ops, ref_model, ref_optim) if hasattr(m, name))
+        raw = inspect.signature(unchecked(ref))
+        door = spec_signature(name)
+        assert list(door.parameters) == list(raw.parameters), name
+        assert [p.default for p in door.parameters.values()] == [p.default for p in raw.parameters.values()], name
+
+
+def _cpu_backends():
+    from capsspec import get_backend
+    from capsspec.registry import available_backends
+
+    return [get_backend(n) for n in ("numpy", "torch", "tensorflow") if n in available_backends()]
+
+
+@pytest.fixture(scope="module", params=["numpy", "torch", "tensorflow"])
+def backend(request):
+    from capsspec import get_backend
+    from capsspec.registry import available_backends
+
+    if request.param not in available_backends():
+        pytest.skip(f"{request.param} is not available here")
+    return get_backend(request.param)
+
+
+def test_every_backend_refuses_the_same_bad_inputs(backend, setup):
+    params, x, y = setup
+    net = backend.params_from_numpy(params, SMALL)
+    a = backend.asarray
+    bad = x.copy()
+    bad[1, 0, 3, 3] = np.nan
+    cases = [
+        (lambda: backend.predict(net, a(bad), SMALL), "x must contain only finite values"),
+        (lambda: backend.forward(net, a(np.full_like(x, np.inf)), SMALL), "x must contain only finite values"),
+        (lambda: backend.loss(net, a(x), a(y.astype(np.float32)), SMALL), "labels must have an integer dtype"),
+        (lambda: backend.value_and_grad(net, a(x), a(np.array([0, 3])), SMALL), r"labels must lie in \[0, 3\)"),
+        (lambda: backend.forward(net, a(x[:0]), SMALL), "x must hold at least one example"),
+        (lambda: backend.forward(net, a(x), SMALL.replace(num_classes=4)), "match the config|config does not match"),
+        (lambda: backend.capsule_lengths(a(np.array(1.0))), "v must have at least 1 dimension"),
+        (lambda: backend.capsule_lengths_vjp(a(np.array(1.0)), a(np.array(1.0))), "v must have at least 1"),
+        (lambda: backend.squash(a(np.ones((2, 3))), 2), r"axis must be an int in \[-2, 2\)"),
+        (lambda: backend.squash(a(np.ones((2, 3))), -3), "axis"),
+        (lambda: backend.margin_loss(a(np.ones((0, 3))), a(np.zeros(0, np.int64))), "lengths must hold at least one"),
+        (lambda: backend.mask(a(np.ones((2, 3, 4))), a(np.array([0.0, 1.0]))), "labels must have an integer dtype"),
+        (lambda: backend.routing(a(np.ones((1, 2, 2, 2))), 0), "iterations must be an int >= 1, got 0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_the_reference_refuses_what_the_backends_refuse():
+    with pytest.raises(ValueError, match="v must have at least 1 dimension"):
+        ops.capsule_lengths(np.array(1.0))
+    with pytest.raises(ValueError, match="axis must be an int"):
+        ops.squash(np.ones((2, 3)), axis=5)
+    with pytest.raises(ValueError, match="x must hold at least one example"):
+        ops.conv2d(np.ones((0, 1, 3, 3)), np.ones((2, 1, 2, 2)), np.ones(2))
+
+
+def test_deferred_value_checks_are_settled_at_the_next_host_read(setup):
+    # A backend whose arrays "live on a device": the door queues its value checks as flags and
+    # settles them when the caller next reads through the backend, never silently drops them.
+    from capsspec.backends.numpy import NumpyBackend
+
+    class Deferring(NumpyBackend):
+        def defers(self, a):
+            return True
+
+        def deferred_flags(self, a, num_classes):
+            return np.array(not np.isfinite(a).all() if num_classes is None else ((a < 0) | (a >= num_classes)).any())
+
+    params, x, y = setup
+    b = Deferring()
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    pred = b.predict(params, bad, SMALL)  # no error yet: the check waits for a read
+    with pytest.raises(ValueError, match="x passed to predict must contain only finite values"):
+        b.to_numpy(pred)
+    b.to_numpy(pred)  # settled: reported once
+    b.loss(params, x, np.array([0, -1]), SMALL)  # (-1 indexes from the end on the host: no crash first)
+    with pytest.raises(ValueError, match=r"labels passed to loss must contain labels in \[0, 3\)"):
+        b.synchronize()
+    b.value_and_grad(params, x, y, SMALL)
+    b.synchronize()  # good input leaves nothing behind

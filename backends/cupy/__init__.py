@@ -15,13 +15,13 @@ availability() and by the implementation modules, which load on first use.
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from capsspec.backend import Availability, Backend
+from capsspec.backend_kit import dict_state_from_numpy, state_to_numpy
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -54,38 +54,54 @@ class CupyBackend(Backend):
         super().__init__(device=f"cuda:{self.device_index}", **options)
 
     # ------------------------------------------------------------------------- availability
-    def availability(self) -> Availability:
-        """Available when cupy imports and sees the chosen CUDA device. Never raises."""
-        try:
-            cupy = importlib.import_module("cupy")
-        except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"cupy is not importable ({exc}); install it with: {self.install_hint}")
-        version = getattr(cupy, "__version__", None)
-        try:
-            if not cupy.cuda.is_available():
-                try:
-                    cupy.cuda.runtime.getDeviceCount()
-                    why = "it sees no CUDA device"
-                except Exception as exc:  # the driver's own words say why (none, too old, ...)
-                    why = f"CUDA says: {exc}"
-                return Availability(False, f"no CUDA device (cupy {version} imports, but {why})", version=version)
-            count = cupy.cuda.runtime.getDeviceCount()
-            if self.device_index >= count:
-                return Availability(
-                    False, f"no CUDA device {self.device_index} (cupy {version} sees {count} device(s))", version=version
-                )
-            name = cupy.cuda.runtime.getDeviceProperties(self.device_index)["name"]
-            if isinstance(name, bytes):
-                name = name.decode(errors="replace")
-        except Exception as exc:
-            return Availability(False, f"no usable CUDA device (cupy {version} imports, but: {exc})", version=version)
+    def device_availability(self, cupy: Any, version: str | None) -> Availability:
+        """Available when cupy imports and sees the chosen CUDA device."""
+        if not cupy.cuda.is_available():
+            try:
+                cupy.cuda.runtime.getDeviceCount()
+                why = "it sees no CUDA device"
+            except Exception as exc:  # the driver's own words say why (none, too old, ...)
+                why = f"CUDA says: {exc}"
+            return Availability(False, f"no CUDA device (cupy {version} imports, but {why})", version=version)
+        count = cupy.cuda.runtime.getDeviceCount()
+        if self.device_index >= count:
+            return Availability(
+                False, f"no CUDA device {self.device_index} (cupy {version} sees {count} device(s))", version=version
+            )
+        name = cupy.cuda.runtime.getDeviceProperties(self.device_index)["name"]
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
         return Availability(True, version=version, device=f"cuda:{self.device_index} ({name})")
 
-    # ------------------------------------------------------------------------- conversions
     def _cupy(self) -> Any:
         import cupy
 
         return cupy
+
+    # ------------------------------------------------------------------------- the door's adapter
+    # cupy.ndarray inputs run on their GPU; numpy.ndarray inputs run the same code on the host
+    # (how the ops are tested without a GPU). Value checks of device arrays are deferred: a
+    # host read per call would stall the queue (capsspec.validation states the policy).
+    array_type = "cupy.ndarray (or numpy.ndarray)"
+
+    def is_array(self, a: Any) -> bool:
+        return isinstance(a, np.ndarray) or (type(a).__module__.split(".", 1)[0] == "cupy"
+                                             and isinstance(a, self._cupy().ndarray))
+
+    def device_of(self, a: Any) -> str | None:
+        if isinstance(a, np.ndarray):
+            # NumPy labels may go with device arrays (they are moved); NumPy floats may not.
+            return None if a.dtype.kind in "iu" else "cpu"
+        return f"cuda:{a.device.id}"
+
+    def defers(self, a: Any) -> bool:
+        return not isinstance(a, np.ndarray)
+
+    def deferred_flags(self, a: Any, num_classes: int | None) -> Any:
+        cupy = self._cupy()
+        return ~cupy.isfinite(a).all() if num_classes is None else ((a < 0) | (a >= num_classes)).any()
+
+    # ------------------------------------------------------------------------- conversions
 
     def asarray(self, a: np.ndarray) -> Any:
         cupy = self._cupy()
@@ -103,14 +119,10 @@ class CupyBackend(Backend):
         return {k: self.to_numpy(v) for k, v in params.items()}
 
     def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> dict:
-        return {"step": int(state["step"]),
-                "m": {k: self.asarray(np.asarray(state["m"][k])) for k in params},
-                "v": {k: self.asarray(np.asarray(state["v"][k])) for k in params}}
+        return dict_state_from_numpy(state, params, self.asarray, self.shape_of, self.dtype_name)
 
     def state_to_numpy(self, state: Mapping[str, Any]) -> dict:
-        return {"step": int(state["step"]),
-                "m": {k: self.to_numpy(a) for k, a in state["m"].items()},
-                "v": {k: self.to_numpy(a) for k, a in state["v"].items()}}
+        return state_to_numpy(state, self.to_numpy)
 
     def synchronize(self) -> None:
         """Wait for every queued kernel on the backend's device."""

@@ -9,7 +9,8 @@ The same composition as the reference (capsspec.model), built from this backend'
 value_and_grad chains the ops' hand-derived VJPs on the device, reusing the forward pass's
 intermediates (CuPy has no autodiff). Parameters are a dict of cupy arrays under the canonical
 names of CapsNetConfig.param_shapes; numpy arrays run the same code on the CPU (for tests).
-Results stay on the device: losses are 0-d arrays, predict returns an int64 array.
+Results stay on the device: losses are 0-d arrays, predict returns an int64 array. The door
+(capsspec.validation) has checked every argument before these run.
 
 What this module must never do: import cupy at module level, or import the reference's
 implementation.
@@ -21,9 +22,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from capsspec.backend_kit import loss_parts
 from capsspec.config import CapsNetConfig
 from capsspec.spec import CapsNetOutput, LossParts
-from capsspec.validation import check_params
 
 from . import ops
 
@@ -38,22 +39,6 @@ def decoder_layers(params: Params, config: CapsNetConfig) -> tuple[list[Any], li
     return [params[f"decoder.{k}.weight"] for k in range(n)], [params[f"decoder.{k}.bias"] for k in range(n)]
 
 
-def check_model_inputs(params: Params, x: Any, config: CapsNetConfig, labels: Any | None) -> tuple[Any, Any]:
-    """Validates the inputs of a model function; returns (array module, labels on it or None)."""
-    if not isinstance(config, CapsNetConfig):
-        raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
-    dtype = check_params(params, config.param_shapes())
-    xp = ops.array_module("x", x)
-    for k, p in params.items():
-        ops.check_float(xp, f"params[{k!r}]", p)
-    ops.check_float(xp, "x", x, shape=(None, *config.input_shape))
-    if x.dtype.name != dtype:
-        raise ValueError(f"x has dtype {x.dtype.name} but params have dtype {dtype}: they must match")
-    if labels is not None:
-        labels = ops.check_int_labels(xp, "labels", labels, x.shape[0], config.num_classes)
-    return xp, labels
-
-
 def _forward(xp: Any, params: Params, x: Any, config: CapsNetConfig, labels: Any | None, decode: bool = True):
     """Forward pass keeping every intermediate that the backward pass needs."""
     a1, conv1_cache = ops._conv2d_fwd(xp, x, params["conv1.weight"], params["conv1.bias"], config.conv1_stride)
@@ -63,7 +48,7 @@ def _forward(xp: Any, params: Params, x: Any, config: CapsNetConfig, labels: Any
     )
     u_hat, pred_cache = ops._predictions_fwd(xp, u, params["digit.weight"])
     (v, c), routing_cache = ops._routing_fwd(xp, u_hat, config.routing_iterations)
-    lengths = ops._lengths_fwd(xp, v)
+    lengths = ops.capsule_lengths(v)
     recon = onehot = hs = None
     if config.use_decoder and decode:
         onehot = ops._mask_onehot(xp, v, labels)
@@ -76,23 +61,19 @@ def _forward(xp: Any, params: Params, x: Any, config: CapsNetConfig, labels: Any
 
 
 def _loss_parts(xp: Any, out: CapsNetOutput, x: Any, labels: Any, config: CapsNetConfig) -> LossParts:
-    margin = ops._margin_fwd(xp, out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
-    if config.use_decoder:
-        recon = ops._reconstruction_fwd(xp, out.reconstruction, x, config.reconstruction_scale)
-    else:
-        recon = xp.zeros((), dtype=x.dtype)
-    return LossParts(total=margin + recon, margin=margin, reconstruction=recon)
+    return loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, config,
+                      lambda: xp.zeros((), dtype=x.dtype))
 
 
 def _value_and_grad(xp: Any, params: Params, x: Any, labels: Any, config: CapsNetConfig):
     out, (a1, conv1_cache, primary_cache, pred_cache, routing_cache, onehot, hs) = _forward(xp, params, x, config, labels)
     parts = _loss_parts(xp, out, x, labels, config)
     one = xp.ones((), dtype=x.dtype)
-    g_len = ops._margin_bwd(xp, one, out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
-    g_v = ops._lengths_bwd(xp, out.v, g_len)
+    (g_len,) = ops.margin_loss_vjp(one, out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
+    (g_v,) = ops.capsule_lengths_vjp(g_len, out.v)
     grads: dict[str, Any] = {}
     if config.use_decoder:
-        g_rec = ops._reconstruction_bwd(xp, one, out.reconstruction, x, config.reconstruction_scale)
+        (g_rec,) = ops.reconstruction_loss_vjp(one, out.reconstruction, x, config.reconstruction_scale)
         ws, _ = decoder_layers(params, config)
         g_masked, gws, gbs = ops._decoder_bwd(xp, hs, ws, g_rec)
         for k, (gw, gb) in enumerate(zip(gws, gbs)):
@@ -111,16 +92,14 @@ def _value_and_grad(xp: Any, params: Params, x: Any, labels: Any, config: CapsNe
 def forward(params: Params, x: Any, config: CapsNetConfig, labels: Any | None = None) -> CapsNetOutput:
     """The model's outputs. The decoder sees the true class's capsule when labels are given,
     else the longest capsule."""
-    xp, labels = check_model_inputs(params, x, config, labels)
+    xp = ops.array_module(x)
     with ops.device_scope(xp, x):
         return _forward(xp, params, x, config, labels)[0]
 
 
 def loss(params: Params, x: Any, labels: Any, config: CapsNetConfig) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms, averaged over the batch."""
-    if labels is None:
-        raise ValueError("labels are required for the loss")
-    xp, labels = check_model_inputs(params, x, config, labels)
+    xp = ops.array_module(x)
     with ops.device_scope(xp, x):
         out, _ = _forward(xp, params, x, config, labels)
         return _loss_parts(xp, out, x, labels, config)
@@ -128,9 +107,7 @@ def loss(params: Params, x: Any, labels: Any, config: CapsNetConfig) -> LossPart
 
 def value_and_grad(params: Params, x: Any, labels: Any, config: CapsNetConfig) -> tuple[Any, dict[str, Any]]:
     """(total loss, gradient of it for every parameter, keyed like params)."""
-    if labels is None:
-        raise ValueError("labels are required for value_and_grad")
-    xp, labels = check_model_inputs(params, x, config, labels)
+    xp = ops.array_module(x)
     with ops.device_scope(xp, x):
         parts, grads, _ = _value_and_grad(xp, params, x, labels, config)
     return parts.total, grads
@@ -138,7 +115,7 @@ def value_and_grad(params: Params, x: Any, labels: Any, config: CapsNetConfig) -
 
 def predict(params: Params, x: Any, config: CapsNetConfig) -> Any:
     """The class of the longest class capsule, per example (int64)."""
-    xp, _ = check_model_inputs(params, x, config, None)
+    xp = ops.array_module(x)
     with ops.device_scope(xp, x):
         out = _forward(xp, params, x, config, None, decode=False)[0]
         return xp.argmax(out.lengths, axis=1).astype(np.int64)

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from capsspec.backend import Backend
+from capsspec.backend_kit import dict_state_from_numpy, state_to_numpy
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -41,11 +42,7 @@ class NumpyBackend(Backend):
         return {k: np.array(v, copy=True) for k, v in params.items()}
 
     def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> dict:
-        return {"step": int(state["step"]),
-                "m": {k: np.array(state["m"][k], copy=True) for k in params},
-                "v": {k: np.array(state["v"][k], copy=True) for k in params}}
+        return dict_state_from_numpy(state, params, self.asarray, self.shape_of, self.dtype_name)
 
     def state_to_numpy(self, state: Mapping[str, Any]) -> dict:
-        return {"step": int(state["step"]),
-                "m": {k: np.array(a, copy=True) for k, a in state["m"].items()},
-                "v": {k: np.array(a, copy=True) for k, a in state["v"].items()}}
+        return state_to_numpy(state, self.to_numpy)

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from capsspec.backend import Availability, Backend
+from capsspec.backend_kit import ModuleParams
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -61,7 +62,7 @@ def _import_tensorflow() -> Any:
     return importlib.import_module("tensorflow")
 
 
-class TensorFlowBackend(Backend):
+class TensorFlowBackend(ModuleParams, Backend):
     name = "tensorflow"
     framework = "tensorflow"
     install_hint = "pip install 'capsspec[tensorflow]'"
@@ -75,36 +76,71 @@ class TensorFlowBackend(Backend):
         self.tf_device = tf_device
 
     # ------------------------------------------------------------------------- availability
-    def availability(self) -> Availability:
-        """Available when tensorflow imports and, for a GPU device, sees it. Never raises."""
-        try:
-            tf = _import_tensorflow()
-        except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"tensorflow is not importable ({exc}); install it with: {self.install_hint}")
-        version = getattr(tf, "__version__", None)
-        try:
-            gpus = tf.config.list_physical_devices("GPU")
-            if self.device.startswith("gpu"):
-                index = int(self.device.partition(":")[2])
-                if not gpus:
-                    built = "built with CUDA" if tf.test.is_built_with_cuda() else "built without CUDA (tensorflow-cpu?)"
-                    return Availability(False, f"no GPU: tensorflow {version} is {built} and sees no GPU",
-                                        version=version)
-                if index >= len(gpus):
-                    return Availability(False, f"no GPU {index} (tensorflow {version} sees {len(gpus)})",
-                                        version=version)
-                return Availability(True, version=version, device=f"{self.tf_device} ({gpus[index].name})")
-            device = "cpu"
-            if gpus:
-                device += f" ({len(gpus)} GPU(s) available; pass device='gpu' to use one)"
-            return Availability(True, version=version, device=device)
-        except Exception as exc:
-            return Availability(False, f"tensorflow {version} imports, but checking its devices failed: {exc}",
-                                version=version)
+    def import_framework(self) -> tuple[Any, Availability | None]:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import; a user's setting wins
+        return super().import_framework()
 
-    # ------------------------------------------------------------------------- conversions
+    def device_availability(self, tf: Any, version: str | None) -> Availability:
+        """Available when tensorflow imports and, for a GPU device, sees it."""
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+        why = "is built with CUDA and sees no GPU" if tf.test.is_built_with_cuda() else \
+            "is built without CUDA (tensorflow-cpu?)"
+        index = int(self.device.partition(":")[2]) if self.device.startswith("gpu") else None
+        return self.gpu_report(version, gpus, index, why, "gpu")
+
     def _tf(self) -> Any:
         return _import_tensorflow()
+
+    # ------------------------------------------------------------------------- the door's adapter
+    array_type = "tf.Tensor"
+
+    def is_array(self, a: Any) -> bool:
+        tf = self._tf()
+        return tf.is_tensor(a) and not isinstance(a, (tf.SparseTensor, tf.RaggedTensor))
+
+    def dtype_name(self, a: Any) -> str:
+        return a.dtype.name
+
+    def shape_of(self, a: Any) -> tuple[int, ...]:
+        return tuple(a.shape)  # a None stays None inside a user's tf.function (and matches nothing)
+
+    def _symbolic(self, a: Any) -> bool:
+        # Inside a user's tf.function a tensor has no values yet: the value checks apply to eager calls.
+        return not hasattr(a, "numpy") or not self._tf().executing_eagerly()
+
+    def all_finite(self, a: Any) -> bool:
+        tf = self._tf()
+        return self._symbolic(a) or bool(tf.reduce_all(tf.math.is_finite(a)))
+
+    def min_max(self, a: Any) -> tuple[int, int]:
+        if self._symbolic(a):
+            return 0, 0
+        tf = self._tf()
+        return int(tf.reduce_min(a)), int(tf.reduce_max(a))
+
+    def defers(self, a: Any) -> bool:
+        return not self._symbolic(a) and "GPU" in (a.device or "").upper()
+
+    def deferred_flags(self, a: Any, num_classes: int | None) -> Any:
+        tf = self._tf()
+        if num_classes is None:
+            return tf.logical_not(tf.reduce_all(tf.math.is_finite(a)))
+        return tf.reduce_any((a < 0) | (a >= num_classes))
+
+    def _read_flag(self, flag: Any) -> Any:
+        return flag.numpy()
+
+    def params_class(self) -> type:
+        from .model import CapsNet
+
+        return CapsNet
+
+    def state_class(self) -> type:
+        from .optim import AdamState
+
+        return AdamState
+
+    # ------------------------------------------------------------------------- conversions
 
     def asarray(self, a: np.ndarray) -> Any:
         """A tf.Tensor on the backend's device with a's dtype (int64 labels stay int64), a copy."""
@@ -131,33 +167,8 @@ class TensorFlowBackend(Backend):
 
     def params_to_numpy(self, params: Any) -> dict[str, np.ndarray]:
         """The canonical dict {name: float array} of a CapsNet, in the canonical order and layouts."""
-        self.require_available()
-        from .model import CapsNet
-
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
+        self.check_native(params)
         return params.canonical_numpy()
-
-    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
-        """An AdamState for these params (a CapsNet) from {"step", "m", "v"} of canonical NumPy arrays."""
-        self.require_available()
-        from .model import CapsNet
-        from .optim import state_from_arrays
-
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
-        return state_from_arrays(state, params)
-
-    def state_to_numpy(self, state: Any) -> dict[str, Any]:
-        """{"step": int, "m": {name: array}, "v": {name: array}} in the canonical layouts."""
-        self.require_available()
-        from .optim import AdamState
-
-        if not isinstance(state, AdamState):
-            raise ValueError(f"state must be an AdamState (what adam_init returns), got {type(state).__name__}")
-        return {"step": state.step,
-                "m": {k: self.to_numpy(a) for k, a in state.moments("m").items()},
-                "v": {k: self.to_numpy(a) for k, a in state.moments("v").items()}}
 
     def synchronize(self) -> None:
         """Wait for queued device work: TensorFlow's eager async queues, if any."""

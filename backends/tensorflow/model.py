@@ -19,8 +19,8 @@ batch) reuses the one trace. CapsNet.traces counts traces per step (it grows onl
 TensorFlow traces, since it is a Python side effect), which the tests read.
 
 The spec's functional names take (params, x, config, ...) where params is a CapsNet built for
-that config; they validate what they are given (types, shapes, dtypes, label ranges) and raise
-ValueError naming the argument. They never change params.
+that config; the door (capsspec.validation) has checked their arguments before they run. They
+never change params.
 
 What this module must never do: import the reference's implementation, or use TF1 APIs.
 """
@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
+from capsspec.backend_kit import float_dtype, loss_parts
 from capsspec.config import CapsNetConfig
 from capsspec.spec import CapsNetOutput, LossParts
 
@@ -42,7 +43,7 @@ from . import ops
 
 __all__ = ["CapsNet", "Conv2D", "PrimaryCaps", "DigitCaps", "Dense", "Decoder",
            "CANONICAL_TO_NATIVE", "to_native", "to_canonical",
-           "forward", "loss", "value_and_grad", "predict", "check_model_inputs"]
+           "forward", "loss", "value_and_grad", "predict"]
 
 _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
@@ -60,30 +61,22 @@ def _kind(name: str) -> str | None:
     return None
 
 
-def to_native(name: str, a: Any) -> Any:
-    """A canonical parameter (or gradient, or moment) in the layout CapsNet stores it in."""
+def _permuted(name: str, a: Any, perms: dict[str, tuple[int, ...]]) -> Any:
     kind = _kind(name)
     if kind is None:
         return a
-    perm = CANONICAL_TO_NATIVE[kind]
+    perm = perms[kind]
     return np.ascontiguousarray(np.transpose(a, perm)) if isinstance(a, np.ndarray) else tf.transpose(a, perm)
+
+
+def to_native(name: str, a: Any) -> Any:
+    """A canonical parameter (or gradient, or moment) in the layout CapsNet stores it in."""
+    return _permuted(name, a, CANONICAL_TO_NATIVE)
 
 
 def to_canonical(name: str, a: Any) -> Any:
     """The inverse of to_native."""
-    kind = _kind(name)
-    if kind is None:
-        return a
-    perm = _NATIVE_TO_CANONICAL[kind]
-    return np.ascontiguousarray(np.transpose(a, perm)) if isinstance(a, np.ndarray) else tf.transpose(a, perm)
-
-
-def _tf_dtype(dtype: Any) -> tf.DType:
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    if dtype in (tf.float32, tf.float64):
-        return dtype
-    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return _permuted(name, a, _NATIVE_TO_CANONICAL)
 
 
 # ============================================================================== layers
@@ -184,7 +177,7 @@ class CapsNet(tf.Module):
             raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
         self.config = config
         self.device = device
-        tf_dtype = _tf_dtype(dtype)
+        tf_dtype = float_dtype(dtype, _DTYPES)
         c = config
         with tf.device(device):
             if initial is None:
@@ -226,18 +219,13 @@ class CapsNet(tf.Module):
 
     def __call__(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> CapsNetOutput:
         v, c = self._encode(x)
-        recon = self.decoder(ops._mask(v, labels)) if self.decoder is not None else None
-        return CapsNetOutput(v=v, lengths=ops._lengths(v), coupling=c, reconstruction=recon)
+        recon = self.decoder(ops.mask(v, labels)) if self.decoder is not None else None
+        return CapsNetOutput(v=v, lengths=ops.capsule_lengths(v), coupling=c, reconstruction=recon)
 
     def loss_parts(self, out: CapsNetOutput, x: tf.Tensor, labels: tf.Tensor) -> LossParts:
         """The spec's loss of a forward output (built with these labels); x is NCHW."""
-        c = self.config
-        margin = ops._margin_loss(out.lengths, labels, c.m_plus, c.m_minus, c.lambda_)
-        if out.reconstruction is not None:
-            recon = ops._reconstruction_loss(out.reconstruction, x, c.reconstruction_scale)
-        else:
-            recon = tf.zeros((), dtype=x.dtype)
-        return LossParts(total=margin + recon, margin=margin, reconstruction=recon)
+        return loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, self.config,
+                          lambda: tf.zeros((), dtype=x.dtype))
 
     def loss_and_output(self, x: tf.Tensor, labels: tf.Tensor) -> tuple[LossParts, CapsNetOutput]:
         out = self(x, labels)
@@ -298,31 +286,10 @@ def _predict_step(net: CapsNet, x: tf.Tensor) -> tf.Tensor:
     net.traces["predict"] += 1
     with tf.device(net.device):
         v, _ = net._encode(x)
-        return ops._first_argmax(ops._lengths(v))
+        return ops._first_argmax(ops.capsule_lengths(v))
 
 
 # ============================================================================== spec functions
-def check_model_inputs(params: Any, x: Any, config: CapsNetConfig, labels: Any | None, *,
-                       check_label_range: bool = True) -> None:
-    """Validates the arguments of a model function (no device work beyond reading the labels'
-    range, which check_label_range=False skips)."""
-    if not isinstance(config, CapsNetConfig):
-        raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
-    if not isinstance(params, CapsNet):
-        raise ValueError(
-            f"params must be a CapsNet (what TensorFlowBackend.params_from_numpy returns), got {type(params).__name__}"
-        )
-    if params.config != config:
-        ours, theirs = config.to_dict(), params.config.to_dict()
-        diff = ", ".join(f"{k}={ours[k]!r} but params have {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
-        raise ValueError(f"config does not match the config params were built for: {diff}")
-    ops.check_tensor("x", x, shape=(None, *config.input_shape))
-    if x.dtype != params.dtype:
-        raise ValueError(f"x has dtype {x.dtype.name} but params have dtype {params.dtype.name}: they must match")
-    if labels is not None:
-        ops.check_label_tensor("labels", labels, x.shape[0], config.num_classes, check_range=check_label_range)
-
-
 def _labels64(labels: tf.Tensor) -> tf.Tensor:
     # The compiled steps take int64 labels (one signature); any integer dtype is accepted.
     return labels if labels.dtype == tf.int64 else tf.cast(labels, tf.int64)
@@ -331,7 +298,6 @@ def _labels64(labels: tf.Tensor) -> tf.Tensor:
 def forward(params: CapsNet, x: tf.Tensor, config: CapsNetConfig, labels: tf.Tensor | None = None) -> CapsNetOutput:
     """The model's outputs. The decoder sees the true class's capsule when labels are given,
     else the longest capsule."""
-    check_model_inputs(params, x, config, labels)
     if labels is None:
         return CapsNetOutput(*params.forward_longest_step(x))
     return CapsNetOutput(*params.forward_labels_step(x, _labels64(labels)))
@@ -339,23 +305,16 @@ def forward(params: CapsNet, x: tf.Tensor, config: CapsNetConfig, labels: tf.Ten
 
 def loss(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms (0-d tensors), averaged over the batch."""
-    if labels is None:
-        raise ValueError("labels are required for the loss")
-    check_model_inputs(params, x, config, labels)
     return LossParts(*params.loss_step(x, _labels64(labels)))
 
 
 def value_and_grad(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig):
     """(total loss, gradient of it for every parameter keyed by canonical name, in the canonical
     layout), by tf.GradientTape in one compiled step."""
-    if labels is None:
-        raise ValueError("labels are required for value_and_grad")
-    check_model_inputs(params, x, config, labels)
     total, grads = params.value_and_grad_step(x, _labels64(labels))
     return total, dict(zip(params.canonical_variables(), grads))
 
 
 def predict(params: CapsNet, x: tf.Tensor, config: CapsNetConfig) -> tf.Tensor:
     """The class of the longest class capsule, per example (int64; ties to the lowest class)."""
-    check_model_inputs(params, x, config, None)
     return params.predict_step(x)

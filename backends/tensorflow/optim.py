@@ -22,9 +22,10 @@ retrace, and no step reads anything back from the device.
 
 The spec's state {"step", "m", "v"} is an AdamState: a read-only Mapping over the moments
 (tf.Variables in the CapsNet's stored layout, next to its parameters) and a Python step count.
-state["m"] / state["v"] give the moments in the canonical layout. Updates happen in place on
-the CapsNet's and the state's variables; the functions return them anyway, and callers use the
-returned values.
+state["m"] / state["v"] give the moments in the canonical layout. adam_update returns a new
+CapsNet and state and leaves the caller's as they were; train_step consumes its params and
+state (capsspec.spec.CONSUMES): it updates their variables in place and returns them, and
+callers use the returned values.
 
 What this module must never do: import the reference's implementation.
 """
@@ -32,20 +33,20 @@ What this module must never do: import the reference's implementation.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from capsspec.backend_kit import AdamStateView, state_from_numpy
 from capsspec.config import AdamConfig, CapsNetConfig
 from capsspec.spec import StepMetrics
 
 from . import ops
-from .model import CapsNet, _labels64, check_model_inputs, to_canonical, to_native
+from .model import CapsNet, _labels64, to_canonical, to_native
 
-__all__ = ["AdamState", "adam_init", "adam_update", "train_step", "state_from_arrays", "step_hyperparameters"]
+__all__ = ["AdamState", "adam_init", "adam_update", "train_step", "step_hyperparameters"]
 
 # Layout of the hyperparameter vector the compiled steps take.
 _ALPHA, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPSILON = range(6)
@@ -53,10 +54,8 @@ _ALPHA, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPSILON = range(6)
 
 def step_hyperparameters(adam: AdamConfig, step: int) -> tuple[float, list[float]]:
     """(lr, the float64 vector the compiled update takes) for the update after `step` updates."""
-    t = step + 1
-    lr = adam.learning_rate(step)
-    alpha = lr * math.sqrt(1 - adam.beta2 ** t) / (1 - adam.beta1 ** t)
-    return lr, [alpha, adam.beta1, 1 - adam.beta1, adam.beta2, 1 - adam.beta2, adam.epsilon]
+    b1, b2 = adam.beta1, adam.beta2
+    return adam.learning_rate(step), [adam.step_size(step), b1, 1 - b1, b2, 1 - b2, adam.epsilon]
 
 
 def _apply_adam(params: list[tf.Variable], grads: list[tf.Tensor], ms: list[tf.Variable], vs: list[tf.Variable],
@@ -71,7 +70,7 @@ def _apply_adam(params: list[tf.Variable], grads: list[tf.Tensor], ms: list[tf.V
         p.assign_sub(alpha * m_new / (tf.sqrt(v_new) + eps))
 
 
-class AdamState(Mapping):
+class AdamState(AdamStateView):
     """The spec's optimizer state {"step", "m", "v"} for one CapsNet, with its compiled steps.
 
     m and v are tf.Variables laid out like the CapsNet's variables (moments_native); reading
@@ -81,7 +80,7 @@ class AdamState(Mapping):
     def __init__(self, params: CapsNet) -> None:
         self.params = params
         self.variables = params.canonical_variables()  # canonical name -> tf.Variable (stored layout)
-        self.step = 0
+        self._step = 0
         with tf.device(params.device):
             self.m = {k: tf.Variable(tf.zeros_like(p), trainable=False, name=f"adam_m/{k}")
                       for k, p in self.variables.items()}
@@ -94,21 +93,13 @@ class AdamState(Mapping):
         stored = {"m": self.m, "v": self.v}[which]
         return {k: to_canonical(k, tf.convert_to_tensor(a)) for k, a in stored.items()}
 
-    def __getitem__(self, key: str) -> Any:
-        if key == "step":
-            return self.step
-        if key in ("m", "v"):
-            return self.moments(key)
-        raise KeyError(key)
+    @property
+    def step(self) -> int:
+        return self._step
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(("step", "m", "v"))
-
-    def __len__(self) -> int:
-        return 3
-
-    def __repr__(self) -> str:
-        return f"AdamState(step={self.step}, {len(self.variables)} parameters)"
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
 
     # ------------------------------------------------------------------------- compiled steps
     def _build_steps(self) -> None:
@@ -117,14 +108,23 @@ class AdamState(Mapping):
         x_spec = tf.TensorSpec([None, *c.input_shape], net.dtype, name="x")
         y_spec = tf.TensorSpec([None], tf.int64, name="labels")
         h_spec = tf.TensorSpec([6], tf.float64, name="hyperparameters")
-        g_spec = [tf.TensorSpec(p.shape, p.dtype) for p in self.variables.values()]
         # Partials, not closures: see CapsNet._build_steps.
         self.train_step_fn = tf.function(functools.partial(_train_step, self), input_signature=[x_spec, y_spec, h_spec])
-        self.update_fn = tf.function(functools.partial(_update_step, self), input_signature=[g_spec, h_spec])
 
     def _slots(self) -> tuple[list[tf.Variable], list[tf.Variable], list[tf.Variable]]:
         names = list(self.variables)
         return list(self.variables.values()), [self.m[k] for k in names], [self.v[k] for k in names]
+
+    @classmethod
+    def from_numpy(cls, state: Mapping[str, Any], params: CapsNet) -> "AdamState":
+        """An AdamState for params from {"step", "m", "v"} of canonical arrays keyed by canonical names."""
+        new = adam_init(params)
+
+        def load(which: str, name: str, a: np.ndarray) -> None:
+            getattr(new, which)[name].assign(to_native(name, a))
+
+        new.step = state_from_numpy(state, params.config.param_shapes(), params.dtype.name, load)
+        return new
 
 
 # The bodies of AdamState's compiled steps (traces counted in the CapsNet's traces).
@@ -144,60 +144,28 @@ def _train_step(state: AdamState, x: tf.Tensor, labels: tf.Tensor, hyper: tf.Ten
         return parts.total, parts.margin, parts.reconstruction, correct
 
 
-def _update_step(state: AdamState, grads: list[tf.Tensor], hyper: tf.Tensor) -> None:
-    state.params.traces["adam_update"] += 1
-    params, ms, vs = state._slots()
-    with tf.device(state.params.device):
-        _apply_adam(params, list(grads), ms, vs, hyper)
-
-
 def adam_init(params: CapsNet) -> AdamState:
     """Zero moments for every parameter, step 0."""
-    if not isinstance(params, CapsNet):
-        raise ValueError(f"params must be a CapsNet (what TensorFlowBackend.params_from_numpy returns), "
-                         f"got {type(params).__name__}")
     return AdamState(params)
-
-
-def _check_state(state: Any, params: CapsNet) -> None:
-    if not isinstance(state, AdamState):
-        raise ValueError(f"state must be an AdamState (what adam_init or TensorFlowBackend.state_from_numpy "
-                         f"returns), got {type(state).__name__}")
-    if state.params is not params:
-        raise ValueError("state belongs to another CapsNet: make it with adam_init(params) for these params")
-
-
-def _check_adam(adam: Any) -> None:
-    if not isinstance(adam, AdamConfig):
-        raise ValueError(f"adam must be an AdamConfig, got {type(adam).__name__}")
 
 
 def adam_update(params: CapsNet, grads: Mapping[str, tf.Tensor], state: AdamState,
                 adam: AdamConfig = AdamConfig()) -> tuple[CapsNet, AdamState]:
-    """One Adam update with the scheduled learning rate, in place; grads are keyed by canonical name
-    in the canonical layout (as value_and_grad returns them). Returns (params, state)."""
-    if not isinstance(params, CapsNet):
-        raise ValueError(f"params must be a CapsNet, got {type(params).__name__}")
-    _check_state(state, params)
-    _check_adam(adam)
-    names = state.variables
-    if not isinstance(grads, Mapping) or set(grads) != set(names):
-        got = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
-        raise ValueError(f"grads have keys {got} but params have {list(names)}")
-    canonical = params.config.param_shapes()
-    native = []
-    for k, p in names.items():
-        g, want = grads[k], canonical[k]
-        if not ops._is_tensor(g) or tuple(g.shape) != want or g.dtype != p.dtype:
-            raise ValueError(
-                f"grads[{k!r}] must be a tf.Tensor of the parameter's shape {want} and dtype {p.dtype.name}, "
-                f"got {type(g).__name__} {tuple(getattr(g, 'shape', ()))} {getattr(getattr(g, 'dtype', None), 'name', '')}"
-            )
-        native.append(to_native(k, g))
+    """One Adam update with the scheduled learning rate; grads are keyed by canonical name in the
+    canonical layout (as value_and_grad returns them). Returns (new params, new state): the
+    caller's CapsNet and state are left as they were (train_step is the in-place form)."""
+    new_params = CapsNet(params.config, dtype=params.dtype, initial=params.canonical_numpy(), device=params.device)
+    new_state = AdamState(new_params)
+    for which in ("m", "v"):
+        for k, var in getattr(new_state, which).items():
+            var.assign(getattr(state, which)[k])
     _, hyper = step_hyperparameters(adam, state.step)
-    state.update_fn(native, tf.constant(hyper, tf.float64))
-    state.step += 1
-    return params, state
+    with tf.device(new_params.device):  # eager: a new CapsNet would trace a compiled update anew
+        variables, ms, vs = new_state._slots()
+        _apply_adam(variables, [to_native(k, grads[k]) for k in new_state.variables], ms, vs,
+                    tf.constant(hyper, tf.float64))
+    new_state.step = state.step + 1
+    return new_params, new_state
 
 
 def train_step(params: CapsNet, state: AdamState, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig,
@@ -206,42 +174,11 @@ def train_step(params: CapsNet, state: AdamState, x: tf.Tensor, labels: tf.Tenso
     (params, state, metrics).
 
     The metrics' total, margin, reconstruction and correct are 0-d tensors (read them when
-    needed; nothing here waits for the device); lr is a Python float. Label ranges are checked
-    on the host only when the labels live on the CPU (reading them from a GPU would stall
-    every step).
+    needed; nothing here waits for the device); lr is a Python float. On a GPU the door defers
+    its value checks to the next host read (capsspec.validation).
     """
-    if labels is None:
-        raise ValueError("labels are required for train_step")
-    check_model_inputs(params, x, config, labels, check_label_range="CPU" in (labels.device or "CPU").upper())
-    _check_state(state, params)
-    _check_adam(adam)
     lr, hyper = step_hyperparameters(adam, state.step)
     total, margin, recon, correct = state.train_step_fn(x, _labels64(labels), tf.constant(hyper, tf.float64))
     state.step += 1
     metrics = StepMetrics(total=total, margin=margin, reconstruction=recon, correct=correct, lr=lr)
     return params, state, metrics
-
-
-def state_from_arrays(state: Mapping[str, Any], params: CapsNet) -> AdamState:
-    """An AdamState for params from {"step", "m", "v"} of canonical arrays keyed by canonical names."""
-    if not isinstance(state, Mapping) or not {"step", "m", "v"} <= set(state):
-        raise ValueError("state must be a dict with 'step', 'm' and 'v' (as state_to_numpy returns)")
-    step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
-    new = adam_init(params)
-    canonical = params.config.param_shapes()
-    for part in ("m", "v"):
-        arrays = state[part]
-        if not isinstance(arrays, Mapping) or set(arrays) != set(new.variables):
-            got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
-            raise ValueError(f"state[{part!r}] has keys {got} but params have {list(new.variables)}")
-        dst = getattr(new, part)
-        for k, p in new.variables.items():
-            a = np.asarray(arrays[k])
-            if a.shape != canonical[k] or a.dtype.name != p.dtype.name:
-                raise ValueError(f"state[{part!r}][{k!r}] must have the parameter's shape {canonical[k]} and "
-                                 f"dtype {p.dtype.name}, got {a.shape} {a.dtype.name}")
-            dst[k].assign(to_native(k, a))
-    new.step = int(step)
-    return new

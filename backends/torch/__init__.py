@@ -27,13 +27,13 @@ backends on machines without torch).
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from capsspec.backend import Availability, Backend
+from capsspec.backend_kit import ModuleParams
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -50,7 +50,7 @@ def _parse_device(device: Any) -> str:
     return "cpu" if match.group(1) == "cpu" else text
 
 
-class TorchBackend(Backend):
+class TorchBackend(ModuleParams, Backend):
     name = "torch"
     framework = "torch"
     install_hint = "pip install 'capsspec[torch]'"
@@ -73,33 +73,16 @@ class TorchBackend(Backend):
         self._configured = False
 
     # ------------------------------------------------------------------------- availability
-    def availability(self) -> Availability:
-        """Available when torch imports and, for a CUDA device, sees it. Never raises."""
-        try:
-            torch = importlib.import_module("torch")
-        except Exception as exc:  # ImportError, or a broken install raising something else
-            return Availability(False, f"torch is not importable ({exc}); install it with: {self.install_hint}")
-        version = getattr(torch, "__version__", None)
-        try:
-            cuda_ok = bool(torch.cuda.is_available())
-            if self.device.startswith("cuda"):
-                if not cuda_ok:
-                    built = (f"built with CUDA {torch.version.cuda} but it sees no device" if torch.version.cuda
-                             else "built without CUDA")
-                    return Availability(False, f"no CUDA device (torch {version} is {built})", version=version)
-                index = int(self.device.partition(":")[2] or torch.cuda.current_device())
-                count = torch.cuda.device_count()
-                if index >= count:
-                    return Availability(False, f"no CUDA device {index} (torch {version} sees {count})",
-                                        version=version)
-                return Availability(True, version=version, device=f"cuda:{index} ({torch.cuda.get_device_name(index)})")
-            device = "cpu"
-            if cuda_ok:
-                device += f" (cuda available: {torch.cuda.device_count()} device(s); pass device='cuda' to use it)"
-            return Availability(True, version=version, device=device)
-        except Exception as exc:
-            return Availability(False, f"torch {version} imports, but checking its device failed: {exc}",
-                                version=version)
+    def device_availability(self, torch: Any, version: str | None) -> Availability:
+        """Available when torch imports and, for a CUDA device, sees it."""
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+            if torch.cuda.is_available() else []
+        why = f"is built with CUDA {torch.version.cuda} but sees no device" if torch.version.cuda else \
+            "is built without CUDA"
+        index = None  # the CPU
+        if self.device.startswith("cuda"):
+            index = int(self.device.partition(":")[2] or (torch.cuda.current_device() if gpus else 0))
+        return self.gpu_report(version, gpus, index, why, "cuda")
 
     # ------------------------------------------------------------------------- plumbing
     def _torch(self) -> Any:
@@ -116,6 +99,45 @@ class TorchBackend(Backend):
     def _implementations(self) -> list[Mapping[str, Any]]:
         self._torch()
         return super()._implementations()
+
+    # ------------------------------------------------------------------------- the door's adapter
+    array_type = "torch.Tensor"
+
+    def is_array(self, a: Any) -> bool:
+        return isinstance(a, self._torch().Tensor)
+
+    def dtype_name(self, a: Any) -> str:
+        return str(a.dtype).replace("torch.", "")
+
+    def device_of(self, a: Any) -> str | None:
+        return str(a.device)
+
+    def all_finite(self, a: Any) -> bool:
+        return bool(self._torch().isfinite(a).all())
+
+    def min_max(self, a: Any) -> tuple[int, int]:
+        lo, hi = self._torch().aminmax(a)
+        return int(lo), int(hi)
+
+    def defers(self, a: Any) -> bool:
+        return a.device.type != "cpu"  # a CUDA read stalls the queue: settle at the next host read
+
+    def deferred_flags(self, a: Any, num_classes: int | None) -> Any:
+        torch = self._torch()
+        return ~torch.isfinite(a).all() if num_classes is None else ((a < 0) | (a >= num_classes)).any()
+
+    def params_class(self) -> type:
+        from .model import CapsNet
+
+        return CapsNet
+
+    def state_class(self) -> type:
+        from .optim import AdamState
+
+        return AdamState
+
+    def module_device(self, params: Any) -> str | None:
+        return str(params.device)
 
     # ------------------------------------------------------------------------- conversions
     def asarray(self, a: np.ndarray) -> Any:
@@ -149,30 +171,8 @@ class TorchBackend(Backend):
 
     def params_to_numpy(self, params: Any) -> dict[str, np.ndarray]:
         """The canonical dict {name: float array} of a CapsNet, in the canonical order."""
-        from .model import CapsNet
-
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
+        self.check_native(params)
         return {k: self.to_numpy(p) for k, p in params.canonical_parameters().items()}
-
-    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
-        """An AdamState for these params (a CapsNet) from {"step", "m", "v"} of NumPy arrays."""
-        self._torch()
-        from .model import CapsNet
-        from .optim import state_from_arrays
-
-        if not isinstance(params, CapsNet):
-            raise ValueError(f"params must be a CapsNet (what params_from_numpy returns), got {type(params).__name__}")
-        return state_from_arrays(state, params)
-
-    def state_to_numpy(self, state: Any) -> dict[str, Any]:
-        from .optim import AdamState
-
-        if not isinstance(state, AdamState):
-            raise ValueError(f"state must be an AdamState (what adam_init returns), got {type(state).__name__}")
-        return {"step": state.step,
-                "m": {k: self.to_numpy(a) for k, a in state.moments("m").items()},
-                "v": {k: self.to_numpy(a) for k, a in state.moments("v").items()}}
 
     def default_device(self) -> str | None:
         """"cuda" where torch sees a CUDA device, else "cpu": what a training run uses by default."""

@@ -16,12 +16,12 @@ same order, with no mapping table:
                                       (so decoder[1] is the first ReLU, but decoder.get_submodule("1")
                                       and the state_dict key decoder.1.weight are the second Linear)
 
-Every layer's forward calls the ops of backends/torch/ops.py (their unchecked forms), so each
+Every layer's forward calls the ops of backends/torch/ops.py, so each
 piece of the spec's math is written once; value_and_grad is autograd through them.
 
 The spec's functional names take (params, x, config, ...) where params is a CapsNet built for
-that config; they validate what they are given (shapes, dtypes, devices, label ranges) and
-raise ValueError naming the argument. They never mutate params.
+that config; the door (capsspec.validation) has checked their arguments before they run. They
+never mutate params.
 
 What this module must never do: import the reference's implementation.
 """
@@ -34,23 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from capsspec.backend_kit import float_dtype, loss_parts
 from capsspec.config import CapsNetConfig
 from capsspec.spec import CapsNetOutput, LossParts
 
 from . import ops
 
-__all__ = ["CapsNet", "PrimaryCaps", "DigitCaps", "Decoder", "forward", "loss", "value_and_grad", "predict",
-           "check_model_inputs"]
+__all__ = ["CapsNet", "PrimaryCaps", "DigitCaps", "Decoder", "forward", "loss", "value_and_grad", "predict"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _torch_dtype(dtype: Any) -> torch.dtype:
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    if dtype in (torch.float32, torch.float64):
-        return dtype
-    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
 
 
 class PrimaryCaps(nn.Conv2d):
@@ -63,7 +55,7 @@ class PrimaryCaps(nn.Conv2d):
         self.capsule_dim = capsule_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, T*Gh*Gw, D)
-        return ops._primary_capsules(h, self.weight, self.bias, self.capsule_dim, self.stride[0])
+        return ops.primary_capsules(h, self.weight, self.bias, self.capsule_dim, self.stride[0])
 
 
 class DigitCaps(nn.Module):
@@ -83,7 +75,7 @@ class DigitCaps(nn.Module):
         nn.init.normal_(self.weight, 0.0, 0.01)
 
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops._routing(ops._predictions(u, self.weight), self.routing_iterations)
+        return ops.routing(ops.predictions(u, self.weight), self.routing_iterations)
 
 
 class Decoder(nn.Sequential):
@@ -104,7 +96,7 @@ class Decoder(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The spec's decoder op, on this module's layers (the same math nn.Sequential would do).
         layers = self.linears()
-        return ops._decoder(x, [m.weight for m in layers], [m.bias for m in layers])
+        return ops.decoder(x, [m.weight for m in layers], [m.bias for m in layers])
 
 
 class CapsNet(nn.Module):
@@ -125,7 +117,7 @@ class CapsNet(nn.Module):
         if not isinstance(config, CapsNetConfig):
             raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
         self.config = config
-        factory = {"dtype": _torch_dtype(dtype), "device": device}
+        factory = {"dtype": float_dtype(dtype, _DTYPES), "device": device}
         c = config
         # Registration order = the canonical order of CapsNetConfig.param_shapes.
         self.conv1 = nn.Conv2d(c.input_channels, c.conv1_channels, c.conv1_kernel, stride=c.conv1_stride, **factory)
@@ -154,60 +146,25 @@ class CapsNet(nn.Module):
         h1 = torch.relu(self.conv1(x))
         u = self.primary(h1)
         v, c = self.digit(u)
-        lengths = ops._lengths(v)
-        recon = self.decoder(ops._mask(v, labels)) if self.decoder is not None else None
+        lengths = ops.capsule_lengths(v)
+        recon = self.decoder(ops.mask(v, labels)) if self.decoder is not None else None
         return CapsNetOutput(v=v, lengths=lengths, coupling=c, reconstruction=recon)
 
     def loss_parts(self, out: CapsNetOutput, x: torch.Tensor, labels: torch.Tensor) -> LossParts:
         """The spec's loss of a forward output (built with these labels)."""
-        c = self.config
-        margin = ops._margin_loss(out.lengths, labels, c.m_plus, c.m_minus, c.lambda_)
-        if out.reconstruction is not None:
-            recon = ops._reconstruction_loss(out.reconstruction, x, c.reconstruction_scale)
-        else:
-            recon = torch.zeros((), dtype=x.dtype, device=x.device)
-        return LossParts(total=margin + recon, margin=margin, reconstruction=recon)
+        return loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, self.config,
+                          lambda: torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # ============================================================================== spec functions
-def check_model_inputs(params: Any, x: Any, config: CapsNetConfig, labels: Any | None, *,
-                       check_label_range: bool = True) -> None:
-    """Validates the arguments of a model function (no host synchronisation unless label ranges
-    are checked)."""
-    if not isinstance(config, CapsNetConfig):
-        raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
-    if not isinstance(params, CapsNet):
-        raise ValueError(
-            f"params must be a CapsNet (what TorchBackend.params_from_numpy returns), got {type(params).__name__}"
-        )
-    if params.config != config:
-        ours, theirs = config.to_dict(), params.config.to_dict()
-        diff = ", ".join(f"{k}={ours[k]!r} but params have {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
-        raise ValueError(f"config does not match the config params were built for: {diff}")
-    ops.check_tensor("x", x, shape=(None, *config.input_shape))
-    if x.dtype != params.dtype:
-        raise ValueError(f"x has dtype {str(x.dtype).replace('torch.', '')} but params have dtype "
-                         f"{str(params.dtype).replace('torch.', '')}: they must match")
-    if x.device != params.device:
-        raise ValueError(f"x is on {x.device} but params are on {params.device}: they must share a device")
-    if labels is not None:
-        ops.check_label_tensor("labels", labels, x.shape[0], config.num_classes, check_range=check_label_range)
-        if labels.device != x.device:
-            raise ValueError(f"labels are on {labels.device} but x on {x.device}: they must share a device")
-
-
 def forward(params: CapsNet, x: torch.Tensor, config: CapsNetConfig, labels: torch.Tensor | None = None) -> CapsNetOutput:
     """The model's outputs. The decoder sees the true class's capsule when labels are given,
     else the longest capsule."""
-    check_model_inputs(params, x, config, labels)
     return params(x, labels)
 
 
 def loss(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms (0-d tensors), averaged over the batch."""
-    if labels is None:
-        raise ValueError("labels are required for the loss")
-    check_model_inputs(params, x, config, labels)
     return params.loss_parts(params(x, labels), x, labels)
 
 
@@ -216,9 +173,6 @@ def value_and_grad(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, confi
 
     The gradients are returned, not accumulated into the parameters' .grad.
     """
-    if labels is None:
-        raise ValueError("labels are required for value_and_grad")
-    check_model_inputs(params, x, config, labels)
     named = params.canonical_parameters()
     with torch.enable_grad():
         total = params.loss_parts(params(x, labels), x, labels).total
@@ -228,7 +182,6 @@ def value_and_grad(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, confi
 
 def predict(params: CapsNet, x: torch.Tensor, config: CapsNetConfig) -> torch.Tensor:
     """The class of the longest class capsule, per example (int64)."""
-    check_model_inputs(params, x, config, None)
     with torch.no_grad():
         v, _ = params.digit(params.primary(torch.relu(params.conv1(x))))
-        return torch.argmax(ops._lengths(v), dim=1).to(torch.int64)
+        return torch.argmax(ops.capsule_lengths(v), dim=1).to(torch.int64)

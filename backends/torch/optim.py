@@ -14,8 +14,9 @@ Python float computed on the host from a Python step count, so no step reads the
 
 The spec's state {"step", "m", "v"} is an AdamState: a read-only Mapping view over a SpecAdam
 bound to one CapsNet (m and v are the optimizer's exp_avg / exp_avg_sq tensors, keyed by
-canonical names). Updates happen in place on the CapsNet and the optimizer; the functions
-return them anyway, and callers use the returned values.
+canonical names). adam_update returns a new CapsNet and state and leaves the caller's as they
+were; train_step consumes its params and state (capsspec.spec.CONSUMES): it updates them in
+place and returns them, and callers use the returned values.
 
 What this module must never do: import the reference's implementation, or import the fast
 path (fast.py) unless a CapsNet asks for it.
@@ -23,17 +24,18 @@ path (fast.py) unless a CapsNet asks for it.
 
 from __future__ import annotations
 
-import math
+import copy
 from collections.abc import Mapping
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+from capsspec.backend_kit import AdamStateView, state_from_numpy
 from capsspec.config import AdamConfig, CapsNetConfig
 from capsspec.spec import StepMetrics
 
-from .model import CapsNet, check_model_inputs
+from .model import CapsNet
 
 __all__ = ["SpecAdam", "AdamState", "adam_init", "adam_update", "train_step"]
 
@@ -91,8 +93,7 @@ class SpecAdam(torch.optim.Optimizer):
     def _update(self, adam: AdamConfig, ps: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
         states = [self.state[p] for p in ps]
         step = states[0]["step"]
-        t = step + 1
-        alpha = adam.learning_rate(step) * math.sqrt(1 - adam.beta2 ** t) / (1 - adam.beta1 ** t)
+        alpha = adam.step_size(step)
         ms = [s["exp_avg"] for s in states]
         vs = [s["exp_avg_sq"] for s in states]
         torch._foreach_mul_(ms, adam.beta1)
@@ -103,7 +104,7 @@ class SpecAdam(torch.optim.Optimizer):
         torch._foreach_add_(denom, adam.epsilon)
         torch._foreach_addcdiv_(ps, ms, denom, value=-alpha)
         for s in states:
-            s["step"] = t
+            s["step"] = step + 1
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -122,7 +123,7 @@ class SpecAdam(torch.optim.Optimizer):
         return loss
 
 
-class AdamState(Mapping):
+class AdamState(AdamStateView):
     """The spec's optimizer state {"step", "m", "v"} as a view over a SpecAdam bound to one CapsNet."""
 
     def __init__(self, params: CapsNet, optimizer: SpecAdam) -> None:
@@ -139,60 +140,39 @@ class AdamState(Mapping):
         key = {"m": "exp_avg", "v": "exp_avg_sq"}[which]
         return {k: self.optimizer.state[p][key] for k, p in self.names.items()}
 
-    def __getitem__(self, key: str) -> Any:
-        if key == "step":
-            return self.step
-        if key in ("m", "v"):
-            return self.moments(key)
-        raise KeyError(key)
+    @classmethod
+    def from_numpy(cls, state: Mapping[str, Any], params: CapsNet) -> "AdamState":
+        """An AdamState for params from {"step", "m", "v"} of NumPy arrays keyed by canonical names."""
+        new = adam_init(params)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(("step", "m", "v"))
+        def load(which: str, name: str, a: np.ndarray) -> None:
+            with torch.no_grad():
+                new.moments(which)[name].copy_(torch.from_numpy(np.array(a, copy=True)))
 
-    def __len__(self) -> int:
-        return 3
-
-    def __repr__(self) -> str:
-        return f"AdamState(step={self.step}, {len(self.names)} parameters)"
+        new.optimizer.set_step_count(state_from_numpy(state, params.config.param_shapes(),
+                                                      str(params.dtype).replace("torch.", ""), load))
+        return new
 
 
 def adam_init(params: CapsNet) -> AdamState:
     """Zero moments for every parameter, step 0."""
-    if not isinstance(params, CapsNet):
-        raise ValueError(f"params must be a CapsNet (what TorchBackend.params_from_numpy returns), "
-                         f"got {type(params).__name__}")
     return AdamState(params, SpecAdam(params.parameters()))
-
-
-def _check_state(state: Any, params: CapsNet) -> None:
-    if not isinstance(state, AdamState):
-        raise ValueError(f"state must be an AdamState (what adam_init or TorchBackend.state_from_numpy returns), "
-                         f"got {type(state).__name__}")
-    if state.params is not params:
-        raise ValueError("state belongs to another CapsNet: make it with adam_init(params) for these params")
 
 
 def adam_update(params: CapsNet, grads: Mapping[str, torch.Tensor], state: AdamState,
                 adam: AdamConfig = AdamConfig()) -> tuple[CapsNet, AdamState]:
-    """One Adam update with the scheduled learning rate, in place. Returns (params, state)."""
-    if not isinstance(params, CapsNet):
-        raise ValueError(f"params must be a CapsNet, got {type(params).__name__}")
-    _check_state(state, params)
-    state.optimizer.configure(adam)
-    named = state.names
-    if not isinstance(grads, Mapping) or set(grads) != set(named):
-        got = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
-        raise ValueError(f"grads have keys {got} but params have {list(named)}")
-    for k, p in named.items():
-        g = grads[k]
-        if not isinstance(g, torch.Tensor) or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(
-                f"grads[{k!r}] must be a torch.Tensor of the parameter's shape {tuple(p.shape)}, dtype "
-                f"{str(p.dtype).replace('torch.', '')} and device {p.device}, got {type(g).__name__} "
-                f"{tuple(getattr(g, 'shape', ()))} {getattr(g, 'dtype', '')} {getattr(g, 'device', '')}"
-            )
-    state.optimizer.apply_gradients([grads[k] for k in named], list(named.values()))
-    return params, state
+    """One Adam update with the scheduled learning rate. Returns (new params, new state); the
+    caller's CapsNet and state are left as they were (train_step is the in-place form)."""
+    new_params = copy.deepcopy(params)
+    new_state = adam_init(new_params)
+    with torch.no_grad():
+        for which in ("m", "v"):
+            for k, a in new_state.moments(which).items():
+                a.copy_(state.moments(which)[k])
+    new_state.optimizer.set_step_count(state.step)
+    new_state.optimizer.configure(adam)
+    new_state.optimizer.apply_gradients([grads[k] for k in new_state.names], list(new_state.names.values()))
+    return new_params, new_state
 
 
 def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig,
@@ -200,14 +180,10 @@ def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch
     """Loss, gradients and one Adam update on one batch. Returns (params, state, metrics).
 
     The metrics' total, margin, reconstruction and correct are 0-d tensors on the device (read
-    them when needed; nothing here waits for the device); lr is a Python float. On CUDA the
-    label range is not checked (it would stall every step). A CapsNet with .fast set (the
+    them when needed; nothing here waits for the device); lr is a Python float. On CUDA the door
+    defers its value checks to the next host read (capsspec.validation). A CapsNet with .fast set (the
     backend's fast=True / compile=True on CUDA) takes the compiled path of fast.py.
     """
-    if labels is None:
-        raise ValueError("labels are required for train_step")
-    check_model_inputs(params, x, config, labels, check_label_range=x.device.type == "cpu")
-    _check_state(state, params)
     state.optimizer.configure(adam)
     lr = state.optimizer.current_lr()
     if params.fast:
@@ -226,29 +202,3 @@ def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch
         total, margin, recon = parts.total.detach(), parts.margin.detach(), parts.reconstruction.detach()
     metrics = StepMetrics(total=total, margin=margin, reconstruction=recon, correct=correct, lr=lr)
     return params, state, metrics
-
-
-def state_from_arrays(state: Mapping[str, Any], params: CapsNet) -> AdamState:
-    """An AdamState for params from {"step", "m", "v"} of arrays keyed by canonical names."""
-    if not isinstance(state, Mapping) or not {"step", "m", "v"} <= set(state):
-        raise ValueError("state must be a dict with 'step', 'm' and 'v' (as state_to_numpy returns)")
-    step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"state['step'] must be a non-negative int, got {step!r}")
-    new = adam_init(params)
-    for part in ("m", "v"):
-        arrays = state[part]
-        if not isinstance(arrays, Mapping) or set(arrays) != set(new.names):
-            got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
-            raise ValueError(f"state[{part!r}] has keys {got} but params have {list(new.names)}")
-        dst = new.moments(part)
-        for k, p in new.names.items():
-            a = np.asarray(arrays[k])
-            want = str(p.dtype).replace("torch.", "")
-            if a.shape != tuple(p.shape) or a.dtype.name != want:
-                raise ValueError(f"state[{part!r}][{k!r}] must have the parameter's shape {tuple(p.shape)} and "
-                                 f"dtype {want}, got {a.shape} {a.dtype.name}")
-            with torch.no_grad():
-                dst[k].copy_(torch.from_numpy(np.array(a, dtype=a.dtype, copy=True)))
-    new.optimizer.set_step_count(int(step))
-    return new
