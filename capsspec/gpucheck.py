@@ -295,7 +295,7 @@ class Runner:
             except subprocess.TimeoutExpired:
                 _kill_group(proc, grace)
                 result.status = "timed_out"
-                result.reason = f"killed after {self.clock() - t0:.0f}s (its share of the budget)"
+                result.reason = f"killed after {self.clock() - t0:.1f}s (its share of the budget)"
                 result.returncode = proc.returncode
             except BaseException as exc:  # the check itself is being stopped: its step (a session of its own) too
                 _kill_group(proc, 1.0)
