@@ -62,8 +62,19 @@ class OnnxRuntimeBackend(Backend):
 
         return OnnxModel(params, config)
 
+    def native_params(self, params: Any) -> tuple[CapsNetConfig, str, str | None] | str:
+        """For the door: the config an OnnxModel was built for, its dtype and device."""
+        from .model import OnnxModel
+
+        if not isinstance(params, OnnxModel):
+            return (f"params must be an OnnxModel (what OnnxRuntimeBackend.params_from_numpy returns), "
+                    f"got {type(params).__name__}")
+        return params.config, "float32", None
+
     def params_to_numpy(self, params: Any) -> dict[str, np.ndarray]:
         """The canonical parameters the OnnxModel was built from (copies)."""
+        if isinstance(self.native_params(params), str):
+            raise ValueError(self.native_params(params))
         return {k: np.array(v, copy=True) for k, v in params.params.items()}
 
     def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> Any:
