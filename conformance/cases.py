@@ -1,9 +1,9 @@
 """Test cases from recipes: small JSON-like dicts that Hypothesis draws and a failure prints.
 
 A recipe holds only plain numbers, strings and lists (seeds, sizes, the kind and scale of the
-values); the functions here turn it into NumPy inputs deterministically. That is what makes
-every failure reproducible from its printed snippet: the snippet carries the recipe, not the
-arrays.
+values); the functions here (and each op's builder in records.py) turn it into NumPy inputs
+deterministically. That is what makes every failure reproducible from the one line it prints:
+the line carries the recipe, not the arrays.
 
 Each case has the inputs in the dtype under test and the same values widened to float64 for
 the reference (widening is exact), so comparisons measure the backend's error alone.
