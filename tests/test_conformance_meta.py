@@ -161,3 +161,38 @@ def test_inference_only_backend_is_held_to_inference_names_only(tmp_path):
     assert any("not applicable:" in ln and "adam_update" in ln for ln in skipped)
     assert "not applicable:" in r.stdout and "check(s) of training names" in r.stdout  # the summary
     assert "test_forward" in r.stdout and "test_predict" in r.stdout  # the inference checks ran
+
+
+def test_a_failure_prints_one_line_that_reproduces_it(capsys):
+    # The line a failure prints is a command; run in-process here, it fails again (status 1) on the
+    # broken backend and passes (status 0) on numpy.
+    import json
+    import shlex
+
+    from capsspec.conformance import checks, reproduce
+    from capsspec.conformance.compare import ConformanceFailure
+    from capsspec.conformance.selection import resolve_backend
+
+    recipe = {"seed": 3, "kind": "zero_rows", "scale": 0, "row_scales": [0, 0], "shape": [2, 3, 4], "axis": -1}
+    sel = resolve_backend("capsspec.conformance.broken:SquashNanAtZero")
+    with pytest.raises(ConformanceFailure) as info:
+        checks.zero_vectors(sel, recipe, "float64")
+    lines = [ln for ln in str(info.value).splitlines() if ln.startswith("reproduce with: ")]
+    assert len(lines) == 1
+    argv = shlex.split(lines[0].removeprefix("reproduce with: "))
+    assert argv[:3] == ["python", "-m", "capsspec.conformance.reproduce"] and len(argv) == 4
+    assert reproduce.main(argv[3:]) == 1
+    assert "squash is not finite" in capsys.readouterr().out
+    payload = dict(json.loads(argv[3]), backend="numpy")
+    assert reproduce.main([json.dumps(payload)]) == 0
+
+
+def test_every_op_has_one_record_and_distinct_error_inputs():
+    from capsspec.conformance.records import RECORDS, error_ids
+    from capsspec.spec import OP_NAMES, SPEC_NAMES
+
+    assert sorted(RECORDS) == sorted(OP_NAMES)
+    ids = error_ids()
+    assert len(ids) == len(set(ids))
+    covered = {name for name, _ in ids}
+    assert covered >= set(SPEC_NAMES) - {"adam_init"}  # adam_init takes only parameters it made itself
