@@ -650,9 +650,9 @@ def _op_of(name: str) -> str | None:
 
 def model_error_case(dtype: str) -> ModelErrorCase:
     """A small valid model call (a decoder, labels, an Adam state), the base of the model error inputs."""
-    config = CapsNetConfig(input_channels=1, input_height=6, input_width=5, conv1_channels=2, conv1_kernel=3,
-                           primary_types=2, primary_dim=2, primary_kernel=2, primary_stride=1, num_classes=3,
-                           class_dim=2, routing_iterations=2, use_decoder=True, decoder_widths=(4,))
+    from .strategies import SMALL_CONFIG
+
+    config = CapsNetConfig.from_dict(SMALL_CONFIG)
     params = cases.model_params(config, 11, 30.0, dtype)
     x, labels = cases.batch(config, {"seed": 12, "B": 3, "kind": "unit", "scale": 0}, dtype)
     rng = np.random.default_rng(13)

@@ -29,7 +29,7 @@ from capsspec.config import CapsNetConfig
 from .cases import SCALE_LIMITS
 
 __all__ = ["DTYPES", "RANGES", "seeds", "batch", "values", "cotangents", "conv_geometry", "capsule_shape",
-           "sizes", "margins", "recipe", "configs", "model_recipes", "adam_recipes", "trajectory_recipes"]
+           "sizes", "margins", "recipe", "configs", "SMALL_CONFIG", "small_model_recipes", "model_recipes", "adam_recipes", "trajectory_recipes"]
 
 DTYPES = ("float32", "float64")
 
@@ -138,6 +138,23 @@ def _images(draw: Any, min_batch: int = 1) -> dict[str, Any]:
     kind = draw(st.sampled_from(("unit", "zeros", "equal", "normal")), label="image kind")
     return {"seed": draw(st.integers(0, 2**16)), "B": draw(st.integers(min_batch, 4), label="batch"), "kind": kind,
             "scale": draw(st.sampled_from((0, 0, -3, 2, 5)))}
+
+
+# One small model with a decoder, for checks whose subject is not the numbers (the error contract,
+# purity): one shape per dtype, so a compiling backend traces each function once.
+SMALL_CONFIG: dict[str, Any] = CapsNetConfig(
+    input_channels=1, input_height=6, input_width=5, conv1_channels=2, conv1_kernel=3, primary_types=2,
+    primary_dim=2, primary_kernel=2, primary_stride=1, num_classes=3, class_dim=2, routing_iterations=2,
+    use_decoder=True, decoder_widths=(4,)).to_dict()
+
+
+def small_model_recipes() -> st.SearchStrategy[dict[str, Any]]:
+    """model_recipes on SMALL_CONFIG with a batch of 2 unit images: only seeds and the digit scale vary."""
+    return st.fixed_dictionaries({
+        "config": st.just(SMALL_CONFIG), "seed": st.integers(0, 2**16), "digit_scale": st.sampled_from((1.0, 30.0)),
+        "x": st.fixed_dictionaries({"seed": st.integers(0, 2**16), "B": st.just(2), "kind": st.just("unit"),
+                                    "scale": st.just(0)}),
+        "with_labels": st.just(True)})
 
 
 @st.composite
