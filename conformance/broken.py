@@ -19,6 +19,11 @@ The mistakes (docs/spec.md, section 4, "Mistakes earlier implementations made"):
   IterationsAlwaysOne       the routing-iterations setting ignored: always 1 (8)
   IterationsAlwaysThree     the routing-iterations setting ignored: always 3 (8)
 
+and two breaches of the contract around the math (these wrap the numpy backend's functions
+instead of patching the reference's):
+  NanImagesAccepted         NaN or inf images accepted silently (replaced by 0): the error contract
+  InPlaceAdam               adam_update writes the new values into the caller's parameters: purity
+
 What this module must never do: change the real reference modules (the copies are separate
 module objects), or be registered as a backend.
 """
@@ -35,11 +40,13 @@ import numpy as np
 import capsspec.model
 import capsspec.ops
 import capsspec.optim
+from capsspec.backend import Backend
 from capsspec.backends.numpy import NumpyBackend
+from capsspec.config import AdamConfig
 
 __all__ = ["BROKEN", "BrokenBackend", "SoftmaxOverChildren", "SquashNanAtZero", "PrimaryNoChannelsLast",
            "MarginOnSoftmax", "SharedRoutingLogits", "DetachedRoutingGradient", "IterationsAlwaysOne",
-           "IterationsAlwaysThree"]
+           "IterationsAlwaysThree", "NanImagesAccepted", "InPlaceAdam"]
 
 _PREFIX = "capsspec.conformance._broken"
 
@@ -214,8 +221,58 @@ class IterationsAlwaysThree(BrokenBackend):
         _iterations(3))
 
 
-BROKEN: Mapping[str, type[BrokenBackend]] = {
+class _ContractBreach(NumpyBackend):
+    """The numpy backend with some spec functions wrapped (subclasses set `key` and `mistake`)."""
+
+    key = ""
+    mistake = ""
+
+    def __init__(self, device: str | None = None, **options: Any) -> None:
+        super().__init__(device, **options)
+        self.name = f"broken-{self.key}"
+
+    def _spec(self, name: str) -> Callable[..., Any]:
+        return Backend.__getattr__(self, name)  # the numpy backend's own function
+
+
+def _silence(x: Any) -> Any:
+    """NaN and inf replaced by 0, as a backend that never looks at its input's values would let them through."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+        return np.where(np.isfinite(x), x, 0).astype(x.dtype)
+    return x
+
+
+class NanImagesAccepted(_ContractBreach):
+    key, mistake = "nan_images_accepted", "NaN or inf images accepted silently"
+
+    def forward(self, params, x, config, labels=None):
+        return self._spec("forward")(params, _silence(x), config, labels)
+
+    def loss(self, params, x, labels, config):
+        return self._spec("loss")(params, _silence(x), labels, config)
+
+    def value_and_grad(self, params, x, labels, config):
+        return self._spec("value_and_grad")(params, _silence(x), labels, config)
+
+    def predict(self, params, x, config):
+        return self._spec("predict")(params, _silence(x), config)
+
+    def train_step(self, params, state, x, labels, config, adam=AdamConfig()):
+        return self._spec("train_step")(params, state, _silence(x), labels, config, adam)
+
+
+class InPlaceAdam(_ContractBreach):
+    key, mistake = "in_place_adam", "adam_update writes into the caller's parameters"
+
+    def adam_update(self, params, grads, state, adam=AdamConfig()):
+        new_params, new_state = self._spec("adam_update")(params, grads, state, adam)
+        for k, v in new_params.items():
+            params[k][...] = v
+        return new_params, new_state
+
+
+BROKEN: Mapping[str, type[NumpyBackend]] = {
     cls.key: cls for cls in (SoftmaxOverChildren, SquashNanAtZero, PrimaryNoChannelsLast, MarginOnSoftmax,
                              SharedRoutingLogits, DetachedRoutingGradient, IterationsAlwaysOne,
-                             IterationsAlwaysThree)
+                             IterationsAlwaysThree, NanImagesAccepted, InPlaceAdam)
 }

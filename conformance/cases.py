@@ -1,9 +1,9 @@
 """Test cases from recipes: small JSON-like dicts that Hypothesis draws and a failure prints.
 
 A recipe holds only plain numbers, strings and lists (seeds, sizes, the kind and scale of the
-values); the functions here turn it into NumPy inputs deterministically. That is what makes
-every failure reproducible from its printed snippet: the snippet carries the recipe, not the
-arrays.
+values); the functions here (and each op's builder in records.py) turn it into NumPy inputs
+deterministically. That is what makes every failure reproducible from the one line it prints:
+the line carries the recipe, not the arrays.
 
 Each case has the inputs in the dtype under test and the same values widened to float64 for
 the reference (widening is exact), so comparisons measure the backend's error alone.
@@ -22,7 +22,7 @@ import numpy as np
 import capsspec
 from capsspec.config import AdamConfig, CapsNetConfig
 
-__all__ = ["OpCase", "ModelCase", "values", "op_case", "model_case", "adam_case", "state_case", "widen",
+__all__ = ["OpCase", "ModelCase", "values", "labels_for", "op_case", "model_case", "adam_case", "state_case", "widen",
            "SCALE_LIMITS"]
 
 # log10 of the largest / smallest magnitude of drawn values, per dtype, for ops whose domain is
@@ -73,7 +73,8 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(int(seed))
 
 
-def _labels(rng: np.random.Generator, batch: int, classes: int) -> np.ndarray:
+def labels_for(rng: np.random.Generator, batch: int, classes: int) -> np.ndarray:
+    """`batch` integer labels (int64) drawn uniformly from [0, classes)."""
     return rng.integers(0, classes, size=batch).astype(np.int64)
 
 
@@ -94,81 +95,29 @@ class OpCase:
 
 
 def _cotangent(r: Mapping[str, Any], out: Any, dtype: str) -> Any:
-    """A cotangent shaped like the reference output `out` (float64), drawn from r["cot"]."""
+    """A cotangent shaped like the reference output `out` (float64), drawn from r["cot"]: a scalar for
+    a loss, (g_v, g_c or None) for routing, else an array like the output."""
     c = r.get("cot", {"seed": 0, "kind": "normal"})
     rng = _rng(c["seed"])
     if isinstance(out, tuple):  # routing: (v, c)
         g_v = values(rng, out[0].shape, c["kind"], 0, dtype)
         g_c = values(rng, out[1].shape, c["kind"], 0, dtype) if c.get("with_gc", False) else None
         return (g_v, g_c)
+    if np.ndim(out) == 0:  # a loss
+        return np.asarray(0.0 if c["kind"] == "zeros" else rng.standard_normal(), dtype=dtype)
     return values(rng, np.shape(out), c["kind"], 0, dtype)
 
 
 def op_case(name: str, r: Mapping[str, Any], dtype: str) -> OpCase:
-    """The inputs of op `name` described by recipe `r`, in `dtype`, with a cotangent for its VJP."""
-    rng = _rng(r["seed"])
-    kind, scale = r.get("kind", "normal"), int(r.get("scale", 0))
-    rows = tuple(r.get("row_scales", (scale, scale)))
-    if name == "conv2d":
-        x = values(rng, (r["B"], r["C"], r["H"], r["W"]), kind, scale, dtype, rows)
-        fan_in = r["C"] * r["kh"] * r["kw"]
-        w = values(rng, (r["O"], r["C"], r["kh"], r["kw"]), "normal", 0, dtype) / np.sqrt(fan_in).astype(dtype)
-        b = values(rng, (r["O"],), "normal", -1, dtype)
-        args, static = [x, w, b], {"stride": r["stride"]}
-    elif name == "squash":
-        args, static = [values(rng, tuple(r["shape"]), kind, scale, dtype, rows)], {"axis": r.get("axis", -1)}
-    elif name == "primary_capsules":
-        x = values(rng, (r["B"], r["C"], r["H"], r["W"]), kind, scale, dtype, rows)
-        fan_in = r["C"] * r["k"] * r["k"]
-        w = values(rng, (r["T"] * r["D"], r["C"], r["k"], r["k"]), "normal", 0, dtype) / np.sqrt(fan_in).astype(dtype)
-        b = values(rng, (r["T"] * r["D"],), "normal", -1, dtype)
-        args, static = [x, w, b], {"capsule_dim": r["D"], "stride": r["stride"]}
-    elif name == "predictions":
-        u = values(rng, (r["B"], r["N"], r["D"]), kind, scale, dtype, rows)
-        w = values(rng, (r["N"], r["J"], r["E"], r["D"]), "normal", int(r.get("weight_scale", 0)), dtype)
-        args, static = [u, w], {}
-    elif name == "routing":
-        args = [values(rng, (r["B"], r["N"], r["J"], r["E"]), kind, scale, dtype, rows)]
-        static = {"iterations": r["iterations"]}
-    elif name == "capsule_lengths":
-        args, static = [values(rng, tuple(r["shape"]), kind, scale, dtype, rows)], {}
-    elif name == "margin_loss":
-        b, j = r["B"], r["J"]
-        if kind == "satisfied":  # true length >= m+, every other <= m-: the loss is exactly 0
-            labels = _labels(rng, b, j)
-            lengths = rng.uniform(0.0, r["m_minus"], size=(b, j))
-            lengths[np.arange(b), labels] = rng.uniform(r["m_plus"], 1.0, size=b)
-        else:
-            lengths = rng.uniform(0.0, 1.0, size=(b, j))
-            labels = _labels(rng, b, j)
-        args = [np.ascontiguousarray(lengths.astype(dtype)), labels]
-        static = {"m_plus": r["m_plus"], "m_minus": r["m_minus"], "lambda_": r["lambda_"]}
-    elif name == "mask":
-        v = values(rng, (r["B"], r["J"], r["E"]), kind, scale, dtype, rows)
-        labels = _labels(rng, r["B"], r["J"]) if r.get("labels", True) else None
-        args, static = [v, labels], {}
-    elif name == "decoder":
-        widths = list(r["widths"])
-        x = values(rng, (r["B"], widths[0]), kind, scale, dtype, rows)
-        ws = [values(rng, (widths[k + 1], widths[k]), "normal", 0, dtype) / np.sqrt(widths[k]).astype(dtype)
-              for k in range(len(widths) - 1)]
-        bs = [values(rng, (widths[k + 1],), "normal", -1, dtype) for k in range(len(widths) - 1)]
-        args, static = [x, ws, bs], {}
-    elif name == "reconstruction_loss":
-        shape = (r["B"], r["C"], r["H"], r["W"])
-        images = values(rng, shape, "unit" if kind != "zeros" else "zeros", 0, dtype)
-        recon = values(rng, (r["B"], r["C"] * r["H"] * r["W"]), "unit", 0, dtype)
-        args, static = [recon, images], {"scale": r["loss_scale"]}
-    else:
-        raise ValueError(f"op must be one of {capsspec.spec.OP_NAMES}, got {name!r}")
+    """The inputs of op `name` described by recipe `r`, in `dtype`, with a cotangent for its VJP.
+
+    How the arrays are built is the op's record's business (records.py)."""
+    from .records import record  # records builds on this module
+
+    args, static = record(name).build(r, dtype, _rng(r["seed"]))
     case = OpCase(name, args, static)
     ref_out = getattr(capsspec.ops, name)(*case.ref_args, **static)
-    if name in ("margin_loss", "reconstruction_loss"):
-        c = r.get("cot", {"seed": 0, "kind": "normal"})
-        g = 0.0 if c["kind"] == "zeros" else float(_rng(c["seed"]).standard_normal())
-        case.cot = np.asarray(g, dtype=dtype)
-    else:
-        case.cot = _cotangent(r, ref_out, dtype)
+    case.cot = _cotangent(r, ref_out, dtype)
     case.ref_cot = widen(case.cot)
     return case
 
@@ -202,7 +151,7 @@ def batch(config: CapsNetConfig, r: Mapping[str, Any], dtype: str) -> tuple[np.n
     x = values(rng, (r["B"], *config.input_shape), r.get("kind", "unit"), int(r.get("scale", 0)), dtype)
     if r.get("kind", "unit") == "unit" and int(r.get("scale", 0)) != 0:
         x = np.ascontiguousarray((x.astype(np.float64) * 10.0 ** int(r["scale"])).astype(dtype))
-    return x, _labels(rng, r["B"], config.num_classes)
+    return x, labels_for(rng, r["B"], config.num_classes)
 
 
 def model_case(r: Mapping[str, Any], dtype: str) -> ModelCase:

@@ -2,8 +2,8 @@
 
 assert_close checks type, shape and dtype before values, then values against the tolerance
 table. A failure message carries the largest absolute and relative errors (with where and what
-the values were), a summary of the drawn inputs, and a runnable snippet that reproduces the
-failing call. Every comparison is also recorded (examples run, largest error) for the summary
+the values were), a summary of the drawn inputs, and the one command line that reproduces the
+failing check (reproduce.py). Every comparison is also recorded (examples run, largest error) for the summary
 the pytest plugin prints at the end of a run.
 
 What this module must never do: relax a tolerance, or swallow a backend's exception.
@@ -83,13 +83,13 @@ def summarize(a: Any) -> str:
 
 @dataclass
 class Context:
-    """What a failure message needs: the check, the backend, the recipe, the inputs, a snippet."""
+    """What a failure message needs: the check, the backend, the recipe, the inputs, the line that reproduces it."""
 
     check: str
     backend: Any  # selection.Selected
     dtype: str
     recipe: Mapping[str, Any]
-    snippet: str
+    repro: str  # one shell line (reproduce.py) that runs the failing check again
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,7 +102,7 @@ class Context:
             lines.append(f"config: CapsNetConfig.from_dict({_fmt(self.recipe['config'])})")
         for k, v in self.inputs.items():
             lines.append(f"input {k}: {summarize(v)}")
-        lines.append("reproduce with:\n" + "\n".join("    " + s for s in self.snippet.strip().splitlines()))
+        lines.append(f"reproduce with: {self.repro}")
         return "\n".join(lines)
 
     def fail(self, message: str) -> None:
@@ -220,7 +220,8 @@ def assert_close(actual: Any, expected: Any, *, what: str, level: str, ctx: Cont
 
 
 def assert_all_close(actual: Mapping[str, Any], expected: Mapping[str, Any], *, what: str, level: str,
-                     ctx: Context, ref_float32: Mapping[str, Any] | None = None) -> None:
+                     ctx: Context, ref_float32: Mapping[str, Any] | None = None,
+                     magnitudes: Mapping[str, Any] | None = None) -> None:
     """Dicts keyed alike (parameters, gradients): same keys, then each value."""
     if not isinstance(actual, Mapping):
         ctx.fail(f"{what}: expected a dict keyed by canonical names, got {type(actual).__name__}")
@@ -228,4 +229,5 @@ def assert_all_close(actual: Mapping[str, Any], expected: Mapping[str, Any], *, 
         ctx.fail(f"{what}: keys {sorted(actual)}, the reference's are {sorted(expected)}")
     for k in expected:
         assert_close(actual[k], expected[k], what=f"{what}[{k!r}]", level=level, ctx=ctx,
-                     ref_float32=None if ref_float32 is None else ref_float32.get(k))
+                     ref_float32=None if ref_float32 is None else ref_float32.get(k),
+                     magnitude=None if magnitudes is None else magnitudes.get(k))

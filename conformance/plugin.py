@@ -13,6 +13,9 @@ conformance/conftest.py load it when running `python -m pytest conformance` from
   "test_id  # reason", where test_id is "module.py::test_name[params]" ('*' and '?' are
   wildcards; brackets are literal). Each gap is applied as a strict xfail, so a gap that starts passing fails the run
   and is listed as stale; a gap that matches no test is listed too.
+* An inference-only backend (Backend.trains False) is held to spec.INFERENCE_NAMES only: every
+  check marked `uses(...)` with a name outside Backend.required_names() is reported as a skip
+  whose reason starts with "not applicable:", never as passed, and the summary counts them.
 * At the end, a summary per check: examples run, comparisons made, the largest error as a
   fraction of its tolerance, and the largest absolute error.
 
@@ -47,6 +50,7 @@ class _State:
     used_gaps: set[str] = field(default_factory=set)
     gap_items: dict[str, str] = field(default_factory=dict)  # nodeid -> pattern
     stale: list[str] = field(default_factory=list)
+    not_applicable: int = 0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -86,6 +90,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or getattr(config.option, "version", False):
         return
     config.addinivalue_line("markers", "conformance: a check of the capsspec conformance suite")
+    config.addinivalue_line("markers", "uses(*names): the spec names a check calls (for inference-only backends)")
     spec = config.getoption("--backend") or backend_from_environment()
     if not spec:
         pytest.exit(f"capsspec conformance: no backend chosen. Pass --backend NAME (or 'module:attr'), or set "
@@ -171,6 +176,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if dtype is not None and dtype not in b.dtypes:
             item.add_marker(pytest.mark.skip(
                 reason=f"backend {st.selected.spec!r} does not support {dtype} (its dtypes: {', '.join(b.dtypes)})"))
+        uses = {n for m in item.iter_markers("uses") for n in m.args}
+        outside = sorted(uses - set(b.required_names()))
+        if outside:
+            st.not_applicable += 1
+            item.add_marker(pytest.mark.skip(
+                reason=f"not applicable: backend {st.selected.spec!r} is inference-only (trains is False) and "
+                       f"this check uses {', '.join(outside)}"))
+            continue
         short = _short_id(item)
         for pattern, reason in st.gaps:
             if _gap_regex(pattern).match(short):
@@ -213,6 +226,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                           f"{s.max_abs:>11.3g}  {s.worst}")
     else:
         tr.write_line("no comparisons were made")
+    if st.not_applicable:
+        tr.write_line(f"not applicable: {st.not_applicable} check(s) of training names: backend {st.selected.spec!r} "
+                      f"is inference-only and implements {', '.join(st.selected.backend.required_names())} only "
+                      f"(these checks were skipped, not passed)", yellow=True)
     unused = [p for p, _ in st.gaps if p not in st.used_gaps]
     stale = [n for n in _STALE if n in st.gap_items]
     if unused:

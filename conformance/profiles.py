@@ -1,8 +1,12 @@
 """The suite's profiles: how many examples each kind of check draws, and Hypothesis's settings.
 
-* ci   -- derandomised (the same examples on every run), no example database, no deadline,
-          small budgets: one backend in a few minutes on two CPU cores.
-* full -- random examples and budgets ~15x larger, for release checks.
+* ci   -- derandomised (the same examples on every run, so a failing draw is drawn again by
+          every run: nothing to keep), no deadline, small budgets: one backend in a few minutes on
+          two CPU cores.
+* full -- random examples and budgets ~10x larger, for release checks. Every failing draw is kept
+          in Hypothesis' example database (DATABASE_ENV_VAR, default ~/.cache/capsspec/
+          conformance-examples) and replayed first by the next run; a draw worth keeping for
+          good becomes an entry of regressions.py, run by every profile.
 * meta -- a handful of derandomised examples and no shrinking, for the tests of the tester (a
           broken backend must fail even this; shrinking its failure would only cost time).
 
@@ -15,16 +19,19 @@ What this module must never do: write a Hypothesis database into the installed p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["PROFILES", "ENV_VAR", "activate", "active", "budget"]
+__all__ = ["PROFILES", "ENV_VAR", "DATABASE_ENV_VAR", "database_path", "activate", "active", "budget"]
 
 ENV_VAR = "CAPSSPEC_CONFORMANCE_PROFILE"
+DATABASE_ENV_VAR = "CAPSSPEC_CONFORMANCE_DB"
 
 PROFILES: dict[str, dict[str, int]] = {
-    "ci": {"ops": 20, "model": 12, "optimizer": 8, "trajectory": 4, "properties": 12, "interchange": 3},
-    "full": {"ops": 200, "model": 100, "optimizer": 60, "trajectory": 25, "properties": 100, "interchange": 10},
-    "meta": {"ops": 6, "model": 5, "optimizer": 3, "trajectory": 2, "properties": 4, "interchange": 1},
+    "ci": {"ops": 20, "model": 12, "optimizer": 8, "trajectory": 4, "properties": 12, "interchange": 3, "purity": 2},
+    "full": {"ops": 200, "model": 100, "optimizer": 60, "trajectory": 25, "properties": 100, "interchange": 10,
+             "purity": 10},
+    "meta": {"ops": 6, "model": 5, "optimizer": 3, "trajectory": 2, "properties": 4, "interchange": 1, "purity": 1},
 }
 
 
@@ -40,11 +47,22 @@ def _settings(name: str) -> Any:
     except Exception:  # not registered yet in this process
         pass
     phases = (Phase.explicit, Phase.reuse, Phase.generate) if name == "meta" else tuple(Phase)
-    settings.register_profile(key, derandomize=name != "full", database=None, deadline=None,
+    database = None
+    if name == "full":
+        from hypothesis.database import DirectoryBasedExampleDatabase
+
+        database = DirectoryBasedExampleDatabase(str(database_path()))
+    settings.register_profile(key, derandomize=name != "full", database=database, deadline=None,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                      HealthCheck.filter_too_much],
                               print_blob=False, max_examples=PROFILES[name]["ops"], phases=phases)
     return settings.get_profile(key)
+
+def database_path() -> Path:
+    """Where the full profile keeps its failing draws (a user's cache, never the installed package)."""
+    env = os.environ.get(DATABASE_ENV_VAR, "").strip()
+    return Path(env) if env else Path.home() / ".cache" / "capsspec" / "conformance-examples"
+
 
 _active = os.environ.get(ENV_VAR, "ci") if os.environ.get(ENV_VAR, "ci") in PROFILES else "ci"
 

@@ -1,7 +1,7 @@
 """Choosing the backend under test: a registered name or a "module:attr" factory, checked loudly.
 
 Every entry point of the suite (the `capsspec conformance` command, the pytest plugin, the
-reproduction snippets printed on failure) goes through resolve_backend, so a name that is
+reproduction line printed on failure) goes through resolve_backend, so a name that is
 unknown, a factory that does not return a capsspec.Backend, or a backend that cannot run here
 stops the run with the reason. Nothing here ever falls back to another backend: testing the
 reference against itself by accident is the failure this module exists to prevent.
@@ -31,7 +31,7 @@ class SelectionError(ValueError):
 
 @dataclass(frozen=True)
 class Selected:
-    """The backend under test and the exact text that selects it again (for reproduction snippets)."""
+    """The backend under test and the exact text that selects it again (for the reproduction line)."""
 
     spec: str
     device: str | None

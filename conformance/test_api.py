@@ -22,7 +22,7 @@ def _describe(sig):
             for p in sig.parameters.values()]
 
 
-@pytest.mark.parametrize("name", SPEC_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.uses(n)) for n in SPEC_NAMES])
 def test_implements_spec_name_with_reference_signature(backend, name):
     b = backend.backend
     try:

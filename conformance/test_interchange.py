@@ -30,6 +30,7 @@ def _partner(backend, partner, cache):
     return found
 
 
+@pytest.mark.uses("adam_init", "train_step", "loss", "predict")
 @pytest.mark.parametrize("direction", ["export", "import"])
 @budget("interchange")
 @given(recipe=cs.model_recipes())

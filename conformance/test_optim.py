@@ -1,5 +1,6 @@
 """The optimizer: one adam_update from a given state, and a short train_step trajectory."""
 
+import pytest
 from hypothesis import given
 
 from capsspec.conformance import checks
@@ -7,12 +8,14 @@ from capsspec.conformance import strategies as cs
 from capsspec.conformance.profiles import budget
 
 
+@pytest.mark.uses("adam_init", "adam_update")
 @budget("optimizer")
 @given(recipe=cs.adam_recipes())
 def test_adam_update(backend, dtype, recipe):
     checks.adam_step(backend, recipe, dtype)
 
 
+@pytest.mark.uses("adam_init", "train_step")
 @budget("trajectory")
 @given(recipe=cs.trajectory_recipes(steps=3))
 def test_train_step_trajectory(backend, dtype, recipe):
