@@ -29,7 +29,7 @@ from capsspec import model as ref_model
 from capsspec import ops as ref_ops
 from capsspec import optim as ref_optim
 from capsspec.config import AdamConfig, CapsNetConfig
-from capsspec.spec import OPS
+from capsspec.spec import CONSUMES, OPS
 
 from . import cases, magnitudes
 from .compare import CONDITIONING_FACTOR, Context, _stats, assert_all_close, assert_close, assert_true
@@ -571,7 +571,9 @@ def batch_independence(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> 
 @reproducible
 def interchange(source: Selected, target: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
     """Params exported by `source` (params_to_numpy) load into `target` (params_from_numpy) and give the
-    same predictions and losses; the round trip through `source` alone is exact."""
+    same predictions and losses; the round trip through `source` alone is exact. An inference-only
+    side (Backend.trains False) takes part with what it has: it is not trained on (the params are
+    the case's own), and it is compared on forward's lengths and predict instead of loss."""
     case = cases.model_case(recipe, dtype)
     a, t = source.backend, target.backend
     ctx = _ctx(f"interchange {source.spec} -> {target.spec}", source, dtype, recipe, {"x": case.x})
@@ -579,7 +581,8 @@ def interchange(source: Selected, target: Selected, recipe: Mapping[str, Any], d
     pa = a.params_from_numpy(case.params, config)
     rt = a.params_to_numpy(pa)
     assert_all_close(rt, case.params, what=f"{source.spec} params round trip", level="exact", ctx=ctx)
-    pa, _, _ = a.train_step(pa, a.adam_init(pa), a.asarray(case.x), a.asarray(case.labels), config)
+    if a.trains:
+        pa, _, _ = a.train_step(pa, a.adam_init(pa), a.asarray(case.x), a.asarray(case.labels), config)
     exported = a.params_to_numpy(pa)
     assert_true(isinstance(exported, Mapping) and list(exported) == list(config.param_shapes()),
                 f"params_to_numpy must return the canonical names in order, got {list(exported)}", ctx)
@@ -592,11 +595,15 @@ def interchange(source: Selected, target: Selected, recipe: Mapping[str, Any], d
     for who, bk, p in ((source.spec, a, pa), (target.spec, t, pb)):
         pred = bk.to_numpy(bk.predict(p, bk.asarray(case.x), config))
         _check_choice(ctx, pred, ref_out.lengths, f"{who} predict on {source.spec}'s exported params")
+        if not bk.trains:
+            lengths = bk.to_numpy(bk.forward(p, bk.asarray(case.x), config).lengths)
+            assert_close(lengths, ref_out.lengths, what=f"{who} forward lengths on {source.spec}'s exported params",
+                         level="model", ctx=ctx)
+            continue
         parts = bk.loss(p, bk.asarray(case.x), bk.asarray(case.labels), config)
         for f in ("total", "margin", "reconstruction"):
             assert_close(bk.to_numpy(getattr(parts, f)), getattr(ref_loss, f),
                          what=f"{who} loss {f} on {source.spec}'s exported params", level="model", ctx=ctx)
-
 
 
 # ---------------------------------------------------------------------------------------- the error contract
@@ -736,7 +743,10 @@ def _same(a: Any, b: Any) -> bool:
 def _check_unchanged(ctx: Context, b: Any, name: str, given: dict[str, tuple[str, Any]], call: Callable[[], Any],
                      caller_numpy: dict[str, Any]) -> None:
     """Call, then check that every input (read back through the backend) and every NumPy value the
-    caller converted (which a backend may share memory with) is as it was."""
+    caller converted (which a backend may share memory with) is as it was. The arguments that
+    spec.CONSUMES lists for `name` (train_step's params and state) may be updated in place, as
+    the spec allows; the caller's NumPy values they were converted from may not."""
+    given = {k: v for k, v in given.items() if k not in CONSUMES.get(name, ())}
     kept = {k: copy.deepcopy(v) for k, v in caller_numpy.items()}
     before = {k: _snapshot(b, kind, a) for k, (kind, a) in given.items()}
     _read_all(b, call())

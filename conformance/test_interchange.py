@@ -30,7 +30,7 @@ def _partner(backend, partner, cache):
     return found
 
 
-@pytest.mark.uses("adam_init", "train_step", "loss", "predict")
+@pytest.mark.uses("forward", "predict")  # and train_step, loss where a side trains (checks.interchange)
 @pytest.mark.parametrize("direction", ["export", "import"])
 @budget("interchange")
 @given(recipe=cs.model_recipes())

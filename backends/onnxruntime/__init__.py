@@ -22,6 +22,7 @@ import numpy as np
 
 from capsspec.backend import Availability, Backend
 from capsspec.config import CapsNetConfig
+from capsspec.validation import check_params
 
 
 class OnnxRuntimeBackend(Backend):
@@ -56,7 +57,12 @@ class OnnxRuntimeBackend(Backend):
         return np.array(a, copy=True)
 
     def params_from_numpy(self, params: Mapping[str, np.ndarray], config: CapsNetConfig) -> Any:
-        """An OnnxModel: the graph of these canonical parameters and its InferenceSession."""
+        """An OnnxModel: the graph of these canonical parameters and its InferenceSession.
+
+        float64 parameters are rounded to float32 (onnxruntime has no double convolution)."""
+        if not isinstance(config, CapsNetConfig):
+            raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
+        check_params(params, config.param_shapes())
         self.require_available()
         from .model import OnnxModel
 
