@@ -33,6 +33,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "torch": "capsspec.backends.torch:TorchBackend",
     "tensorflow": "capsspec.backends.tensorflow:TensorFlowBackend",
     "cupy": "capsspec.backends.cupy:CupyBackend",
+    "jax": "capsspec.backends.jax:JaxBackend",
 }
 
 
