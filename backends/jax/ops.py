@@ -35,6 +35,10 @@ from capsspec.spec import OPS
 __all__ = [name for op in OPS for name in (op.name, op.vjp_name)] + ["spec_precision", "make_vjps"]
 
 
+import os
+ROUTING_LOOP = os.environ.get("CAPSSPEC_JAX_ROUTING", "python")
+
+
 def spec_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn run with jax_enable_x64 on (float64 and int64 exist) and full-precision float32 matmuls.
 
@@ -96,15 +100,22 @@ def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
 
     c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
     """
-    def agree(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-        c = jax.nn.softmax(logits, axis=2)  # logits b[b, i, j]: over the parents j
-        return c, squash(jnp.einsum("bij,bije->bje", c, u_hat))
+    def parents(c: jax.Array) -> jax.Array:  # v_j = squash(sum_i c_ij u_hat_j|i)
+        return squash(jnp.einsum("bij,bije->bje", c, u_hat))
 
-    logits = jnp.zeros(u_hat.shape[:3], u_hat.dtype)  # one set per example, starting at 0
-    for _ in range(iterations - 1):  # unrolled: see the README's JAX notes for the figures
-        logits = logits + jnp.einsum("bije,bje->bij", u_hat, agree(logits)[1])
-    c, v = agree(logits)
-    return v, c
+    def update(_: Any, bc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        logits = bc[0] + jnp.einsum("bije,bje->bij", u_hat, parents(bc[1]))  # b_ij += u_hat_j|i . v_j
+        return logits, jax.nn.softmax(logits, axis=2)  # over the parents j
+
+    # b starts at 0 for each example, so the first c is softmax(0) = 1/J, written as such: XLA
+    # would otherwise spend seconds constant-folding the softmax of a large array of zeros.
+    bc = (jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], 1 / u_hat.shape[2], u_hat.dtype))
+    if ROUTING_LOOP == "fori":
+        bc = lax.fori_loop(0, iterations - 1, update, bc)
+    else:
+        for t in range(iterations - 1):  # unrolled: see the README's JAX notes for the figures
+            bc = update(t, bc)
+    return parents(bc[1]), bc[1]
 
 
 @_spec_op()
