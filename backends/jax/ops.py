@@ -35,10 +35,6 @@ from capsspec.spec import OPS
 __all__ = [name for op in OPS for name in (op.name, op.vjp_name)] + ["spec_precision", "make_vjps"]
 
 
-import os
-ROUTING_LOOP = os.environ.get("CAPSSPEC_JAX_ROUTING", "python")
-
-
 def spec_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
     """fn run with jax_enable_x64 on (float64 and int64 exist) and full-precision float32 matmuls.
 
@@ -60,13 +56,18 @@ def _spec_op(*static: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 @_spec_op("stride")
 def conv2d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1) -> jax.Array:
     """Cross-correlation with valid padding: x (B,C,H,W), weight (O,C,kh,kw), bias (O,) -> (B,O,Ho,Wo)."""
-    # im2col by strided slices and one contraction, rather than lax.conv_general_dilated: XLA's
-    # CPU backward of a strided convolution took ~18x this one's time (PrimaryCaps, batch 32).
+    # A stride-s convolution is the sum of s*s stride-1 ones, one per phase (p, q) of the input
+    # and the kernel. Written so because XLA's CPU gradient of a strided convolution with respect
+    # to its input took ~20x the whole forward (PrimaryCaps at batch 32); stride-1 ones are fast.
     o, c, kh, kw = weight.shape
     ho, wo = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
-    cols = jnp.stack([x[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-                      for i in range(kh) for j in range(kw)], axis=2)  # (B, C, kh*kw, Ho, Wo)
-    return jnp.einsum("bckhw,ock->bohw", cols, weight.reshape(o, c, kh * kw)) + bias[None, :, None, None]
+    y = bias[None, :, None, None]
+    for p in range(min(stride, kh)):
+        for q in range(min(stride, kw)):
+            part = lax.conv_general_dilated(x[:, :, p::stride, q::stride], weight[:, :, p::stride, q::stride], (1, 1),
+                                            "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            y = y + part[:, :, :ho, :wo]
+    return y
 
 
 @_spec_op("axis")
@@ -115,11 +116,8 @@ def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
     # b starts at 0 for each example, so the first c is softmax(0) = 1/J, written as such: XLA
     # would otherwise spend seconds constant-folding the softmax of a large array of zeros.
     bc = (jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], 1 / u_hat.shape[2], u_hat.dtype))
-    if ROUTING_LOOP == "fori":
-        bc = lax.fori_loop(0, iterations - 1, update, bc)
-    else:
-        for t in range(iterations - 1):  # unrolled: see the README's JAX notes for the figures
-            bc = update(t, bc)
+    for t in range(iterations - 1):  # unrolled, not lax.fori_loop: it compiles and runs faster (README)
+        bc = update(t, bc)
     return parents(bc[1]), bc[1]
 
 
