@@ -55,8 +55,9 @@ def _median_time(fn, repeats: int, sync) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        out = fn()  # held until sync() returns: a backend may wait only for results still alive (jax)
         sync()
+        del out
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

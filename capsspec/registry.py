@@ -34,6 +34,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "tensorflow": "capsspec.backends.tensorflow:TensorFlowBackend",
     "cupy": "capsspec.backends.cupy:CupyBackend",
     "onnxruntime": "capsspec.backends.onnxruntime:OnnxRuntimeBackend",
+    "jax": "capsspec.backends.jax:JaxBackend",
 }
 
 

@@ -1,0 +1,210 @@
+"""The spec's ops as pure JAX functions under jax.jit, with VJPs from jax.vjp.
+
+Every op of capsspec.spec.OPS has the reference's name and signature (capsspec.ops) and the
+same arithmetic on jax.Arrays; static arguments (stride, axis, capsule_dim, iterations) are
+jit's static arguments. Each ``<op>_vjp(g, *args)`` is generated from the op by one loop over
+spec.OPS around jax.vjp (make_vjps below). Arguments are not checked here: the backend's door
+checks them before these functions run.
+
+Numerics the spec fixes (capsspec.ops states them) and how they are met under autodiff:
+* squash(s) = s |s| / (1 + |s|^2), value and gradient exactly 0 at s = 0: |s| is the sqrt of
+  where(|s|^2 > 0, |s|^2, 1) and the result is masked again (the "double where"), so jax.vjp
+  never meets sqrt'(0) = inf. |s| / (1 + |s|^2) is n / (1 + n^2) for n <= 1 and 1 / (n + 1/n)
+  for n > 1, each on a clamped n, so nothing overflows in either pass while |s|^2 is finite.
+* Routing: b starts at 0 per example, softmax over the parents j, nothing stopped from
+  gradients, and the coupling returned is the last iteration's.
+* Every function runs with 64-bit types enabled and float32 matmuls and convolutions at full
+  IEEE precision (``spec_precision``), whatever the caller's global JAX configuration; dtypes
+  come from the inputs, so float32 stays float32.
+
+What this module must never do: import the reference's implementation, or change its inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from capsspec.spec import OPS
+
+__all__ = [name for op in OPS for name in (op.name, op.vjp_name)] + ["spec_precision", "make_vjps"]
+
+
+def spec_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn run with jax_enable_x64 on (float64 and int64 exist) and full-precision float32 matmuls.
+
+    Both are JAX's thread-local context settings: the caller's global configuration is not
+    touched, and code outside these calls keeps its own.
+    """
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+    return run
+
+
+def _spec_op(*static: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return lambda fn: spec_precision(jax.jit(fn, static_argnames=static))
+
+
+# ============================================================================== the ops
+@_spec_op("stride")
+def conv2d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1) -> jax.Array:
+    """Cross-correlation with valid padding: x (B,C,H,W), weight (O,C,kh,kw), bias (O,) -> (B,O,Ho,Wo)."""
+    # A stride-s convolution is the sum of s*s stride-1 ones, one per phase (p, q) of the input
+    # and the kernel. Written so because XLA's CPU gradient of a strided convolution with respect
+    # to its input took ~20x the whole forward (PrimaryCaps at batch 32); stride-1 ones are fast.
+    o, c, kh, kw = weight.shape
+    ho, wo = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
+    y = bias[None, :, None, None]
+    for p in range(min(stride, kh)):
+        for q in range(min(stride, kw)):
+            part = lax.conv_general_dilated(x[:, :, p::stride, q::stride], weight[:, :, p::stride, q::stride], (1, 1),
+                                            "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            y = y + part[:, :, :ho, :wo]
+    return y
+
+
+@_spec_op("axis")
+def squash(s: jax.Array, axis: int = -1) -> jax.Array:
+    """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
+    sq = jnp.sum(s * s, axis=axis, keepdims=True)
+    nz = sq > 0
+    n = jnp.sqrt(jnp.where(nz, sq, 1))
+    small, large = jnp.minimum(n, 1), jnp.maximum(n, 1)
+    f = jnp.where(n <= 1, small / (1 + small * small), 1 / (large + 1 / large))
+    return jnp.where(nz, f, 0) * s
+
+
+@_spec_op("capsule_dim", "stride")
+def primary_capsules(h: jax.Array, weight: jax.Array, bias: jax.Array, capsule_dim: int, stride: int) -> jax.Array:
+    """PrimaryCaps: conv (no ReLU), channels o = t*D + d regrouped into capsules, squashed.
+
+    h (B,C,H,W), weight (T*D,C,k,k) -> u (B, T*Gh*Gw, D) with capsule i = (t*Gh + y)*Gw + x.
+    """
+    a = conv2d(h, weight, bias, stride)
+    b, ch, gh, gw = a.shape
+    # Channels last before the reshape: one capsule is D channels at one grid position.
+    a = a.reshape(b, ch // capsule_dim, capsule_dim, gh, gw).transpose(0, 1, 3, 4, 2)
+    return squash(a.reshape(b, -1, capsule_dim))
+
+
+@_spec_op()
+def predictions(u: jax.Array, weight: jax.Array) -> jax.Array:
+    """u_hat[b, i, j] = weight[i, j] @ u[b, i]: u (B,N,D), weight (N,J,E,D) -> (B,N,J,E)."""
+    return jnp.einsum("njed,bnd->bnje", weight, u)
+
+
+@_spec_op("iterations")
+def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
+    """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
+
+    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
+    """
+    def parents(c: jax.Array) -> jax.Array:  # v_j = squash(sum_i c_ij u_hat_j|i)
+        return squash(jnp.einsum("bij,bije->bje", c, u_hat))
+
+    def update(_: Any, bc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        logits = bc[0] + jnp.einsum("bije,bje->bij", u_hat, parents(bc[1]))  # b_ij += u_hat_j|i . v_j
+        return logits, jax.nn.softmax(logits, axis=2)  # over the parents j
+
+    # b starts at 0 for each example, so the first c is softmax(0) = 1/J, written as such: XLA
+    # would otherwise spend seconds constant-folding the softmax of a large array of zeros.
+    bc = (jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], 1 / u_hat.shape[2], u_hat.dtype))
+    for t in range(iterations - 1):  # unrolled, not lax.fori_loop: it compiles and runs faster (README)
+        bc = update(t, bc)
+    return parents(bc[1]), bc[1]
+
+
+@_spec_op()
+def capsule_lengths(v: jax.Array) -> jax.Array:
+    """|v_j| along the last axis: (..., E) -> (...); gradient 0 where v = 0."""
+    sq = jnp.sum(v * v, axis=-1)
+    nz = sq > 0
+    return jnp.where(nz, jnp.sqrt(jnp.where(nz, sq, 1)), 0)
+
+
+@_spec_op()
+def margin_loss(lengths: jax.Array, labels: jax.Array, m_plus: float = 0.9, m_minus: float = 0.1,
+                lambda_: float = 0.5) -> jax.Array:
+    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
+    present = jax.nn.one_hot(labels, lengths.shape[1], dtype=lengths.dtype)
+    up, down = jax.nn.relu(m_plus - lengths), jax.nn.relu(lengths - m_minus)
+    return jnp.mean(jnp.sum(present * up * up + lambda_ * (1 - present) * down * down, axis=1))
+
+
+@_spec_op()
+def mask(v: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
+
+    The kept capsule is the true class's when labels are given, else the longest (ties: the lowest index).
+    """
+    if labels is None:
+        labels = jnp.argmax(jnp.sum(v * v, axis=-1), axis=1)
+    return (v * jax.nn.one_hot(labels, v.shape[1], dtype=v.dtype)[:, :, None]).reshape(v.shape[0], -1)
+
+
+@_spec_op()
+def decoder(x: jax.Array, weights: Sequence[jax.Array], biases: Sequence[jax.Array]) -> jax.Array:
+    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
+    h = x
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        z = h @ w.T + b
+        h = jax.nn.sigmoid(z) if k == len(weights) - 1 else jax.nn.relu(z)
+    return h
+
+
+@_spec_op()
+def reconstruction_loss(reconstruction: jax.Array, images: jax.Array, scale: float = 0.0005) -> jax.Array:
+    """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
+
+    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
+    """
+    d = reconstruction - images.reshape(reconstruction.shape)
+    return jnp.mean(scale * jnp.sum(d * d, axis=1))
+
+
+# ============================================================================== VJPs
+# ISOLATED ON PURPOSE: the backend kit's make_vjps(namespace, vjp) has this very shape; when it
+# lands, the line at the end of this module imports it instead and this function goes.
+def make_vjps(namespace: dict[str, Any], vjp: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
+    """Every ``<op>_vjp(g, *args)`` of spec.OPS from the op in namespace and one VJP primitive.
+
+    vjp(f, *primals) -> (f(*primals), pullback) with pullback(cotangent) -> one gradient per
+    primal (jax.vjp's meaning). The differentiable arguments are the op's spec.differentiable;
+    the others are held fixed. A cotangent given as None (routing's g_c) counts as zeros.
+    """
+    def vjp_of(op: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+
+        def op_vjp(g: Any, *args: Any, **kwargs: Any) -> tuple:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            fixed = dict(bound.arguments)
+
+            def f(*diff: Any) -> Any:
+                return fn(**{**fixed, **dict(zip(op.differentiable, diff))})
+
+            out, pullback = vjp(f, *(fixed[name] for name in op.differentiable))
+            if isinstance(out, tuple):
+                g = tuple(jnp.zeros_like(o) if gi is None else jnp.asarray(gi, o.dtype) for o, gi in zip(out, g))
+            else:
+                g = jnp.asarray(g, out.dtype)
+            return tuple(pullback(g))
+
+        op_vjp.__name__ = op_vjp.__qualname__ = op.vjp_name
+        op_vjp.__doc__ = f"Gradients of {op.name} with respect to ({', '.join(op.differentiable)})."
+        op_vjp.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+            inspect.Parameter("g", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()],
+            return_annotation="tuple")
+        return op_vjp
+
+    return {op.vjp_name: vjp_of(op, namespace[op.name]) for op in OPS}
+
+
+globals().update({name: spec_precision(fn) for name, fn in make_vjps(globals(), jax.vjp).items()})
