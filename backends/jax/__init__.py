@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from capsspec.backend import Availability, Backend
+from capsspec.backend_kit import dict_state_from_numpy, state_to_numpy
 from capsspec.config import CapsNetConfig
 from capsspec.validation import check_params
 
@@ -87,12 +88,20 @@ class JaxBackend(Backend):
         return {k: self.to_numpy(a) for k, a in params.items()}
 
     def state_from_numpy(self, state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
-        return {"step": int(state["step"]), "m": {k: self.asarray(state["m"][k]) for k in params},
-                "v": {k: self.asarray(state["v"][k]) for k in params}}
+        return dict_state_from_numpy(state, params, self.asarray, self.shape_of, self.dtype_name)
 
     def state_to_numpy(self, state: Mapping[str, Any]) -> dict:
-        return {"step": int(state["step"]), "m": self.params_to_numpy(state["m"]),
-                "v": self.params_to_numpy(state["v"])}
+        return state_to_numpy(state, self.to_numpy)
+
+    # ------------------------------------------------------------------------- the door's adapter
+    # dtype, shape and the value reads (np.isfinite / min / max on a host copy) are NumPy's answers,
+    # which jax.Array supports; only what counts as this backend's array differs.
+    array_type = "jax.Array"
+
+    def is_array(self, a: Any) -> bool:
+        import jax
+
+        return isinstance(a, jax.Array)
 
     def synchronize(self) -> None:
         """Wait until every live jax.Array is computed (JAX dispatches asynchronously, the CPU too)."""
