@@ -11,3 +11,11 @@ def random_batch(config: CapsNetConfig, batch: int, dtype: str, seed: int = 0) -
     x = rng.uniform(size=(batch, *config.input_shape)).astype(dtype)
     y = rng.integers(0, config.num_classes, size=batch)
     return x, y
+
+
+# A small model of every part (decoder included) whose steps take milliseconds: the backend tests'
+# common config.
+SMALL = CapsNetConfig(
+    input_height=12, input_width=12, conv1_channels=8, conv1_kernel=3, primary_types=3, primary_dim=4,
+    primary_kernel=3, primary_stride=2, num_classes=4, class_dim=5, decoder_widths=(12, 10),
+)

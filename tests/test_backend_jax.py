@@ -15,17 +15,14 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from capsspec import AdamConfig, CapsNetConfig, get_backend, init_params  # noqa: E402
+from capsspec import AdamConfig, get_backend, init_params  # noqa: E402
 from capsspec import model as ref_model  # noqa: E402
 from capsspec import optim as ref_optim  # noqa: E402
 from capsspec.backends.jax import optim as jax_optim  # noqa: E402
 from capsspec.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from capsspec.evaluate import evaluate  # noqa: E402
+from batches import SMALL, random_batch  # noqa: E402
 
-SMALL = CapsNetConfig(
-    input_height=12, input_width=12, conv1_channels=8, conv1_kernel=3, primary_types=3, primary_dim=4,
-    primary_kernel=3, primary_stride=2, num_classes=4, class_dim=5, decoder_widths=(12, 10),
-)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +30,7 @@ def backend():
     return get_backend("jax")
 
 
-def _data(config, batch, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(size=(batch, *config.input_shape)).astype(dtype)
-    return x, rng.integers(0, config.num_classes, size=batch)
+_data = random_batch
 
 
 def _step(b, p, s, config, batch, dtype="float32", seed=0, adam=AdamConfig()):

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from capsspec import AdamConfig, CapsNetConfig, get_backend  # noqa: E402
+from capsspec import AdamConfig, get_backend  # noqa: E402
 from capsspec import model as ref_model  # noqa: E402
 from capsspec import ops as ref_ops  # noqa: E402
 from capsspec import optim as ref_optim  # noqa: E402
@@ -26,12 +26,8 @@ from capsspec.spec import OPS, StepMetrics  # noqa: E402
 from capsspec.backends.torch import TorchBackend  # noqa: E402
 from capsspec.backends.torch import model as tm  # noqa: E402
 from capsspec.backends.torch import ops as tops  # noqa: E402
-from batches import random_batch  # noqa: E402
+from batches import SMALL, random_batch  # noqa: E402
 
-SMALL = CapsNetConfig(
-    input_height=12, input_width=12, conv1_channels=8, conv1_kernel=3, primary_types=3, primary_dim=4,
-    primary_kernel=3, primary_stride=2, num_classes=4, class_dim=5, decoder_widths=(12, 10),
-)
 
 
 @pytest.fixture(scope="module")

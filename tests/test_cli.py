@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,35 +12,11 @@ import numpy as np
 import pytest
 
 from capsspec import checkpoint as ckpt
-from capsspec import data
 from capsspec.cli import main
 from capsspec.figures import PERTURBATION_OFFSETS, perturbed_capsules
 
 TINY_FLAGS = ["--backend", "numpy", "--conv1-channels", "2", "--primary-types", "2", "--primary-dim", "4",
               "--batch-size", "10", "--val-size", "5", "--quiet"]
-
-
-def _idx(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes() + arr.tobytes()
-
-
-@pytest.fixture
-def mnist_dir(tmp_path, monkeypatch):
-    """A folder of small stand-in MNIST files, with the module's hashes and dims pointed at them."""
-    rng = np.random.default_rng(0)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, (40,), dtype=np.uint8),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, (12,), dtype=np.uint8)}
-    d = tmp_path / "mnist"
-    d.mkdir()
-    for name, a in arrays.items():
-        raw = _idx(a)
-        (d / name).write_bytes(raw)
-        monkeypatch.setitem(data.MNIST_FILES, name, hashlib.sha256(raw).hexdigest())
-        monkeypatch.setitem(data._EXPECTED_DIMS, name, a.shape)
-    return d
 
 
 def _one_line_error(capsys, rc, prefix):

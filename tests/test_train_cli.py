@@ -3,7 +3,6 @@ then `--resume --out DIR` as the message says, on stand-in MNIST files and a tin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -13,35 +12,11 @@ import pytest
 
 import capsspec.train as train_mod
 from capsspec import checkpoint as ckpt
-from capsspec import data
 from capsspec.backend import BackendUnavailable
 from capsspec.cli import main
 
 TINY_FLAGS = ["--conv1-channels", "2", "--primary-types", "2", "--primary-dim", "4", "--batch-size", "10",
               "--val-size", "5", "--quiet"]
-
-
-def _idx(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes() + arr.tobytes()
-
-
-@pytest.fixture
-def mnist_dir(tmp_path, monkeypatch):
-    """Small stand-in MNIST files (35 training images after the hold-out: 4 steps an epoch)."""
-    rng = np.random.default_rng(0)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, (40,), dtype=np.uint8),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28), dtype=np.uint8),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, (12,), dtype=np.uint8)}
-    d = tmp_path / "mnist"
-    d.mkdir()
-    for name, a in arrays.items():
-        raw = _idx(a)
-        (d / name).write_bytes(raw)
-        monkeypatch.setitem(data.MNIST_FILES, name, hashlib.sha256(raw).hexdigest())
-        monkeypatch.setitem(data._EXPECTED_DIMS, name, a.shape)
-    return d
 
 
 @pytest.fixture
