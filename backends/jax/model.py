@@ -14,7 +14,7 @@ What this module must never do: import the reference's implementation, or change
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
