@@ -157,7 +157,11 @@ class Backend(ArrayAdapter):
         for fn in self._implementations():
             if attr in fn:
                 checked = guard(attr, fn[attr], self)
-                self.__dict__[attr] = checked  # resolved once; later lookups never come here
+                # Resolved once; later lookups never come here. Not where the class defines the name
+                # itself (a subclass wrapping the implementation, which it reaches by calling this
+                # method directly): an instance entry would shadow the subclass's method.
+                if not hasattr(type(self), attr):
+                    self.__dict__[attr] = checked
                 return checked
         raise AttributeError(f"backend {self.name!r} does not implement the spec's {attr!r}")
 
