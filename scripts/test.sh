@@ -15,9 +15,12 @@ start=$(date +%s)
 capsspec_setup "test,torch,tensorflow,onnx" "torch==2.13.0" "tensorflow-cpu==2.21.*" "cupy-cuda12x"
 echo "setup took $(( $(date +%s) - start )) s"
 capsspec backends
+# Each command on its own line: under `set -e` a failure in an `a && b` list does not stop the
+# script, so `pytest && conformance` would let a failed pytest end in exit status 0.
 if [ "$#" -gt 0 ]; then
     python -m pytest "$@"
 else
-    python -m pytest -q && capsspec conformance --backend all
+    python -m pytest -q
+    capsspec conformance --backend all
 fi
 echo "tests took $(( $(date +%s) - start )) s"

@@ -57,3 +57,30 @@ def test_ci_runs_the_test_script_and_the_readme_leads_with_both():
     assert "scripts/quickstart.sh" in first_block and "scripts/test.sh" in first_block
     makefile = (ROOT / "Makefile").read_text()
     assert "\tscripts/quickstart.sh" in makefile and "\tscripts/test.sh" in makefile
+
+
+@pytest.mark.parametrize("failing", ["pytest", "conformance"])
+def test_the_test_script_fails_when_the_tests_fail(tmp_path, failing):
+    """scripts/test.sh against a stand-in environment whose pytest or conformance run fails: the
+    script's exit status must say so (CI reads nothing else)."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash on this machine")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+    fail_pytest = "1" if failing == "pytest" else "0"
+    fail_conf = "1" if failing == "conformance" else "0"
+    stubs = {
+        # pip and the version check succeed; pytest exits with the chosen status.
+        "python": f'case "$*" in *"-m pytest"*) exit {fail_pytest};; *) exit 0;; esac\n',
+        "capsspec": f'case "$1" in conformance) exit {fail_conf};; *) exit 0;; esac\n',
+    }
+    for name, body in stubs.items():
+        path = venv / "bin" / name
+        path.write_text("#!/bin/sh\n" + body)
+        path.chmod(0o755)
+    env = {**os.environ, "CAPSSPEC_VENV": str(venv), "PYTHON": str(venv / "bin" / "python")}
+    r = subprocess.run([bash, str(ROOT / "scripts/test.sh")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0, f"the {failing} run failed but scripts/test.sh exited 0:\n{r.stdout}\n{r.stderr}"
