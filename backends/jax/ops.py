@@ -2,9 +2,9 @@
 
 Every op of capsspec.spec.OPS has the reference's name and signature (capsspec.ops) and the
 same arithmetic on jax.Arrays; static arguments (stride, axis, capsule_dim, iterations) are
-jit's static arguments. Each ``<op>_vjp(g, *args)`` is generated from the op by one loop over
-spec.OPS around jax.vjp (make_vjps below). Arguments are not checked here: the backend's door
-checks them before these functions run.
+jit's static arguments. Each ``<op>_vjp(g, *args)`` is generated from the op by the backend
+kit's make_vjps around jax.vjp (at the end). Arguments are not checked here: the backend's
+door checks them before these functions run.
 
 Numerics the spec fixes (capsspec.ops states them) and how they are met under autodiff:
 * squash(s) = s |s| / (1 + |s|^2), value and gradient exactly 0 at s = 0: |s| is the sqrt of
@@ -23,16 +23,16 @@ What this module must never do: import the reference's implementation, or change
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from capsspec.backend_kit import make_vjps
 from capsspec.spec import OPS
 
-__all__ = [name for op in OPS for name in (op.name, op.vjp_name)] + ["spec_precision", "make_vjps"]
+__all__ = [name for op in OPS for name in (op.name, op.vjp_name)] + ["spec_precision"]
 
 
 def spec_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -170,41 +170,20 @@ def reconstruction_loss(reconstruction: jax.Array, images: jax.Array, scale: flo
 
 
 # ============================================================================== VJPs
-# ISOLATED ON PURPOSE: the backend kit's make_vjps(namespace, vjp) has this very shape; when it
-# lands, the line at the end of this module imports it instead and this function goes.
-def make_vjps(namespace: dict[str, Any], vjp: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
-    """Every ``<op>_vjp(g, *args)`` of spec.OPS from the op in namespace and one VJP primitive.
+def _vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
+    """jax.vjp, with the spec's cotangent conventions: a None cotangent (routing's g_c when only v
+    matters) counts as zeros, and each cotangent takes its output's dtype."""
+    out, pullback = jax.vjp(f, *primals)
 
-    vjp(f, *primals) -> (f(*primals), pullback) with pullback(cotangent) -> one gradient per
-    primal (jax.vjp's meaning). The differentiable arguments are the op's spec.differentiable;
-    the others are held fixed. A cotangent given as None (routing's g_c) counts as zeros.
-    """
-    def vjp_of(op: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
-        sig = inspect.signature(fn)
+    def spec_pullback(g: Any) -> tuple[Any, ...]:
+        if isinstance(out, tuple):
+            g = tuple(jnp.zeros_like(o) if gi is None else jnp.asarray(gi, o.dtype) for o, gi in zip(out, g))
+        else:
+            g = jnp.asarray(g, out.dtype)
+        return tuple(pullback(g))
 
-        def op_vjp(g: Any, *args: Any, **kwargs: Any) -> tuple:
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            fixed = dict(bound.arguments)
-
-            def f(*diff: Any) -> Any:
-                return fn(**{**fixed, **dict(zip(op.differentiable, diff))})
-
-            out, pullback = vjp(f, *(fixed[name] for name in op.differentiable))
-            if isinstance(out, tuple):
-                g = tuple(jnp.zeros_like(o) if gi is None else jnp.asarray(gi, o.dtype) for o, gi in zip(out, g))
-            else:
-                g = jnp.asarray(g, out.dtype)
-            return tuple(pullback(g))
-
-        op_vjp.__name__ = op_vjp.__qualname__ = op.vjp_name
-        op_vjp.__doc__ = f"Gradients of {op.name} with respect to ({', '.join(op.differentiable)})."
-        op_vjp.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
-            inspect.Parameter("g", inspect.Parameter.POSITIONAL_OR_KEYWORD), *sig.parameters.values()],
-            return_annotation="tuple")
-        return op_vjp
-
-    return {op.vjp_name: vjp_of(op, namespace[op.name]) for op in OPS}
+    return out, spec_pullback
 
 
-globals().update({name: spec_precision(fn) for name, fn in make_vjps(globals(), jax.vjp).items()})
+# Every <op>_vjp from the backend kit, around JAX's one VJP primitive.
+globals().update({name: spec_precision(fn) for name, fn in make_vjps(globals(), _vjp).items()})
