@@ -130,18 +130,8 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
     flops = model_flops(config)
     train_ips = batch_size / t_train
     train_rate = flops["train"] * train_ips
-    avail = backend.availability()
     return {
-        "backend": backend.name,
-        "backend_version": avail.version,
-        "device": avail.device,
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "dtype": dtype,
-        "batch_size": batch_size,
-        "routing_iterations": config.routing_iterations,
-        "use_decoder": config.use_decoder,
-        "paper_config": config == CapsNetConfig(),
+        **_run_info(backend, config, batch_size, dtype),
         "train_step_seconds": t_train,
         "train_images_per_second": train_ips,
         "epoch_seconds_60k": EPOCH_IMAGES / train_ips,
@@ -156,6 +146,7 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
 
 
 def _run_info(backend, config: CapsNetConfig, batch_size: int, dtype: str) -> dict[str, Any]:
+    """What was measured and where: the fields every result starts with, trained or not."""
     avail = backend.availability()
     return {"backend": backend.name, "backend_version": avail.version, "device": avail.device,
             "host": platform.node(), "cpu_count": os.cpu_count(), "dtype": dtype, "batch_size": batch_size,
