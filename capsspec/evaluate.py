@@ -1,5 +1,9 @@
 """Evaluation of a model through any backend: batched predictions, accuracy, per-class accuracy, confusion.
 
+MultiMNIST (labels (N, K), K classes per image): the K longest class capsules are the
+prediction, and an example counts as correct only when that set is the set of its labels
+(`predict_top_k`, `accuracy`, `evaluate_multi`), as the paper scores it.
+
 Images are never augmented here. Predictions are computed batch by batch with the backend's
 predict; the backend's arrays are collected and read back once at the end, so a GPU backend is
 not made to wait after every batch.
@@ -17,7 +21,8 @@ import numpy as np
 
 from .config import CapsNetConfig
 
-__all__ = ["predict_all", "accuracy", "confusion_matrix", "Evaluation", "evaluate"]
+__all__ = ["predict_all", "predict_top_k", "top_k", "accuracy", "confusion_matrix", "Evaluation", "evaluate",
+           "MultiEvaluation", "evaluate_multi"]
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -39,11 +44,41 @@ def predict_all(backend: Any, params: Any, images: np.ndarray, config: CapsNetCo
     return np.concatenate([np.asarray(backend.to_numpy(o)).astype(np.int64).reshape(-1) for o in outs])
 
 
+def top_k(lengths: np.ndarray, k: int) -> np.ndarray:
+    """The k classes with the longest capsules of each row of lengths (N, J), longest first; a tie goes to the
+    lower class index, as predict's does."""
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 2 or not 1 <= k <= lengths.shape[1]:
+        raise ValueError(f"lengths must be (N, J) with J >= k={k}, got {lengths.shape}")
+    return np.argsort(-lengths, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+
+def predict_top_k(backend: Any, params: Any, images: Any, config: CapsNetConfig, k: int, *, batch_size: int = 500,
+                  dtype: str = "float32") -> np.ndarray:
+    """The k predicted classes of every image, (N, k) int64 longest first, from forward's capsule lengths.
+
+    images: an array (N, C, H, W) or anything that slices like one (capsspec.multimnist.PairImages).
+    """
+    batch_size = _check_batch_size(batch_size)
+    n = images.shape[0]
+    if n == 0:
+        return np.zeros((0, k), dtype=np.int64)
+    outs = []
+    for start in range(0, n, batch_size):
+        xb = np.ascontiguousarray(images[start:start + batch_size], dtype=dtype)
+        outs.append(backend.forward(params, backend.asarray(xb), config).lengths)
+    return np.concatenate([top_k(np.asarray(backend.to_numpy(o)), k) for o in outs])
+
+
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of predictions equal to labels (nan for zero examples)."""
+    """Fraction of predictions equal to labels (nan for zero examples). With (N, K) labels and predictions, an
+    example is right when its K predicted classes are its K labels, in any order."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if predictions.shape != labels.shape:
         raise ValueError(f"predictions have shape {predictions.shape} but labels have {labels.shape}")
+    if labels.ndim == 2:
+        right = np.all(np.sort(predictions, axis=1) == np.sort(labels, axis=1), axis=1)
+        return float(np.mean(right)) if labels.shape[0] else float("nan")
     return float(np.mean(predictions == labels)) if labels.size else float("nan")
 
 
@@ -96,3 +131,57 @@ def evaluate(backend: Any, params: Any, images: np.ndarray, labels: np.ndarray, 
         per_class = np.where(totals > 0, np.diag(cm) / np.maximum(totals, 1), np.nan)
     return Evaluation(accuracy=accuracy(predictions, labels), per_class_accuracy=[float(a) for a in per_class],
                       confusion=cm, count=int(labels.shape[0]))
+
+
+@dataclass(frozen=True)
+class MultiEvaluation:
+    """The paper's MultiMNIST score of a model: both classes right, and what helps to read it."""
+
+    accuracy: float  # both of an example's classes among the K longest capsules
+    one_right: float  # at least one right
+    per_class_recall: list[float]  # of the examples holding class c, the fraction where c was predicted
+    per_class_count: list[int]
+    count: int
+    k: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "error_percent": 100.0 * (1.0 - self.accuracy), "count": self.count,
+                "classes_per_image": self.k, "at_least_one_right": self.one_right,
+                "per_class_recall": [None if np.isnan(a) else a for a in self.per_class_recall],
+                "per_class_count": self.per_class_count}
+
+    def format(self) -> str:
+        right = int(round(self.accuracy * self.count))
+        lines = [f"test accuracy {100 * self.accuracy:.2f}% ({right}/{self.count}; correct when all {self.k} classes "
+                 f"are the {self.k} longest capsules), error {100 * (1 - self.accuracy):.2f}%",
+                 f"at least one class right: {100 * self.one_right:.2f}%", "",
+                 "per-class recall (of the images holding the class, the share where it was among the predicted):"]
+        lines += [f"  {j}: {'n/a' if np.isnan(a) else f'{100 * a:6.2f}%'}  ({c} images)"
+                  for j, (a, c) in enumerate(zip(self.per_class_recall, self.per_class_count))]
+        return "\n".join(lines)
+
+
+def _multi_scores(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> MultiEvaluation:
+    predictions, labels = np.asarray(predictions, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 2 or predictions.shape != labels.shape:
+        raise ValueError(f"predictions and labels must both be (N, K), got {predictions.shape} and {labels.shape}")
+    hits = (labels[:, :, None] == predictions[:, None, :]).any(axis=2)  # (N, K): label k among the predicted
+    counts = np.bincount(labels.ravel(), minlength=num_classes)[:num_classes]
+    found = np.bincount(labels.ravel(), weights=hits.ravel().astype(float), minlength=num_classes)[:num_classes]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(counts > 0, found / np.maximum(counts, 1), np.nan)
+    n = labels.shape[0]
+    return MultiEvaluation(accuracy=accuracy(predictions, labels),
+                           one_right=float(np.mean(hits.any(axis=1))) if n else float("nan"),
+                           per_class_recall=[float(a) for a in recall], per_class_count=[int(c) for c in counts],
+                           count=int(n), k=int(labels.shape[1]))
+
+
+def evaluate_multi(backend: Any, params: Any, images: Any, labels: np.ndarray, config: CapsNetConfig, *,
+                   batch_size: int = 500, dtype: str = "float32") -> MultiEvaluation:
+    """The MultiMNIST score: the K longest capsules against each image's K labels (N, K)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (N, K) for evaluate_multi, got {labels.shape}")
+    predictions = predict_top_k(backend, params, images, config, labels.shape[1], batch_size=batch_size, dtype=dtype)
+    return _multi_scores(predictions, labels, config.num_classes)

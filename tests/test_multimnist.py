@@ -98,7 +98,7 @@ def test_mean_frame_overlap_is_the_papers_80_percent():
     # The paper: the two digits' bounding boxes overlap by 80% on average. With each digit's box its
     # 28x28 frame, the exact mean for shifts uniform in [-4, 4] is (1 - (240/81)/28)^2 = 0.7996.
     assert abs(MEAN_FRAME_OVERLAP - (1 - 240 / 81 / 28) ** 2) < 1e-12 and abs(MEAN_FRAME_OVERLAP - 0.80) < 0.001
-    overlap = frame_overlap(generator().batch(np.arange(20000)).shifts)
+    overlap = frame_overlap(generator().digits(np.arange(20000))[2])
     assert overlap.min() >= (20 / 28) ** 2 - 1e-12 and overlap.max() <= 1
     # Band: the per-pair overlap has a standard deviation of about 0.09, so the mean of 20,000 pairs is within
     # 0.002 of 0.7996 (3 sigma); 0.01 leaves room yet fails for shifts of up to 3 (0.847) or 5 (0.757).
@@ -175,3 +175,46 @@ def test_real_mnist_pairs_overlap_as_the_paper_says():
     assert abs(frame_overlap(b.shifts).mean() - 0.80) < 0.01
     ink = bounding_box_overlap(b.targets, relative_to="smaller").mean()
     assert 0.6 < ink < 0.8, ink  # the tight ink boxes overlap less than the frames (docs/multimnist.md)
+
+
+# ===================================================================================== evaluation
+class _Lengths:
+    """A stand-in backend whose forward returns given capsule lengths: the image's first pixel picks the row."""
+
+    def __init__(self, lengths):
+        self.lengths = np.asarray(lengths, dtype=np.float64)
+
+    def asarray(self, x):
+        return x
+
+    def to_numpy(self, x):
+        return x
+
+    def forward(self, params, x, config):
+        from types import SimpleNamespace
+        return SimpleNamespace(lengths=self.lengths[x[:, 0, 0, 0].astype(int)])
+
+
+def test_evaluation_takes_the_two_longest_capsules_and_needs_both_right():
+    from capsspec.config import CapsNetConfig
+    from capsspec.evaluate import accuracy, evaluate_multi, top_k
+
+    lengths = np.full((5, 10), 0.1)
+    lengths[0, [3, 7]] = [0.9, 0.8]  # labels (7, 3): right, order does not matter
+    lengths[1, [3, 7, 2]] = [0.9, 0.5, 0.6]  # labels (3, 7): only 3 right (2 beats 7)
+    lengths[2, [0, 1]] = [0.95, 0.9]  # labels (5, 6): both wrong
+    lengths[3, :] = 0.5  # all tied: classes 0 and 1 (ties go to the lower index); labels (1, 0): right
+    lengths[4, [9, 8]] = [0.99, 0.98]  # labels (9, 8): right
+    labels = np.array([[7, 3], [3, 7], [5, 6], [1, 0], [9, 8]])
+    np.testing.assert_array_equal(top_k(lengths, 2), [[3, 7], [3, 2], [0, 1], [0, 1], [9, 8]])
+    images = np.arange(5, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 36, 36), np.float32)
+    e = evaluate_multi(_Lengths(lengths), None, images, labels, CapsNetConfig(input_height=36, input_width=36),
+                       batch_size=2)
+    assert e.count == 5 and e.accuracy == pytest.approx(3 / 5) and e.one_right == pytest.approx(4 / 5)
+    assert e.to_dict()["error_percent"] == pytest.approx(40.0)
+    # Class 3 appears twice, found twice; 7 twice, found once; 5 and 6 once, never; 2 and 4 never appear.
+    assert e.per_class_count == [1, 1, 0, 2, 0, 1, 1, 2, 1, 1]
+    assert e.per_class_recall[3] == 1.0 and e.per_class_recall[7] == 0.5 and e.per_class_recall[5] == 0.0
+    assert np.isnan(e.per_class_recall[2]) and "error 40.00%" in e.format()
+    assert accuracy(np.array([[1, 2]]), np.array([[2, 1]])) == 1.0 and accuracy(np.array([[1, 2]]),
+                                                                                  np.array([[1, 3]])) == 0.0
