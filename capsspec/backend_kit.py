@@ -47,9 +47,11 @@ ModuleParams
 float_dtype(dtype, table)
     A module's dtype argument ("float32", "float64" or the framework's own) as the framework's.
 
-loss_parts(margin_loss, reconstruction_loss, out, x, labels, config, zero)
+loss_parts(margin_loss, reconstruction_loss, out, x, labels, config, zero, targets=None)
     The spec's LossParts of a forward output, from the backend's two (unchecked) loss ops and a
-    0-d zero of the input's dtype (the reconstruction term without a decoder).
+    0-d zero of the input's dtype (the reconstruction term without a decoder). The
+    reconstructions are compared with targets, or with x where targets is None (one digit per
+    image); with (B, K) labels the door has made sure targets are there.
 
 An inference-only backend (Backend.trains False) needs none of the VJP or optimizer parts: it
 implements forward and predict, and the door checks them as for any backend.
@@ -232,11 +234,11 @@ def float_dtype(dtype: Any, table: Mapping[str, Any]) -> Any:
 
 # ============================================================================== losses
 def loss_parts(margin_loss: Callable[..., Any], reconstruction_loss: Callable[..., Any], out: CapsNetOutput,
-               x: Any, labels: Any, config: CapsNetConfig, zero: Callable[[], Any]) -> LossParts:
+               x: Any, labels: Any, config: CapsNetConfig, zero: Callable[[], Any], targets: Any = None) -> LossParts:
     """The spec's loss of a forward output built with these labels; zero() is the term without a decoder."""
     margin = margin_loss(out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
     if out.reconstruction is not None:
-        recon = reconstruction_loss(out.reconstruction, x, config.reconstruction_scale)
+        recon = reconstruction_loss(out.reconstruction, x if targets is None else targets, config.reconstruction_scale)
     else:
         recon = zero()
     return LossParts(total=margin + recon, margin=margin, reconstruction=recon)

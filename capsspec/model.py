@@ -4,7 +4,11 @@ The model is a composition of the ops in capsspec.ops:
 
     x -> conv2d -> ReLU -> primary_capsules -> predictions -> routing -> capsule_lengths
                                                                |-> mask -> decoder
-    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, x)
+    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, targets)
+
+targets are x itself for one digit per image ((B,) labels). With (B, K) labels (MultiMNIST) the
+decoder runs once per listed class, on the capsules masked by that class, and targets
+(B, K, C, H, W) are the digits' own images (docs/spec.md, section 5).
 
 value_and_grad chains the ops' hand-derived VJPs, reusing the forward pass's intermediates.
 Parameters are a dict of NumPy arrays under the canonical names of CapsNetConfig.param_shapes.
@@ -77,7 +81,7 @@ def _forward(params: Params, x: np.ndarray, config: CapsNetConfig, labels: np.nd
     recon = onehot = hs = None
     if config.use_decoder and decode:
         onehot = ops._mask_onehot(v, labels)
-        masked = (v * onehot[:, :, None]).reshape(v.shape[0], -1)
+        masked = ops._apply_mask(v, onehot)
         ws, bs = decoder_layers(params, config)
         recon, hs = ops._decoder_fwd(masked, ws, bs)
     out = CapsNetOutput(v=v, lengths=lengths, coupling=c, reconstruction=recon)
@@ -85,41 +89,49 @@ def _forward(params: Params, x: np.ndarray, config: CapsNetConfig, labels: np.nd
     return out, caches
 
 
-def _loss_parts(out: CapsNetOutput, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig) -> LossParts:
+def _loss_parts(out: CapsNetOutput, targets: np.ndarray, labels: np.ndarray, config: CapsNetConfig) -> LossParts:
     margin = unchecked(ops.margin_loss)(out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
     if config.use_decoder:
-        recon = unchecked(ops.reconstruction_loss)(out.reconstruction, x, config.reconstruction_scale)
+        recon = unchecked(ops.reconstruction_loss)(out.reconstruction, targets, config.reconstruction_scale)
     else:
-        recon = np.zeros((), dtype=x.dtype)
+        recon = np.zeros((), dtype=out.lengths.dtype)
     return LossParts(total=margin + recon, margin=margin, reconstruction=recon)
 
 
 def forward(params: Params, x: np.ndarray, config: CapsNetConfig, labels: np.ndarray | None = None) -> CapsNetOutput:
-    """The model's outputs. The decoder sees the true class's capsule when labels are given,
-    else the longest capsule."""
+    """The model's outputs. The decoder sees the true class's capsule when labels (B,) are given,
+    else the longest capsule; with labels (B, K) it runs once per listed class and the
+    reconstruction is (B, K, C*H*W)."""
     return _forward(params, x, config, labels)[0]
 
 
-def loss(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig) -> LossParts:
-    """Total loss (margin + reconstruction) with its two terms, averaged over the batch."""
+def loss(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig,
+         targets: np.ndarray | None = None) -> LossParts:
+    """Total loss (margin + reconstruction) with its two terms, averaged over the batch.
+
+    The reconstructions are compared with targets: x itself when None ((B,) labels only), or
+    (B, K, C, H, W) images, one per listed class, for (B, K) labels.
+    """
     out, _ = _forward(params, x, config, labels)
-    return _loss_parts(out, x, labels, config)
+    return _loss_parts(out, x if targets is None else targets, labels, config)
 
 
-def _value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig):
+def _value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig,
+                    targets: np.ndarray | None = None):
     out, (a1, conv1_cache, primary_cache, pred_cache, routing_cache, onehot, hs) = _forward(params, x, config, labels)
-    parts = _loss_parts(out, x, labels, config)
+    targets = x if targets is None else targets
+    parts = _loss_parts(out, targets, labels, config)
     one = np.ones((), dtype=x.dtype)
     (g_len,) = unchecked(ops.margin_loss_vjp)(one, out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
     g_v = ops._lengths_bwd(out.v, g_len)
     grads: dict[str, np.ndarray] = {}
     if config.use_decoder:
-        (g_rec,) = unchecked(ops.reconstruction_loss_vjp)(one, out.reconstruction, x, config.reconstruction_scale)
+        (g_rec,) = unchecked(ops.reconstruction_loss_vjp)(one, out.reconstruction, targets, config.reconstruction_scale)
         ws, _ = decoder_layers(params, config)
         g_masked, gws, gbs = ops._decoder_bwd(hs, ws, g_rec)
         for k, (gw, gb) in enumerate(zip(gws, gbs)):
             grads[f"decoder.{k}.weight"], grads[f"decoder.{k}.bias"] = gw, gb
-        g_v = g_v + g_masked.reshape(out.v.shape) * onehot[:, :, None]
+        g_v = g_v + ops._unmask(g_masked, out.v, onehot)
     g_uhat = ops._routing_bwd(routing_cache, g_v)
     g_u, grads["digit.weight"] = ops._predictions_bwd(pred_cache, g_uhat)
     g_h1, grads["primary.weight"], grads["primary.bias"] = ops._primary_bwd(primary_cache, g_u)
@@ -128,9 +140,10 @@ def _value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: C
     return parts, grads, out
 
 
-def value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig):
-    """(total loss, gradient of it for every parameter, keyed like params)."""
-    parts, grads, _ = _value_and_grad(params, x, labels, config)
+def value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig,
+                   targets: np.ndarray | None = None):
+    """(total loss, gradient of it for every parameter, keyed like params); targets as for loss."""
+    parts, grads, _ = _value_and_grad(params, x, labels, config, targets)
     return parts.total, grads
 
 

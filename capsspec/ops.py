@@ -31,6 +31,10 @@ What the spec decides where the paper is silent (docs/spec.md, section 2, says i
   the per-image sum of squared pixel errors times the scale, averaged over the batch.
 * Masking keeps the true class's capsule (training) or the longest one (inference; ties go to
   the lowest class index), flattened class-major: feature j * E + e.
+* Labels are (B,) (one class per example) or (B, K) (K distinct classes per example: MultiMNIST's
+  two digits). With (B, K) labels the margin loss counts every listed class as present, mask
+  gives one masked row per listed class, (B, K, J*E), the decoder runs on each row, and the
+  reconstruction loss sums the K rows' squared errors (docs/spec.md, section 5).
 
 Arguments are checked at the door (capsspec.validation): the public names at the bottom of this
 module are wrapped by it, and the functions above check nothing.
@@ -313,9 +317,16 @@ def capsule_lengths_vjp(g: np.ndarray, v: np.ndarray):
 
 
 # ============================================================================== margin loss
+def _present(labels, num_classes, dtype):
+    """T[b, j] = 1 for every class j in row b of labels ((B,): one class, (B, K): K distinct ones)."""
+    rows = labels.reshape(labels.shape[0], -1)
+    present = np.zeros((labels.shape[0], num_classes), dtype=dtype)
+    present[np.arange(rows.shape[0])[:, None], rows] = 1
+    return present
+
+
 def _margin_terms(lengths, labels, m_plus, m_minus):
-    present = np.zeros(lengths.shape, dtype=lengths.dtype)
-    present[np.arange(lengths.shape[0]), labels] = 1
+    present = _present(labels, lengths.shape[1], lengths.dtype)
     up = np.maximum(m_plus - lengths, 0)
     down = np.maximum(lengths - m_minus, 0)
     return present, up, down
@@ -323,7 +334,11 @@ def _margin_terms(lengths, labels, m_plus, m_minus):
 
 def margin_loss(lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9, m_minus: float = 0.1,
                 lambda_: float = 0.5) -> np.ndarray:
-    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
+    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch.
+
+    labels (B,) name one present class per example; (B, K) name K distinct present classes
+    (MultiMNIST: T_j = 1 for both digits' classes).
+    """
     t, up, down = _margin_terms(lengths, labels, m_plus, m_minus)
     per_class = t * up * up + lambda_ * (1 - t) * down * down
     return per_class.sum(axis=1).mean(dtype=lengths.dtype)
@@ -340,26 +355,38 @@ def margin_loss_vjp(g: np.ndarray, lengths: np.ndarray, labels: np.ndarray, m_pl
 
 # ============================================================================== masking
 def _mask_onehot(v, labels):
+    """(B, J) one-hot of the kept class, or (B, K, J) for (B, K) labels (row k keeps labels[:, k])."""
     if labels is None:
         labels = np.argmax(np.sum(v * v, axis=-1), axis=1)  # ties: the lowest class index
-    onehot = np.zeros(v.shape[:2], dtype=v.dtype)
-    onehot[np.arange(v.shape[0]), labels] = 1
-    return onehot
+    return (labels[..., None] == np.arange(v.shape[1])).astype(v.dtype)
 
 
+def _apply_mask(v, onehot):
+    """v (B,J,E) masked by a (B,J) one-hot -> (B, J*E), or by a (B,K,J) one -> (B, K, J*E)."""
+    if onehot.ndim == 2:
+        return (v * onehot[:, :, None]).reshape(v.shape[0], -1)
+    return (v[:, None] * onehot[..., None]).reshape(*onehot.shape[:2], -1)
+
+
+def _unmask(g, v, onehot):
+    """The adjoint of _apply_mask: g shaped like its output -> (B, J, E) (the K rows' terms summed)."""
+    if onehot.ndim == 2:
+        return g.reshape(v.shape) * onehot[:, :, None]
+    return np.sum(g.reshape(*onehot.shape, v.shape[2]) * onehot[..., None], axis=1)
 
 
 def mask(v: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
 
-    The kept capsule is the true class's when labels are given, else the longest.
+    The kept capsule is the true class's when labels (B,) are given, else the longest. With
+    (B, K) labels the result is (B, K, J*E): row k keeps the capsule of class labels[:, k].
     """
-    return (v * _mask_onehot(v, labels)[:, :, None]).reshape(v.shape[0], -1)
+    return _apply_mask(v, _mask_onehot(v, labels))
 
 
 def mask_vjp(g: np.ndarray, v: np.ndarray, labels: np.ndarray | None = None):
     """Gradient of mask with respect to (v,) (the choice of capsule is piecewise constant)."""
-    return (g.reshape(v.shape) * _mask_onehot(v, labels)[:, :, None],)
+    return (_unmask(g, v, _mask_onehot(v, labels)),)
 
 
 # ============================================================================== decoder
@@ -369,33 +396,37 @@ def _sigmoid(z):
 
 
 def _decoder_fwd(x, weights, biases):
-    hs = [x]
-    h = x
+    """The MLP on x (..., width): leading dims are flattened to rows, run as one batch, restored."""
+    lead = x.shape[:-1]
+    h = x.reshape(-1, x.shape[-1])
+    hs = [h]
     last = len(weights) - 1
     for k, (w, b) in enumerate(zip(weights, biases)):
         z = h @ w.T + b
         h = _sigmoid(z) if k == last else np.maximum(z, 0)
         hs.append(h)
-    return h, hs
+    return h.reshape(*lead, h.shape[-1]), (hs, lead)
 
 
-def _decoder_bwd(hs, weights, g):
+def _decoder_bwd(cache, weights, g):
+    hs, lead = cache
     gws, gbs = [None] * len(weights), [None] * len(weights)
     out = hs[-1]
-    gz = g * out * (1 - out)
+    gz = g.reshape(out.shape) * out * (1 - out)
     for k in reversed(range(len(weights))):
         gws[k] = gz.T @ hs[k]
         gbs[k] = gz.sum(axis=0)
         gh = gz @ weights[k]
         if k > 0:
             gz = gh * (hs[k] > 0)
-    return gh, gws, gbs
-
-
+    return gh.reshape(*lead, gh.shape[-1]), gws, gbs
 
 
 def decoder(x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> np.ndarray:
-    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
+    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end.
+
+    x (..., width) -> (..., out): the same MLP on every row (MultiMNIST decodes (B, K, J*E)).
+    """
     return _decoder_fwd(x, weights, biases)[0]
 
 
@@ -405,19 +436,25 @@ def decoder_vjp(g: np.ndarray, x: np.ndarray, weights: Sequence[np.ndarray], bia
 
 
 # ============================================================================== reconstruction loss
+def _recon_diff(reconstruction, images):
+    return reconstruction - images.reshape(reconstruction.shape)
+
+
 def reconstruction_loss(reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005) -> np.ndarray:
     """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
 
     images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
+    With K reconstructions per example, reconstruction (B, K, C*H*W) and images (B, K, C, H, W):
+    the squared error is summed over every axis but the batch, so the K digits' terms add up.
     """
-    d = reconstruction - images.reshape(reconstruction.shape)
-    return (scale * np.sum(d * d, axis=1)).mean(dtype=d.dtype)
+    d = _recon_diff(reconstruction, images)
+    return (scale * np.sum(d * d, axis=tuple(range(1, d.ndim)))).mean(dtype=d.dtype)
 
 
 def reconstruction_loss_vjp(g: np.ndarray, reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005):
     """Gradient of reconstruction_loss with respect to (reconstruction,)."""
     g = np.asarray(g, dtype=reconstruction.dtype)
-    d = reconstruction - images.reshape(reconstruction.shape)
+    d = _recon_diff(reconstruction, images)
     return ((2 * scale / reconstruction.shape[0]) * g * d,)
 
 

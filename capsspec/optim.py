@@ -43,13 +43,25 @@ def adam_update(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray
     return new_params, {"step": step + 1, "m": m_new, "v": v_new}
 
 
+def count_correct(lengths: np.ndarray, labels: np.ndarray) -> int:
+    """Examples whose K longest class capsules are exactly their K labelled classes (K = 1 for (B,)
+    labels: the longest capsule is the label; ties go to the lowest class index, as in predict)."""
+    rows = labels.reshape(labels.shape[0], -1)
+    top = np.argsort(-lengths, axis=1, kind="stable")[:, :rows.shape[1]]
+    return int(np.sum(np.all(np.sort(top, axis=1) == np.sort(rows, axis=1), axis=1)))
+
+
 def train_step(params: Mapping[str, np.ndarray], state: Mapping, x: np.ndarray, labels: np.ndarray,
-               config: CapsNetConfig, adam: AdamConfig = AdamConfig()) -> tuple[dict[str, np.ndarray], dict, StepMetrics]:
-    """Loss, gradients and one Adam update on one batch. Returns (params, state, metrics)."""
-    parts, grads, out = _value_and_grad(params, x, labels, config)
+               config: CapsNetConfig, adam: AdamConfig = AdamConfig(),
+               targets: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict, StepMetrics]:
+    """Loss, gradients and one Adam update on one batch. Returns (params, state, metrics).
+
+    targets as for model.loss: x itself when None ((B,) labels), else one image per listed class.
+    """
+    parts, grads, out = _value_and_grad(params, x, labels, config, targets)
     lr = adam.learning_rate(int(state["step"]))
     new_params, new_state = unchecked(adam_update)(params, grads, state, adam)
-    correct = int(np.sum(np.argmax(out.lengths, axis=1) == labels))
+    correct = count_correct(out.lengths, labels)
     metrics = StepMetrics(total=float(parts.total), margin=float(parts.margin),
                           reconstruction=float(parts.reconstruction), correct=correct, lr=lr)
     return new_params, new_state, metrics

@@ -48,14 +48,23 @@ OPS: tuple[OpSpec, ...] = (
 )
 OP_NAMES: tuple[str, ...] = tuple(op.name for op in OPS)
 
+# Labels are (B,) integers (one class per example) or (B, K) integers with K distinct classes
+# per row (MultiMNIST's two digits). With (B, K) labels: margin_loss counts all K classes as
+# present; mask(v, labels) is (B, K, J*E), row k masked by class labels[:, k]; decoder applies to
+# any leading dims (..., J*E) -> (..., C*H*W); reconstruction_loss takes (B, K, C*H*W) with
+# images (B, K, C, H, W) and sums the K rows' squared errors.
+#
 # forward(params, x, config, labels=None) -> CapsNetOutput
-# loss(params, x, labels, config) -> LossParts
-# value_and_grad(params, x, labels, config) -> (total loss, grads keyed like params)
+# loss(params, x, labels, config, targets=None) -> LossParts
+# value_and_grad(params, x, labels, config, targets=None) -> (total loss, grads keyed like params)
 # predict(params, x, config) -> integer class per example
+# targets: the images the reconstructions are compared with, shaped like the reconstruction's
+# images ((B, C, H, W) for (B,) labels, (B, K, C, H, W) for (B, K) labels). None means x itself,
+# which only (B,) labels allow; without the decoder targets are accepted and unused.
 MODEL_FUNCTIONS: tuple[str, ...] = ("forward", "loss", "value_and_grad", "predict")
 
 # adam_init(params) -> state; adam_update(params, grads, state, adam) -> (params, state);
-# train_step(params, state, x, labels, config, adam) -> (params, state, StepMetrics)
+# train_step(params, state, x, labels, config, adam, targets=None) -> (params, state, StepMetrics)
 OPTIMIZER_FUNCTIONS: tuple[str, ...] = ("adam_init", "adam_update", "train_step")
 
 # Purity: no spec function changes its inputs (arrays, parameter dicts or modules, optimizer
@@ -82,7 +91,9 @@ class CapsNetOutput(NamedTuple):
     v: Any  # (B, J, E) class capsules
     lengths: Any  # (B, J) their lengths: the class scores
     coupling: Any  # (B, N, J) coupling coefficients of the last routing iteration
-    reconstruction: Any  # (B, C*H*W), or None without the decoder
+    # (B, C*H*W): the decoder on the true class's capsule ((B,) labels) or the longest one (no
+    # labels); (B, K, C*H*W) with (B, K) labels, one decoding per listed class; None without the decoder
+    reconstruction: Any
 
 
 class LossParts(NamedTuple):
@@ -99,5 +110,7 @@ class StepMetrics(NamedTuple):
     total: Any
     margin: Any
     reconstruction: Any
-    correct: Any  # training examples of the batch classified correctly (before the update)
+    # training examples of the batch classified correctly (before the update): their K longest
+    # class capsules are their K labelled classes (K = 1 for (B,) labels)
+    correct: Any
     lr: float  # the learning rate this step used

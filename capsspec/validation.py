@@ -20,9 +20,12 @@ nothing). A backend with other arrays overrides:
     device_of(a)           a device name, or None where placement never conflicts
     all_finite(a)          bool: no NaN or inf (a host read)
     min_max(a)             (lowest, highest) as Python ints (a host read)
+    repeated_row(a)        for (B, K) labels: the index of the first row that names a class
+                           twice, or None (a host read; the default reads through NumPy)
     defers(a)              True where a host read of a would stall a device (see below)
     deferred_flags(a, n)   only where defers() can be True: a device-side 0-d flag that is
                            true when a has a NaN/inf (n is None) or a label outside [0, n)
+    deferred_repeats(a)    likewise: a flag that is true when a row of (B, K) labels repeats a class
     native_params(params)  None for a dict of arrays under the canonical names (the default);
                            for a backend whose params are one object (an nn.Module, a
                            tf.Module): (config it was built for, dtype name, device), or a
@@ -31,7 +34,7 @@ nothing). A backend with other arrays overrides:
                            object the state belongs to, or a ValueError message
 
 The value-check policy (the same on every backend): checks that read values (NaN/inf in float
-inputs, label ranges) always run on the CPU, before the implementation. Where the array lives
+inputs, label ranges, repeated classes in a row of (B, K) labels) always run on the CPU, before the implementation. Where the array lives
 on a device whose reads stall it (defers(a) is True), the check is queued as a device-side
 flag instead and settled at the next host read the caller makes through the backend
 (to_numpy, params_to_numpy, state_to_numpy, synchronize, settle_checks), which then raises the
@@ -52,6 +55,7 @@ import numpy as np
 from .config import AdamConfig, CapsNetConfig
 
 FLOAT_DTYPES = ("float32", "float64")
+REPEATS = "distinct classes per row"  # the door's value check of (B, K) labels (a marker, compared by identity)
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 __all__ = ["FLOAT_DTYPES", "ArrayAdapter", "NUMPY", "Door", "CHECKS", "guard", "guard_module", "unchecked",
@@ -86,11 +90,19 @@ class ArrayAdapter:
     def min_max(self, a: Any) -> tuple[int, int]:
         return int(a.min()), int(a.max())
 
+    def repeated_row(self, a: Any) -> int | None:
+        rows = np.sort(np.asarray(a), axis=1)
+        bad = np.flatnonzero(np.any(rows[:, 1:] == rows[:, :-1], axis=1))
+        return int(bad[0]) if bad.size else None
+
     def defers(self, a: Any) -> bool:
         return False
 
     def deferred_flags(self, a: Any, num_classes: int | None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} defers value checks but has no deferred_flags")
+
+    def deferred_repeats(self, a: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} defers value checks but has no deferred_repeats")
 
     def native_params(self, params: Any) -> tuple[Any, str, str | None] | str | None:
         return None
@@ -126,7 +138,8 @@ class Door:
 
     def __init__(self, adapter: ArrayAdapter) -> None:
         self.k = adapter
-        self._values: list[tuple[str, Any, int | None]] = []  # (name, array, num_classes or None)
+        # (name, array, what): None for finiteness, num_classes for a label range, REPEATS for distinct rows
+        self._values: list[tuple[str, Any, Any]] = []
 
     # ------------------------------------------------------------------ arrays
     def array(self, name: str, a: Any, *, ndim: int | None = None, shape: Sequence[int | None] | None = None,
@@ -160,12 +173,19 @@ class Door:
             raise ValueError(f"{name} must hold at least one example: an empty batch has no loss or prediction, "
                              f"got shape {shape}")
 
-    def labels(self, name: str, labels: Any, batch: int, num_classes: int) -> None:
-        """Integer class labels of shape (batch,) in [0, num_classes) (the range is a value check)."""
+    def labels(self, name: str, labels: Any, batch: int, num_classes: int) -> tuple[int, ...]:
+        """Integer class labels, (batch,) or (batch, K) with K distinct classes per row, in
+        [0, num_classes) (the range and the distinctness are value checks); returns the shape."""
         got = self._typed(name, labels, INT_DTYPES, "integers", "an integer dtype")
-        if got != (batch,):
-            raise ValueError(f"{name} must have shape ({batch},) to match the batch, got shape {got}")
+        if len(got) not in (1, 2) or got[0] != batch:
+            raise ValueError(f"{name} must have shape ({batch},) or ({batch}, K) to match the batch, got shape {got}")
+        if len(got) == 2 and not 1 <= got[1] <= num_classes:
+            raise ValueError(f"{name} of shape ({batch}, K) must list 1 <= K <= {num_classes} distinct classes per "
+                             f"example, got shape {got}")
         self._values.append((name, labels, num_classes))
+        if len(got) == 2 and got[1] > 1:
+            self._values.append((name, labels, REPEATS))
+        return got
 
     def same(self, **arrays: Any) -> None:
         """The named arrays (None skipped) share one dtype and one device."""
@@ -219,7 +239,14 @@ class Door:
     def settle(self, where: str) -> None:
         """Run the value checks: now, or (where a read would stall a device) deferred to the next read."""
         for name, a, classes in self._values:
-            if self.k.defers(a):
+            if classes is REPEATS:
+                if self.k.defers(a):
+                    self.k._defer(self.k.deferred_repeats(a), f"{name} passed to {where} must list distinct classes "
+                                                              "in each row")
+                elif (row := self.k.repeated_row(a)) is not None:
+                    raise ValueError(f"{name} must list distinct classes in each row (one class per digit), got row "
+                                     f"{row} naming a class twice")
+            elif self.k.defers(a):
                 what = "only finite values" if classes is None else f"labels in [0, {classes})"
                 self.k._defer(self.k.deferred_flags(a, classes), f"{name} passed to {where} must contain {what}")
             elif classes is None:
@@ -350,10 +377,11 @@ def margin_loss_vjp(d: Door, g, lengths, labels, m_plus=0.9, m_minus=0.1, lambda
 
 def _mask(d: Door, v, labels):
     b, j, e = d.array("v", v, ndim=3, batch=True)
-    if labels is not None:
-        d.labels("labels", labels, b, j)
-        d.same_device(v=v, labels=labels)
-    return b, j * e
+    if labels is None:
+        return b, j * e
+    got = d.labels("labels", labels, b, j)
+    d.same_device(v=v, labels=labels)
+    return (*got, j * e)  # (B, J*E), or (B, K, J*E): one masked row per listed class
 
 
 def mask(d: Door, v, labels=None):
@@ -365,7 +393,7 @@ def mask_vjp(d: Door, g, v, labels=None):
 
 
 def _decoder(d: Door, x, weights, biases):
-    b, width = d.array("x", x, ndim=2, batch=True)
+    *lead, width = d.array("x", x, min_ndim=2, batch=True)  # (..., width): the MLP on every row
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         raise ValueError("weights and biases must be sequences of arrays, one per layer")
     if len(weights) == 0 or len(weights) != len(biases):
@@ -375,7 +403,7 @@ def _decoder(d: Door, x, weights, biases):
         width = d.array(f"weights[{k}]", w, shape=(None, width))[0]
         d.array(f"biases[{k}]", bias, shape=(width,))
         d.same(x=x, **{f"weights[{k}]": w, f"biases[{k}]": bias})
-    return b, width
+    return (*lead, width)
 
 
 def decoder(d: Door, x, weights, biases):
@@ -387,9 +415,13 @@ def decoder_vjp(d: Door, g, x, weights, biases):
 
 
 def _reconstruction(d: Door, reconstruction, images, scale):
-    rs = d.array("reconstruction", reconstruction, ndim=2, batch=True)
-    ims = d.array("images", images, min_ndim=1)
-    if ims[0] != rs[0] or math.prod(ims[1:]) != rs[1]:
+    # (B, C*H*W) with images (B, C, H, W), or (B, K, C*H*W) with (B, K, C, H, W): one row per digit.
+    rs = d.array("reconstruction", reconstruction, min_ndim=2, batch=True)
+    if len(rs) > 3:
+        raise ValueError(f"reconstruction must have shape (B, C*H*W) or (B, K, C*H*W), got shape {rs}")
+    ims = d.array("images", images, min_ndim=len(rs) - 1)
+    lead = len(rs) - 1
+    if ims[:lead] != rs[:lead] or math.prod(ims[lead:]) != rs[-1]:
         raise ValueError(f"images {ims} do not match reconstruction {rs}: each image must flatten to one "
                          "reconstruction row")
     d.same(reconstruction=reconstruction, images=images)
@@ -464,16 +496,31 @@ def _model(d: Door, params, x, config, labels, *, labels_required: bool = False)
         d.same_device(x=x, labels=labels)
 
 
+def _targets(d: Door, x, labels, config, targets) -> None:
+    """The images the reconstructions are compared with: one per listed class, shaped
+    (*labels.shape, C, H, W); None stands for x, which only (B,) labels allow."""
+    want = (*d.k.shape_of(labels), *config.input_shape)
+    if targets is None:
+        if len(want) > 4 and config.use_decoder:
+            raise ValueError(f"targets are required with (B, K) labels: each of the K decodings is compared with its "
+                             f"own digit's image, shape {want}; got None (x itself stands in only for (B,) labels)")
+        return
+    d.array("targets", targets, shape=want)
+    d.same(x=x, targets=targets)
+
+
 def forward(d: Door, params, x, config, labels=None):
     _model(d, params, x, config, labels)
 
 
-def loss(d: Door, params, x, labels, config):
+def loss(d: Door, params, x, labels, config, targets=None):
     _model(d, params, x, config, labels, labels_required=True)
+    _targets(d, x, labels, config, targets)
 
 
-def value_and_grad(d: Door, params, x, labels, config):
+def value_and_grad(d: Door, params, x, labels, config, targets=None):
     _model(d, params, x, config, labels, labels_required=True)
+    _targets(d, x, labels, config, targets)
 
 
 def predict(d: Door, params, x, config):
@@ -569,8 +616,9 @@ def adam_update(d: Door, params, grads, state, adam=AdamConfig()):
                                  f"got {got} {d.k.dtype_name(g)}")
 
 
-def train_step(d: Door, params, state, x, labels, config, adam=AdamConfig()):
+def train_step(d: Door, params, state, x, labels, config, adam=AdamConfig(), targets=None):
     _model(d, params, x, config, labels, labels_required=True)
+    _targets(d, x, labels, config, targets)
     _state(d, state, params)
     _adam_config(adam)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
-from capsspec import CapsNetConfig, init_params, loss, ops, value_and_grad
+from capsspec import CapsNetConfig, forward, init_params, loss, ops, value_and_grad
+from capsspec.model import decoder_layers
 
 H = 1e-6
 
@@ -312,3 +313,135 @@ def test_float32_matches_float64():
     np.testing.assert_allclose(t32, t64, rtol=1e-5)
     for k in g64:
         np.testing.assert_allclose(g32[k], g64[k], rtol=1e-3, atol=1e-6 * np.abs(g64[k]).max())
+
+
+# ------------------------------------------------------------------------------ two digits per image (MultiMNIST)
+def distinct_labels(rng, b, j, k):
+    """(b, k) labels with k distinct classes of j per row."""
+    return np.argsort(rng.random((b, j)), axis=1)[:, :k]
+
+
+@given(seed=seeds, b=st.integers(1, 5), j=st.integers(2, 12), k=st.integers(1, 2))
+def test_margin_loss_vjp_with_several_classes_per_example(seed, b, j, k):
+    rng = np.random.default_rng(seed)
+    lengths = rng.uniform(0, 1, size=(b, j))
+    labels = distinct_labels(rng, b, j, k)
+    (gl,) = ops.margin_loss_vjp(np.float64(1.0), lengths, labels)
+    dirn = rng.normal(size=lengths.shape)
+    num = directional_fd(lambda z: ops.margin_loss(z, labels), (lengths,), 0, dirn, np.float64(1.0))
+    assert_close_fd(np.vdot(gl, dirn), num)
+    if k == 1:  # a (B, 1) row is the (B,) label
+        assert ops.margin_loss(lengths, labels) == ops.margin_loss(lengths, labels[:, 0])
+
+
+def test_margin_loss_hand_values_with_two_classes():
+    # Classes 1 and 2 present: .9 - L for both, the absent class 0 pays .5 (L - .1)^2.
+    lengths = np.array([[0.5, 0.6, 0.05]])
+    expected = 0.5 * 0.4**2 + 0.3**2 + 0.85**2
+    np.testing.assert_allclose(ops.margin_loss(lengths, np.array([[1, 2]])), expected, rtol=1e-14)
+    np.testing.assert_allclose(ops.margin_loss(lengths, np.array([[2, 1]])), expected, rtol=1e-14)  # order is free
+
+
+@given(seed=seeds, b=st.integers(1, 4), j=st.integers(2, 5), e=st.integers(1, 4), k=st.integers(1, 2))
+def test_mask_vjp_with_several_classes_per_example(seed, b, j, e, k):
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(b, j, e))
+    labels = distinct_labels(rng, b, j, k)
+    m = ops.mask(v, labels)
+    assert m.shape == (b, k, j * e)
+    for n in range(b):
+        for r in range(k):
+            expect = np.zeros((j, e))
+            expect[labels[n, r]] = v[n, labels[n, r]]
+            np.testing.assert_array_equal(m[n, r], expect.reshape(-1))
+    g = rng.normal(size=m.shape)
+    (gv,) = ops.mask_vjp(g, v, labels)
+    dirn = rng.normal(size=v.shape)
+    assert_close_fd(np.vdot(gv, dirn), directional_fd(lambda z: ops.mask(z, labels), (v,), 0, dirn, g))
+
+
+@given(seed=seeds, lead=st.sampled_from([(1, 1), (2, 2), (3, 1, 2)]), widths=st.lists(st.integers(1, 5), min_size=2,
+                                                                                     max_size=3))
+def test_decoder_vjp_with_leading_dims(seed, lead, widths):
+    rng = np.random.default_rng(seed)
+    ws = [rng.normal(size=(widths[k + 1], widths[k])) for k in range(len(widths) - 1)]
+    bs = [rng.normal(size=(widths[k + 1],)) for k in range(len(widths) - 1)]
+    x = rng.normal(size=(*lead, widths[0]))
+    y = ops.decoder(x, ws, bs)
+    # The same MLP on every row: the 2-D decoder on the rows, reshaped back.
+    np.testing.assert_array_equal(y, ops.decoder(x.reshape(-1, widths[0]), ws, bs).reshape(*lead, -1))
+    g = rng.normal(size=y.shape)
+    gx, gws, gbs = ops.decoder_vjp(g, x, ws, bs)
+    assert gx.shape == x.shape
+    dirn = rng.normal(size=x.shape)
+    assert_close_fd(np.vdot(gx, dirn), directional_fd(lambda z: ops.decoder(z, ws, bs), (x,), 0, dirn, g))
+    for k in range(len(ws)):
+        dirn = rng.normal(size=ws[k].shape)
+
+        def f(a, k=k):
+            changed = list(ws)
+            changed[k] = a
+            return ops.decoder(x, changed, bs)
+        assert_close_fd(np.vdot(gws[k], dirn), directional_fd(f, (ws[k],), 0, dirn, g))
+        dirn = rng.normal(size=bs[k].shape)
+
+        def fb(a, k=k):
+            changed = list(bs)
+            changed[k] = a
+            return ops.decoder(x, ws, changed)
+        assert_close_fd(np.vdot(gbs[k], dirn), directional_fd(fb, (bs[k],), 0, dirn, g))
+
+
+@given(seed=seeds, b=st.integers(1, 4), k=st.integers(1, 3))
+def test_reconstruction_loss_vjp_with_several_digits(seed, b, k):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(size=(b, k, 2, 3, 4))
+    recon = rng.uniform(size=(b, k, 24))
+    # Each digit's squared error summed, the K digits' sums added, averaged over the batch.
+    per_example = sum(np.sum((recon[:, r] - images[:, r].reshape(b, -1)) ** 2, axis=1) for r in range(k))
+    np.testing.assert_allclose(ops.reconstruction_loss(recon, images), 0.0005 * np.mean(per_example), rtol=1e-14)
+    (gr,) = ops.reconstruction_loss_vjp(np.float64(1.0), recon, images)
+    dirn = rng.normal(size=recon.shape)
+    num = directional_fd(lambda z: ops.reconstruction_loss(z, images), (recon,), 0, dirn, np.float64(1.0))
+    assert_close_fd(np.vdot(gr, dirn), num, atol=1e-10)
+
+
+@settings(max_examples=6)
+@given(config=configs, seed=seeds, batch=st.integers(1, 3), digit_scale=st.sampled_from([1.0, 30.0]))
+def test_model_value_and_grad_with_two_digits(config, seed, batch, digit_scale):
+    rng = np.random.default_rng(seed)
+    params = init_params(config, seed % 1000, "float64")
+    params["digit.weight"] = params["digit.weight"] * digit_scale
+    x = rng.uniform(size=(batch, *config.input_shape))
+    labels = distinct_labels(rng, batch, config.num_classes, 2)
+    targets = rng.uniform(size=(batch, 2, *config.input_shape))
+    total, grads = value_and_grad(params, x, labels, config, targets)
+    parts = loss(params, x, labels, config, targets)
+    np.testing.assert_allclose(total, parts.total, rtol=1e-14)
+    if config.use_decoder:
+        # The reconstruction term is the two digits' terms, each decoded from its own class's capsule.
+        out = forward(params, x, config, labels)
+        assert out.reconstruction.shape == (batch, 2, int(np.prod(config.input_shape)))
+        ws, bs = decoder_layers(params, config)
+        each = [ops.reconstruction_loss(ops.decoder(ops.mask(out.v, labels[:, r]), ws, bs), targets[:, r],
+                                        config.reconstruction_scale) for r in range(2)]
+        np.testing.assert_allclose(parts.reconstruction, each[0] + each[1], rtol=1e-12)
+    for name in params:
+        dirn = rng.normal(size=params[name].shape)
+
+        def f(p, name=name):
+            changed = dict(params)
+            changed[name] = p
+            return loss(changed, x, labels, config, targets).total
+        num = directional_fd(f, (params[name],), 0, dirn, np.float64(1.0))
+        assert_close_fd(np.vdot(grads[name], dirn), num, rtol=1e-5, atol=1e-9), name
+
+
+def test_train_step_counts_an_example_correct_only_when_both_classes_are_the_two_longest():
+    from capsspec.optim import count_correct
+
+    lengths = np.array([[0.9, 0.8, 0.1], [0.9, 0.1, 0.8], [0.5, 0.5, 0.5]])
+    labels = np.array([[1, 0], [0, 1], [0, 1]])
+    # Row 0: {0, 1} right in either order; row 1: class 1 is third; row 2: ties go to the lowest indices.
+    assert count_correct(lengths, labels) == 2
+    assert count_correct(lengths, np.array([0, 0, 0])) == 3

@@ -103,6 +103,52 @@ def test_labels(setup):
         value_and_grad(params, x, np.array([0.0, 1.0]), SMALL)
 
 
+def test_two_digit_labels_and_targets(setup):
+    params, x, _ = setup
+    two = np.array([[0, 2], [1, 0]])
+    targets = np.zeros((2, 2, 1, 8, 8), np.float32)
+    value_and_grad(params, x, two, SMALL, targets)  # the good call, for contrast
+    with pytest.raises(ValueError, match="labels must list distinct classes in each row.*row 1"):
+        value_and_grad(params, x, np.array([[0, 2], [1, 1]]), SMALL, targets)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got a label 3"):
+        value_and_grad(params, x, np.array([[0, 3], [1, 0]]), SMALL, targets)
+    with pytest.raises(ValueError, match=r"labels of shape \(2, K\) must list 1 <= K <= 3"):
+        forward(params, x, SMALL, np.array([[0, 1, 2, 0], [0, 1, 2, 0]]))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\) or \(2, K\)"):
+        forward(params, x, SMALL, np.zeros((2, 2, 1), np.int64))
+    with pytest.raises(ValueError, match="targets are required with \\(B, K\\) labels"):
+        value_and_grad(params, x, two, SMALL)
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 2, 1, 8, 8\), got shape \(2, 1, 8, 8\)"):
+        train_step(params, adam_init(params), x, two, SMALL, targets=x)
+    with pytest.raises(ValueError, match="targets has dtype float64 but x has dtype float32"):
+        value_and_grad(params, x, two, SMALL, targets.astype(np.float64))
+    bad = targets.copy()
+    bad[1, 1, 0, 2, 2] = np.inf
+    with pytest.raises(ValueError, match="targets must contain only finite values"):
+        value_and_grad(params, x, two, SMALL, bad)
+    # (B,) labels may name their own targets, shaped like x; without the decoder targets are not needed.
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 1, 8, 8\)"):
+        value_and_grad(params, x, np.array([0, 1]), SMALL, targets)
+    no_decoder = SMALL.replace(use_decoder=False)
+    value_and_grad(init_params(no_decoder, 0), x, two, no_decoder)
+
+
+def test_two_digit_op_level_errors():
+    v = np.ones((2, 3, 4))
+    with pytest.raises(ValueError, match="labels must list distinct classes in each row.*row 0"):
+        ops.mask(v, np.array([[1, 1], [0, 2]]))
+    with pytest.raises(ValueError, match="labels must list distinct classes"):
+        ops.margin_loss(np.ones((2, 3)), np.array([[0, 1], [2, 2]]))
+    with pytest.raises(ValueError, match=r"g must have shape \(2, 2, 12\)"):
+        ops.mask_vjp(np.ones((2, 12)), v, np.array([[1, 0], [0, 2]]))
+    with pytest.raises(ValueError, match=r"g must have shape \(2, 3, 5\)"):
+        ops.decoder_vjp(np.ones((2, 5)), np.ones((2, 3, 4)), [np.ones((5, 4))], [np.ones(5)])
+    with pytest.raises(ValueError, match="images .* do not match reconstruction"):
+        ops.reconstruction_loss(np.ones((2, 2, 4)), np.ones((2, 1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="reconstruction must have shape"):
+        ops.reconstruction_loss(np.ones((2, 2, 2, 4)), np.ones((2, 2, 2, 1, 2, 2)))
+
+
 def test_op_level_errors():
     with pytest.raises(ValueError, match=r"weight must have shape \(3, J, E, 2\)"):
         ops.predictions(np.zeros((1, 3, 2)), np.zeros((4, 2, 2, 2)))
@@ -205,6 +251,10 @@ def test_deferred_value_checks_are_settled_at_the_next_host_read(setup):
         def deferred_flags(self, a, num_classes):
             return np.array(not np.isfinite(a).all() if num_classes is None else ((a < 0) | (a >= num_classes)).any())
 
+        def deferred_repeats(self, a):
+            s = np.sort(a, axis=1)
+            return np.array((s[:, 1:] == s[:, :-1]).any())
+
     params, x, y = setup
     b = Deferring()
     bad = x.copy()
@@ -215,6 +265,9 @@ def test_deferred_value_checks_are_settled_at_the_next_host_read(setup):
     b.to_numpy(pred)  # settled: reported once
     b.loss(params, x, np.array([0, -1]), SMALL)  # (-1 indexes from the end on the host: no crash first)
     with pytest.raises(ValueError, match=r"labels passed to loss must contain labels in \[0, 3\)"):
+        b.synchronize()
+    b.loss(params, x, np.array([[2, 2], [0, 1]]), SMALL, np.zeros((2, 2, 1, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="labels passed to loss must list distinct classes in each row"):
         b.synchronize()
     b.value_and_grad(params, x, y, SMALL)
     b.synchronize()  # good input leaves nothing behind

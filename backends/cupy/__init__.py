@@ -101,6 +101,10 @@ class CupyBackend(Backend):
         cupy = self._cupy()
         return ~cupy.isfinite(a).all() if num_classes is None else ((a < 0) | (a >= num_classes)).any()
 
+    def deferred_repeats(self, a: Any) -> Any:
+        rows = self._cupy().sort(a, axis=1)
+        return (rows[:, 1:] == rows[:, :-1]).any()
+
     # ------------------------------------------------------------------------- conversions
 
     def asarray(self, a: np.ndarray) -> Any:

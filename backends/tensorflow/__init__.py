@@ -127,6 +127,14 @@ class TensorFlowBackend(ModuleParams, Backend):
             return tf.logical_not(tf.reduce_all(tf.math.is_finite(a)))
         return tf.reduce_any((a < 0) | (a >= num_classes))
 
+    def repeated_row(self, a: Any) -> int | None:
+        return None if self._symbolic(a) else super().repeated_row(a)
+
+    def deferred_repeats(self, a: Any) -> Any:
+        tf = self._tf()
+        rows = tf.sort(a, axis=1)
+        return tf.reduce_any(tf.equal(rows[:, 1:], rows[:, :-1]))
+
     def _read_flag(self, flag: Any) -> Any:
         return flag.numpy()
 

@@ -126,6 +126,10 @@ class TorchBackend(ModuleParams, Backend):
         torch = self._torch()
         return ~torch.isfinite(a).all() if num_classes is None else ((a < 0) | (a >= num_classes)).any()
 
+    def deferred_repeats(self, a: Any) -> Any:
+        rows = self._torch().sort(a, dim=1).values
+        return (rows[:, 1:] == rows[:, :-1]).any()
+
     def params_class(self) -> type:
         from .model import CapsNet
 
