@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, at the step "
                                                           "it holds (mid-epoch too)")
     g.add_argument("--data-dir", default=None, help="MNIST folder (see `capsspec data`)")
+    g.add_argument("--dataset", choices=("mnist", "multimnist"), default=None,
+                   help="mnist (default), or multimnist: pairs of overlapping digits on 36x36, generated on the fly "
+                        "(the model's input becomes 36x36; README, MultiMNIST)")
+    g.add_argument("--images-per-epoch", type=_positive_int, default=None,
+                   help="multimnist: fresh pairs per epoch (default 60000)")
     g.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default 50)")
     g.add_argument("--batch-size", type=_positive_int, default=None, help="training batch size (default 128)")
     g.add_argument("--seed", type=_nonnegative_int, default=None, help="seed of init, split, shuffles, shifts (default 0)")
@@ -146,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images held out for validation (default 5000; 0 for none)")
     g.add_argument("--train-subset", type=_positive_int, default=None,
                    help="train on N images (a seeded choice, after the validation hold-out)")
-    g.add_argument("--test-subset", type=_positive_int, default=None, help="evaluate on the first N test images")
+    g.add_argument("--test-subset", type=_positive_int, default=None,
+                   help="evaluate on the first N test images (multimnist: N test pairs, default 10000)")
     g.add_argument("--max-shift", type=_nonnegative_int, default=None,
                    help="augmentation: random shifts of up to this many pixels (default 2, the paper's; 0: none)")
     g.add_argument("--select", choices=("final", "val"), default=None,
@@ -178,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .safetensors checkpoint")
     _add_backend_flags(p, "default: the fastest available one")
     p.add_argument("--data-dir", default=None, help="MNIST folder")
-    p.add_argument("--test-subset", type=_positive_int, default=None, help="the first N test images only")
+    p.add_argument("--test-subset", type=_positive_int, default=None,
+                   help="the first N test images only (a MultiMNIST checkpoint: N test pairs, default 10000)")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
 
@@ -292,12 +299,17 @@ def _train_values(args: argparse.Namespace):
                       "val_size": args.val_size, "train_subset": args.train_subset, "test_subset": args.test_subset,
                       "max_shift": args.max_shift, "select": args.select, "dtype": args.dtype,
                       "eval_batch_size": args.eval_batch_size, "log_every": args.log_every,
-                      "checkpoint_every": args.checkpoint_every}
+                      "checkpoint_every": args.checkpoint_every, "dataset": args.dataset,
+                      "images_per_epoch": args.images_per_epoch}
     options = dict(args.backend_options) if args.backend_options else None
     if not args.resume:
         given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
-        return (CapsNetConfig().replace(**given(config_flags)), AdamConfig(**given(adam_flags)),
-                TrainSettings(**given(settings_flags)), args.backend, args.device, options or {}, None)
+        config, settings = CapsNetConfig(), given(settings_flags)
+        if args.dataset == "multimnist":  # the paper's 36x36 model; the generator does the shifting
+            config = config.replace(input_height=36, input_width=36)
+            settings.setdefault("max_shift", 0)
+        return (config.replace(**given(config_flags)), AdamConfig(**given(adam_flags)),
+                TrainSettings(**settings), args.backend, args.device, options or {}, None)
     plan = plan_resume(args.out, config=config_flags, adam=adam_flags, settings=settings_flags, backend=args.backend,
                        device=args.device, backend_options=options)
     why = None if args.backend else f"{plan.backend}: the backend the run was started on"
@@ -308,6 +320,14 @@ def _mnist_splits(data_dir: str | None, config: Any, settings: Any):
     from .data import load_mnist
     from .train import split_data
 
+    if settings.dataset == "multimnist":
+        from .multimnist import multimnist_data
+
+        if config.input_shape != (1, 36, 36):
+            raise ValueError(f"MultiMNIST images are 1x36x36 but the model takes {config.input_shape}")
+        m = load_mnist(data_dir)
+        return multimnist_data(m.train_images, m.train_labels, m.test_images, m.test_labels, settings,
+                               images_per_epoch=settings.images_per_epoch)
     if config.input_shape != (1, 28, 28):
         raise ValueError(f"MNIST images are 1x28x28 but the model takes {config.input_shape}")
     m = load_mnist(data_dir)
@@ -341,7 +361,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             why = why_resumed + (why[why.index(";"):] if ";" in why else "")
         print(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}", file=sys.stderr)
         splits = _mnist_splits(args.data_dir, config, settings)
-        print(f"capsspec: {splits.train_x.shape[0]} training images (shifts up to {settings.max_shift} px), "
+        shifts = ("MultiMNIST pairs, each digit shifted up to 4 px" if settings.dataset == "multimnist" else
+                  f"shifts up to {settings.max_shift} px")
+        print(f"capsspec: {splits.train_x.shape[0]} training images per epoch ({shifts}), "
               f"{splits.val_x.shape[0]} validation, {splits.test_x.shape[0]} test; {config.parameter_count():,} "
               f"parameters; batch {settings.batch_size}, {settings.epochs} epochs, routing {config.routing_iterations}, "
               f"decoder {'on' if config.use_decoder else 'off'}, {settings.dtype}; output in {args.out}", file=sys.stderr)
@@ -391,6 +413,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _check_out_file(args.json, "--json")
     ck, backend, why = _load_for_backend(args, None)
+    if ck.training.get("dataset") == "multimnist":
+        return _eval_multimnist(args, ck, backend, why)
     if ck.config.input_shape != (1, 28, 28):
         raise ValueError(f"MNIST images are 1x28x28 but the checkpoint's model takes {ck.config.input_shape}")
     m = load_mnist(args.data_dir)
@@ -408,6 +432,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         report = {"checkpoint": str(args.checkpoint), "epoch": ck.epoch, "step": ck.step, "backend": backend.name,
                   "device": backend.availability().device, **result.to_dict()}
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _eval_multimnist(args: argparse.Namespace, ck: Any, backend: Any, why: str) -> int:
+    """A MultiMNIST checkpoint: the two longest capsules against the two labels of the first N test pairs."""
+    from .data import load_mnist
+    from .evaluate import evaluate_multi
+    from .fileio import atomic_write_text
+    from .multimnist import DEFAULT_TEST_PAIRS, PairImages, test_generator
+
+    import numpy as np
+
+    m = load_mnist(args.data_dir)
+    n = args.test_subset or DEFAULT_TEST_PAIRS
+    gen = test_generator(m.test_images, m.test_labels)
+    params = backend.params_from_numpy(ck.params, ck.config)
+    result = evaluate_multi(backend, params, PairImages(gen, n, 0, ck.dtype), gen.labels(np.arange(n)), ck.config,
+                            batch_size=args.batch_size, dtype=ck.dtype)
+    print(f"checkpoint {args.checkpoint} (MultiMNIST, epoch {ck.epoch}, step {ck.step}, written by "
+          f"{ck.backend or '?'}), evaluated on backend {why}; {n} test pairs")
+    print(result.format())
+    if args.json:
+        report = {"checkpoint": str(args.checkpoint), "dataset": "multimnist", "epoch": ck.epoch, "step": ck.step,
+                  "backend": backend.name, "device": backend.availability().device, **result.to_dict()}
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 

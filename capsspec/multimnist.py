@@ -56,7 +56,7 @@ import numpy as np
 
 __all__ = ["PAD", "MAX_SHIFT", "SIZE", "TEST_SEED", "SPLITS", "MultiMnistBatch", "DigitPool", "PairGenerator",
            "PairImages", "MultiMnistData", "multimnist_data", "bounding_boxes", "bounding_box_overlap", "frame_overlap", "MEAN_FRAME_OVERLAP",
-           "DEFAULT_IMAGES_PER_EPOCH", "DEFAULT_TEST_PAIRS"]
+           "DEFAULT_IMAGES_PER_EPOCH", "DEFAULT_TEST_PAIRS", "test_generator"]
 
 PAD = 4  # pixels added on each side of a 28x28 digit: a 36x36 canvas
 MAX_SHIFT = 4  # each axis shifted by an integer in [-MAX_SHIFT, MAX_SHIFT]
@@ -330,7 +330,7 @@ def multimnist_data(train_images: np.ndarray, train_labels: np.ndarray, test_ima
 
     train = PairGenerator(pool(train_images, train_labels, idx.train_x), settings.seed, "train")
     validation_pool = pool(train_images, train_labels, idx.val_x) if idx.val_x.size else None
-    test = PairGenerator(pool(test_images, test_labels, idx.test_x), TEST_SEED, "test")
+    test = test_generator(test_images, test_labels)
     ipe = images_per_epoch if images_per_epoch is not None else DEFAULT_IMAGES_PER_EPOCH
     n_test_pairs = test_pairs if test_pairs is not None else (settings.test_subset or DEFAULT_TEST_PAIRS)
     validation = PairGenerator(validation_pool, settings.seed, "validation") if validation_pool is not None else \
@@ -338,6 +338,11 @@ def multimnist_data(train_images: np.ndarray, train_labels: np.ndarray, test_ima
     return MultiMnistData(train=train, validation=validation, test=test, images_per_epoch=_check_int(
         "images_per_epoch", ipe, 1), val_pairs=int(idx.val_x.size), test_pairs=_check_int("test_pairs", n_test_pairs, 1),
         dtype=settings.dtype)
+
+
+def test_generator(test_images: np.ndarray, test_labels: np.ndarray) -> PairGenerator:
+    """The test pairs every run is measured on: all of MNIST's test digits, TEST_SEED."""
+    return PairGenerator(DigitPool.from_floats(test_images, test_labels), TEST_SEED, "test")
 
 
 # ===================================================================================== statistics

@@ -64,7 +64,7 @@ from .augment import MAX_SHIFT, augment_batch, random_shifts
 from .backend import Backend, BackendUnavailable
 from .checkpoint import CHECKPOINT_NAME, FINAL_NAME, load_checkpoint, read_metadata, save_checkpoint
 from .config import AdamConfig, CapsNetConfig, from_fields
-from .evaluate import accuracy, predict_all
+from .evaluate import accuracy, predict_all, predict_top_k
 from .fileio import atomic_write_text, stale_temporaries
 from .model import init_params
 
@@ -76,6 +76,7 @@ __all__ = [
 ]
 
 METRICS_NAME = "metrics.jsonl"
+DATASETS = ("mnist", "multimnist")
 SUMMARY_NAME = "summary.json"
 BEST_VAL_NAME = "best-val.safetensors"
 
@@ -127,6 +128,10 @@ class TrainSettings:
     # CHECKPOINT_SECONDS_ACCELERATOR elsewhere).
     checkpoint_every: int | None = None
     checkpoint_seconds: float | None = None
+    # "mnist", or "multimnist": pairs of overlapping digits generated on the fly (capsspec.multimnist), each
+    # epoch images_per_epoch fresh pairs (None: its default); its own shifts replace max_shift's, which must be 0.
+    dataset: str = "mnist"
+    images_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
@@ -145,6 +150,19 @@ class TrainSettings:
             raise ValueError("TrainSettings.select='val' needs a validation set, but val_size is 0")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"TrainSettings.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        self._check_dataset()
+
+    def _check_dataset(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"TrainSettings.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.images_per_epoch is not None:
+            _check_int("TrainSettings.images_per_epoch", self.images_per_epoch, 1)
+            if self.dataset == "mnist":
+                raise ValueError("TrainSettings.images_per_epoch is for generated data (multimnist); an MNIST epoch is "
+                                 "its training set (see train_subset)")
+        if self.dataset == "multimnist" and self.max_shift:
+            raise ValueError(f"TrainSettings.max_shift={self.max_shift}: MultiMNIST pairs are already shifted by up to "
+                             "4 px by their generator, so max_shift must be 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +186,7 @@ RESUME_MAY_SWITCH = ("backend", "device", "backend_options", "dtype")
 # ... and these settings, the whole CapsNetConfig and the whole AdamConfig must not change.
 REPRODUCIBILITY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings)
                                if f.name not in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH)
+_SETTING_DEFAULTS = {"dataset": "mnist", "images_per_epoch": None}  # fields added after checkpoints were written
 
 
 @dataclass(frozen=True)
@@ -421,6 +440,8 @@ class _Run:
 
 def _data_fingerprint(data: Splits) -> str:
     """A hash of the splits' sizes, labels and a sparse sample of pixels: a resumed run must see the same data."""
+    if callable(getattr(data, "fingerprint", None)):  # generated data (capsspec.multimnist) hashes its definition
+        return data.fingerprint()
     h = hashlib.sha256()
     for a in (data.train_y, data.val_y, data.test_y):
         h.update(str(a.shape).encode())
@@ -537,8 +558,10 @@ def _resume(run: _Run) -> None:
     if ck.adam != run.adam:
         raise ValueError(f"cannot resume {path}: it was trained with {ck.adam}, this run asks for {run.adam}")
     for name in REPRODUCIBILITY_FIELDS:
-        if ck.training.get(name) != getattr(s, name):
-            raise ValueError(f"cannot resume {path}: it was trained with {name}={ck.training.get(name)!r}, this run "
+        # A field a checkpoint predates had its default value when the checkpoint was written.
+        recorded = ck.training.get(name, _SETTING_DEFAULTS.get(name))
+        if recorded != getattr(s, name):
+            raise ValueError(f"cannot resume {path}: it was trained with {name}={recorded!r}, this run "
                              f"asks for {name}={getattr(s, name)!r} (resuming must not change it)")
     if ck.extra.get("data_fingerprint") != run.fingerprint:
         raise ValueError(f"cannot resume {path}: the training, validation or test data differ from the run's "
@@ -591,10 +614,10 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
                 run.account()
                 return False
             idx = perm[run.batch * s.batch_size:(run.batch + 1) * s.batch_size]
-            xb = augment_batch(data.train_x[idx], shift_rng, s.max_shift) if s.max_shift else data.train_x[idx]
-            xb = np.ascontiguousarray(xb, dtype=s.dtype)
+            xb, yb, tb = _training_batch(run, idx, shift_rng)
+            targets = {} if tb is None else {"targets": backend.asarray(tb)}
             run.params, run.state, m = backend.train_step(run.params, run.state, backend.asarray(xb),
-                                                          backend.asarray(data.train_y[idx]), run.config, run.adam)
+                                                          backend.asarray(yb), run.config, run.adam, **targets)
             run.batch, run.step, run.seen, run.lr = run.batch + 1, run.step + 1, run.seen + idx.size, float(m.lr)
             for key, value in zip(_SUMS, (m.total * idx.size, m.margin * idx.size, m.reconstruction * idx.size,
                                           m.correct)):
@@ -617,6 +640,17 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
         return True
     finally:
         bar.close()
+
+
+def _training_batch(run: _Run, idx: np.ndarray, shift_rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(images, labels, targets or None) of the training examples idx of run.epoch."""
+    s, data = run.settings, run.data
+    if callable(getattr(data, "training_batch", None)):  # generated data: a function of (seed, epoch, idx)
+        xb, yb, tb = data.training_batch(run.epoch, idx, s.dtype)
+        return np.ascontiguousarray(xb, dtype=s.dtype), yb, np.ascontiguousarray(tb, dtype=s.dtype)
+    xb = augment_batch(data.train_x[idx], shift_rng, s.max_shift) if s.max_shift else data.train_x[idx]
+    return np.ascontiguousarray(xb, dtype=s.dtype), data.train_y[idx], None
 
 
 def _checkpoint_rule(run: _Run) -> tuple[int | None, float]:
@@ -666,8 +700,11 @@ def _evaluate(run: _Run, stop: _StopSignals) -> tuple[float | None, float | None
         for start in range(0, x.shape[0], s.eval_batch_size):
             if stop.received is not None:
                 return None
-            predictions.append(predict_all(run.backend, run.params, x[start:start + s.eval_batch_size], run.config,
-                                           batch_size=s.eval_batch_size, dtype=s.dtype))
+            xb = x[start:start + s.eval_batch_size]
+            predictions.append(predict_all(run.backend, run.params, xb, run.config, batch_size=s.eval_batch_size,
+                                           dtype=s.dtype) if y.ndim == 1 else  # (N, K) labels: the K longest
+                               predict_top_k(run.backend, run.params, xb, run.config, y.shape[1],
+                                             batch_size=s.eval_batch_size, dtype=s.dtype))
         accs.append(accuracy(np.concatenate(predictions), y) if predictions else None)
     return accs[0], accs[1], time.perf_counter() - t0
 
@@ -693,7 +730,8 @@ def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
              "history": [{k: _jsonable(v) for k, v in r.items()} for r in run.history],
              "train_seconds": sum(run.seconds_by_backend.values()), "seconds_by_backend": run.seconds_by_backend,
              "best_val_accuracy": run.best_val, "best_epoch": run.best_epoch, "device": run.backend.device,
-             "backend_options": run.backend_options}
+             "backend_options": run.backend_options,
+             "dataset": data.describe() if callable(getattr(data, "describe", None)) else {"name": "mnist"}}
     save_checkpoint(path, params_np, run.config, state=run.backend.state_to_numpy(run.state), adam=run.adam,
                     epoch=run.epoch - 1, rng=_rng_record(run.settings, run.epoch, run.batch, data.train_x.shape[0]),
                     training=run.settings.to_dict(), extra=extra, backend=run.backend.name)
@@ -796,6 +834,8 @@ def _check_inputs(backend: Backend, config: CapsNetConfig, data: Splits, setting
                              f"this config, got {x.shape}")
     if data.train_x.shape[0] == 0:
         raise ValueError("there are no training images")
+    if getattr(data, "name", "mnist") != settings.dataset:
+        raise ValueError(f"the data are {getattr(data, 'name', 'mnist')} but settings.dataset is {settings.dataset!r}")
 
 
 def _out_folder(out_dir: str | os.PathLike) -> Path:
@@ -846,7 +886,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "capsspec_version": __version__,
         "backend": run.backend.name, "framework_version": avail.version, "device": avail.device,
         "config": run.config.to_dict(), "adam": run.adam.to_dict(), "settings": s.to_dict(),
-        "parameters": run.config.parameter_count(),
+        "parameters": run.config.parameter_count(), "dataset": s.dataset,
         "epochs_completed": final["epoch"], "steps": run.step,
         "test_accuracy": chosen["test_accuracy"],
         "test_error_percent": None if chosen["test_accuracy"] is None else 100 * (1 - chosen["test_accuracy"]),
