@@ -474,14 +474,21 @@ def _cmd_figures(args: argparse.Namespace) -> int:
         raise _UsageError(f"nothing to draw: the model in {args.checkpoint} has no decoder (so no reconstructions or "
                           f"Figure 4) and there is no {METRICS_NAME} with an epoch in it beside it (so no training "
                           f"curves): pass a checkpoint in a training run's --out folder")
-    images = labels = None
-    if ck.config.use_decoder:
+    images = labels = targets = overlaps = None
+    if ck.config.use_decoder and ck.training.get("dataset") == "multimnist":
+        from .multimnist import PairImages, frame_overlap, test_generator
+
+        m = load_mnist(args.data_dir)
+        pairs = PairImages(test_generator(m.test_images, m.test_labels), max(args.pairs, args.samples, 12), 0,
+                           ck.dtype).batch(slice(None))
+        images, labels, targets, overlaps = pairs.images, pairs.labels, pairs.targets, frame_overlap(pairs.shifts)
+    elif ck.config.use_decoder:
         if ck.config.input_shape != (1, 28, 28):
             raise ValueError(f"MNIST images are 1x28x28 but the checkpoint's model takes {ck.config.input_shape}")
         m = load_mnist(args.data_dir)
         images, labels = m.test_images, m.test_labels
     paths = make_figures(args.checkpoint, args.out, backend=backend, images=images, labels=labels,
-                         samples=args.samples, pairs=args.pairs,
+                         samples=args.samples, pairs=args.pairs, targets=targets, overlaps=overlaps,
                          log=lambda msg: print(f"capsspec figures: {msg}", file=sys.stderr))
     if not paths:
         raise _UsageError(f"nothing was drawn from {args.checkpoint}: see the lines above for why")

@@ -10,6 +10,16 @@
 * training-curves.png: loss (total, margin, reconstruction) and error rates (train, validation,
   test) per epoch, from the metrics.jsonl a training run writes beside its checkpoints.
 
+For a MultiMNIST checkpoint (two overlapping digits per image), also:
+
+* multimnist-examples.png: test pairs as the generator makes them: each composite (gray) beside
+  its two shifted digits in two colours (first red, second green, yellow where they overlap),
+  titled with the two classes and the overlap of their 28x28 frames;
+* multimnist-reconstructions.png: the paper's Figure 5: each test input (gray) over the decoder's
+  two reconstructions drawn in red and green, once from the capsules of the two true classes and
+  once from the two longest capsules (the prediction); titles give the labels and predictions, a
+  wrong prediction in red.
+
 Every PNG is written whole or not at all (capsspec.fileio.atomic_path). The model runs through a
 backend (numpy by default: figures are small and the reference is exact).
 What this module must never do: import matplotlib or a framework at import time (matplotlib is
@@ -32,7 +42,8 @@ from .fileio import atomic_path
 from .train import METRICS_NAME  # the per-epoch metrics a training run writes beside its checkpoints
 
 __all__ = ["PERTURBATION_OFFSETS", "perturbed_capsules", "make_figures", "draw_reconstructions",
-           "draw_perturbations", "draw_training_curves", "read_metrics_rows"]
+           "draw_perturbations", "draw_training_curves", "read_metrics_rows", "two_colour", "draw_multimnist_examples",
+           "draw_multimnist_reconstructions"]
 
 # Figure 4: offsets -0.25..0.25 in steps of 0.05 (11 columns), computed exactly rather than accumulated.
 PERTURBATION_OFFSETS = np.round(np.arange(-5, 6) * 0.05, 2)
@@ -146,6 +157,88 @@ def draw_perturbations(path: Path, decoded: np.ndarray, config: CapsNetConfig, t
     return _save(fig, path)
 
 
+def two_colour(first: np.ndarray, second: np.ndarray, config: CapsNetConfig) -> np.ndarray:
+    """Two images (flat or C,H,W) as one RGB picture (H, W, 3): the first in red, the second in green over black
+    (their overlap is yellow)."""
+    a, b = _picture(first, config), _picture(second, config)
+    return np.stack([a, b, np.zeros_like(a)], axis=-1)
+
+
+def _tile(ax: Any, picture: np.ndarray, title: str = "", colour: str = "black", gray: bool = False) -> None:
+    ax.imshow(picture, cmap=_CMAP if gray else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8, color=colour)
+
+
+def draw_multimnist_examples(path: Path, images: np.ndarray, labels: np.ndarray, targets: np.ndarray,
+                             overlaps: np.ndarray, config: CapsNetConfig, per_row: int = 6) -> Path:
+    """Generated pairs: each composite (gray) beside its two digits (first red, second green)."""
+    n = int(images.shape[0])
+    if n == 0:
+        raise ValueError("draw_multimnist_examples needs at least one pair")
+    cols = min(per_row, n)
+    rows = math.ceil(n / cols)
+    fig = _figure(2.3 * cols, 1.45 * rows + 0.6)
+    axes = fig.subplots(rows, 2 * cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k in range(n):
+        r, c = divmod(k, cols)
+        left, right = axes[r][2 * c], axes[r][2 * c + 1]
+        left.set_axis_on()
+        right.set_axis_on()
+        _tile(left, _picture(images[k], config), f"{int(labels[k, 0])} + {int(labels[k, 1])}", gray=True)
+        _tile(right, two_colour(targets[k, 0], targets[k, 1], config), f"overlap {100 * float(overlaps[k]):.0f}%")
+    fig.suptitle("MultiMNIST test pairs: the input (gray) and its two shifted digits (first red, second green; "
+                 "overlap: of their 28x28 frames)", fontsize=9)
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.55 / fig.get_figheight(), bottom=0.02, wspace=0.05,
+                        hspace=0.35)
+    return _save(fig, path)
+
+
+def draw_multimnist_reconstructions(path: Path, images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                                    by_labels: np.ndarray, by_predictions: np.ndarray, config: CapsNetConfig,
+                                    per_row: int = 8) -> Path:
+    """The paper's Figure 5: inputs (gray) over their two reconstructions in red and green, from the true classes'
+    capsules and from the two longest capsules. by_labels / by_predictions: (N, 2, C*H*W)."""
+    n = int(images.shape[0])
+    if n == 0:
+        raise ValueError("draw_multimnist_reconstructions needs at least one image")
+    cols = min(per_row, n)
+    blocks = math.ceil(n / cols)
+    fig = _figure(1.35 * cols + 1.3, 4.0 * blocks + 0.8)
+    axes = fig.subplots(3 * blocks, cols, squeeze=False)
+    names = ("input", "from the labels", "from the prediction")
+    for i in range(3 * blocks * cols):
+        r, c = divmod(i, cols)
+        ax = axes[r][c]
+        block, part = divmod(r, 3)
+        k = block * cols + c
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        l0, l1 = int(labels[k, 0]), int(labels[k, 1])
+        p0, p1 = int(predictions[k, 0]), int(predictions[k, 1])
+        if part == 0:
+            _tile(ax, _picture(images[k], config), f"labels {l0}, {l1}", gray=True)
+        elif part == 1:
+            _tile(ax, two_colour(by_labels[k, 0], by_labels[k, 1], config), f"R {l0}, G {l1}")
+        else:
+            wrong = sorted((p0, p1)) != sorted((l0, l1))
+            _tile(ax, two_colour(by_predictions[k, 0], by_predictions[k, 1], config), f"R {p0}, G {p1}",
+                  colour="tab:red" if wrong else "black")
+        if c == 0:
+            ax.set_ylabel(names[part], fontsize=8)
+    fig.suptitle("MultiMNIST: each input (gray) and the decoder's two reconstructions, one per capsule, first red, "
+                 "second green\n(middle: the two labelled classes' capsules; lower: the two longest capsules, titled "
+                 "red when they are not the two labels)", fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.75 / fig.get_figheight(), bottom=0.02, wspace=0.08,
+                        hspace=0.35)
+    return _save(fig, path)
+
+
 def _cmap_with_gaps():
     """The gray colour map with NaN (the gaps between tiles) drawn white."""
     from matplotlib import colormaps
@@ -208,13 +301,44 @@ def draw_training_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
     return _save(fig, path)
 
 
+def _label_text(label: Any) -> str:
+    values = [str(int(v)) for v in np.atleast_1d(np.asarray(label))]
+    return f"label{'s' if len(values) > 1 else ''} {', '.join(values)}"
+
+
+def _multimnist_figures(out: Path, backend: Any, params: Any, x: np.ndarray, images: np.ndarray, labels: np.ndarray,
+                        lengths: np.ndarray, targets: np.ndarray | None, overlaps: np.ndarray | None,
+                        config: CapsNetConfig, pairs: int) -> list[Path]:
+    """multimnist-examples.png and multimnist-reconstructions.png (Figure 5) for the first `pairs` test pairs."""
+    from .evaluate import top_k
+
+    written = []
+    k = min(pairs, images.shape[0])
+    if targets is not None and overlaps is not None:
+        written.append(draw_multimnist_examples(out / "multimnist-examples.png", images[:12], labels[:12],
+                                                targets[:12], overlaps[:12], config))
+    predicted = top_k(lengths, 2)
+
+    def decoded(which: np.ndarray) -> np.ndarray:
+        result = backend.forward(params, backend.asarray(x[:k]), config, labels=backend.asarray(which[:k]))
+        return np.asarray(backend.to_numpy(result.reconstruction))
+
+    if k > 0:
+        written.append(draw_multimnist_reconstructions(out / "multimnist-reconstructions.png", images[:k], labels[:k],
+                                                       predicted[:k], decoded(labels), decoded(predicted), config))
+    return written
+
+
 def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, backend: Any = None,
                  images: np.ndarray | None = None, labels: np.ndarray | None = None, samples: int = 3,
-                 pairs: int = 16, log: Callable[[str], None] | None = None) -> list[Path]:
+                 pairs: int = 16, log: Callable[[str], None] | None = None, targets: np.ndarray | None = None,
+                 overlaps: np.ndarray | None = None) -> list[Path]:
     """Draw every figure for a checkpoint into out_dir (default: the checkpoint's folder); returns the paths.
 
     images/labels: test images (float NCHW in [0, 1]) and labels for the reconstruction figures;
-    without them only the training curves are drawn. log, when given, is told about each figure
+    without them only the training curves are drawn. MultiMNIST: labels (N, 2), targets (N, 2, C, H, W)
+    the two shifted digits and overlaps (N,) their frames' overlap; the pairs figures are drawn instead
+    of reconstructions.png. log, when given, is told about each figure
     that cannot be drawn and why (no decoder, no metrics.jsonl beside the checkpoint).
     """
     from .registry import get_backend
@@ -240,7 +364,10 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
         lengths = np.asarray(backend.to_numpy(result.lengths))
         recon = np.asarray(backend.to_numpy(result.reconstruction))
         preds = np.argmax(lengths, axis=1)
-        if pairs > 0:
+        if np.asarray(labels).ndim == 2:
+            written += _multimnist_figures(out, backend, params, x, images[:n], np.asarray(labels[:n]), lengths,
+                                           targets, overlaps, config, pairs)
+        elif pairs > 0:
             written.append(draw_reconstructions(out / "reconstructions.png", images[:pairs], recon[:pairs],
                                                 preds[:pairs], np.asarray(labels[:pairs]), config))
         ws = [backend.asarray(ck.params[f"decoder.{k}.weight"]) for k in range(config.num_decoder_layers)]
@@ -250,7 +377,7 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
             decoded = backend.decoder(backend.asarray(perturbed_capsules(v[i], winner)), ws, bs)
             written.append(draw_perturbations(
                 out / f"perturbations-{i}.png", np.asarray(backend.to_numpy(decoded)), config,
-                title=f"Figure 4 for test image {i} (label {int(labels[i])}, predicted {winner}): "
+                title=f"Figure 4 for test image {i} ({_label_text(labels[i])}, predicted {winner}): "
                       f"capsule {winner} decoded with one dimension perturbed"))
     metrics = Path(checkpoint).parent / METRICS_NAME
     rows = read_metrics_rows(metrics) if metrics.is_file() else []
