@@ -2,7 +2,7 @@
 
     x (NCHW) -> NHWC -> conv1 (Conv2D) -> ReLU -> primary (PrimaryCaps) -> digit (DigitCaps:
     predictions, routing) -> capsule lengths;  mask -> decoder (Decoder of Dense) -> reconstruction
-    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, x)
+    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, targets or x)
 
 The backend's native params are one CapsNet. Inside it everything is laid out the way
 TensorFlow wants it: activations channels-last (NHWC), convolution kernels HWIO
@@ -15,7 +15,9 @@ digit.weight (N, J, E, D) and the biases are stored as the spec lays them out.
 Every layer calls the private forms of the ops in backends/tensorflow/ops.py, so the spec's
 math is written once. The steps the spec names are compiled per CapsNet with tf.function and an
 input_signature whose batch dimension is None: a new batch size (1, 7, 128, a last partial
-batch) reuses the one trace. CapsNet.traces counts traces per step (it grows only while
+batch) reuses the one trace. Labels go into the compiled steps as (B, K) (K = 1 for the (B,)
+labels of one digit per image, whose targets are x) and K is a None dimension too, so MNIST and
+MultiMNIST batches share one trace per step. CapsNet.traces counts traces per step (it grows only while
 TensorFlow traces, since it is a Python side effect), which the tests read.
 
 The spec's functional names take (params, x, config, ...) where params is a CapsNet built for
@@ -166,7 +168,8 @@ class CapsNet(tf.Module):
     Variables are created on `device` and every step runs there.
 
     __call__(x, labels=None) takes NCHW images (the spec's layout) and returns CapsNetOutput;
-    the decoder sees the true class's capsule when labels are given, else the longest one.
+    the decoder sees the true class's capsule when labels (B,) are given, else the longest one,
+    and each listed class's in turn for labels (B, K).
     """
 
     def __init__(self, config: CapsNetConfig | None = None, dtype: Any = "float32",
@@ -222,20 +225,23 @@ class CapsNet(tf.Module):
         recon = self.decoder(ops.mask(v, labels)) if self.decoder is not None else None
         return CapsNetOutput(v=v, lengths=ops.capsule_lengths(v), coupling=c, reconstruction=recon)
 
-    def loss_parts(self, out: CapsNetOutput, x: tf.Tensor, labels: tf.Tensor) -> LossParts:
-        """The spec's loss of a forward output (built with these labels); x is NCHW."""
+    def loss_parts(self, out: CapsNetOutput, x: tf.Tensor, labels: tf.Tensor,
+                   targets: tf.Tensor | None = None) -> LossParts:
+        """The spec's loss of a forward output (built with these labels); x and targets are NCHW."""
         return loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, self.config,
-                          lambda: tf.zeros((), dtype=x.dtype))
+                          lambda: tf.zeros((), dtype=x.dtype), targets)
 
-    def loss_and_output(self, x: tf.Tensor, labels: tf.Tensor) -> tuple[LossParts, CapsNetOutput]:
+    def loss_and_output(self, x: tf.Tensor, labels: tf.Tensor,
+                        targets: tf.Tensor | None = None) -> tuple[LossParts, CapsNetOutput]:
         out = self(x, labels)
-        return self.loss_parts(out, x, labels), out
+        return self.loss_parts(out, x, labels, targets), out
 
     # ------------------------------------------------------------------------- compiled steps
     def _build_steps(self, dtype: tf.DType) -> None:
         c = self.config
         x_spec = tf.TensorSpec([None, *c.input_shape], dtype, name="x")
-        y_spec = tf.TensorSpec([None], tf.int64, name="labels")
+        y_spec = tf.TensorSpec([None, None], tf.int64, name="labels")  # (B, K): see _rows
+        t_spec = tf.TensorSpec([None, None, *c.input_shape], dtype, name="targets")
         # One tf.function per step and CapsNet, over a partial rather than a closure: TensorFlow
         # keys its "frequent retracing" warning on a function's code object, which every CapsNet's
         # closure would share, so building many networks (tests, the conformance suite) would
@@ -244,9 +250,9 @@ class CapsNet(tf.Module):
                                                input_signature=[x_spec, y_spec])
         self.forward_longest_step = tf.function(functools.partial(_forward_longest_step, self),
                                                 input_signature=[x_spec])
-        self.loss_step = tf.function(functools.partial(_loss_step, self), input_signature=[x_spec, y_spec])
+        self.loss_step = tf.function(functools.partial(_loss_step, self), input_signature=[x_spec, y_spec, t_spec])
         self.value_and_grad_step = tf.function(functools.partial(_value_and_grad_step, self),
-                                               input_signature=[x_spec, y_spec])
+                                               input_signature=[x_spec, y_spec, t_spec])
         self.predict_step = tf.function(functools.partial(_predict_step, self), input_signature=[x_spec])
 
 
@@ -264,20 +270,20 @@ def _forward_longest_step(net: CapsNet, x: tf.Tensor) -> tuple:
         return tuple(net(x))
 
 
-def _loss_step(net: CapsNet, x: tf.Tensor, labels: tf.Tensor) -> tuple:
+def _loss_step(net: CapsNet, x: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor) -> tuple:
     net.traces["loss"] += 1
     with tf.device(net.device):
-        return tuple(net.loss_and_output(x, labels)[0])
+        return tuple(net.loss_and_output(x, labels, targets)[0])
 
 
-def _value_and_grad_step(net: CapsNet, x: tf.Tensor, labels: tf.Tensor) -> tuple:
+def _value_and_grad_step(net: CapsNet, x: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor) -> tuple:
     net.traces["value_and_grad"] += 1
     with tf.device(net.device):
         named = net.canonical_variables()
         variables = list(named.values())
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(variables)
-            total = net.loss_and_output(x, labels)[0].total
+            total = net.loss_and_output(x, labels, targets)[0].total
         grads = tape.gradient(total, variables)
         return total, [to_canonical(k, g) for k, g in zip(named, grads)]
 
@@ -295,23 +301,41 @@ def _labels64(labels: tf.Tensor) -> tf.Tensor:
     return labels if labels.dtype == tf.int64 else tf.cast(labels, tf.int64)
 
 
+def _rows(x: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """What the compiled steps take: labels (B, K) int64 and targets (B, K, C, H, W). (B,) labels
+    are (B, 1) rows, and x their targets: the same loss (a (B, 1) row is a (B,) label, and the
+    reconstruction term sums over the K axis), one trace for one digit per image and for two."""
+    if labels.shape.rank == 1:
+        labels = labels[:, tf.newaxis]
+        targets = x if targets is None else targets
+        targets = tf.expand_dims(targets, 1)
+    elif targets is None:  # no decoder: the door let targets out, and the steps never read them
+        targets = tf.expand_dims(x, 1)
+    return _labels64(labels), targets
+
+
 def forward(params: CapsNet, x: tf.Tensor, config: CapsNetConfig, labels: tf.Tensor | None = None) -> CapsNetOutput:
-    """The model's outputs. The decoder sees the true class's capsule when labels are given,
-    else the longest capsule."""
+    """The model's outputs. The decoder sees the true class's capsule when labels (B,) are given,
+    else the longest capsule; with labels (B, K) it decodes each listed class: (B, K, C*H*W)."""
     if labels is None:
         return CapsNetOutput(*params.forward_longest_step(x))
-    return CapsNetOutput(*params.forward_labels_step(x, _labels64(labels)))
+    out = CapsNetOutput(*params.forward_labels_step(x, _rows(x, labels)[0]))
+    if labels.shape.rank == 1 and out.reconstruction is not None:
+        out = out._replace(reconstruction=out.reconstruction[:, 0])
+    return out
 
 
-def loss(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig) -> LossParts:
+def loss(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig,
+         targets: tf.Tensor | None = None) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms (0-d tensors), averaged over the batch."""
-    return LossParts(*params.loss_step(x, _labels64(labels)))
+    return LossParts(*params.loss_step(x, *_rows(x, labels, targets)))
 
 
-def value_and_grad(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig):
+def value_and_grad(params: CapsNet, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig,
+                   targets: tf.Tensor | None = None):
     """(total loss, gradient of it for every parameter keyed by canonical name, in the canonical
     layout), by tf.GradientTape in one compiled step."""
-    total, grads = params.value_and_grad_step(x, _labels64(labels))
+    total, grads = params.value_and_grad_step(x, *_rows(x, labels, targets))
     return total, dict(zip(params.canonical_variables(), grads))
 
 

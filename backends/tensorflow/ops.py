@@ -176,8 +176,13 @@ def capsule_lengths(v: tf.Tensor) -> tf.Tensor:
 
 def margin_loss(lengths: tf.Tensor, labels: tf.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
                 lambda_: float = 0.5) -> tf.Tensor:
-    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
+    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch.
+
+    labels (B,) or (B, K) with K distinct classes: every listed class is present.
+    """
     present = tf.one_hot(labels, lengths.shape[1], dtype=lengths.dtype)
+    if labels.shape.rank == 2:  # (B, K, J) -> (B, J): the classes are distinct, so the sum is 0 or 1
+        present = tf.reduce_sum(present, axis=1)
     up = tf.nn.relu(m_plus - lengths)
     down = tf.nn.relu(lengths - m_minus)
     per_class = present * up * up + lambda_ * (1 - present) * down * down
@@ -194,39 +199,45 @@ def _first_argmax(scores: tf.Tensor) -> tf.Tensor:
 def mask(v: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
     """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
 
-    The kept capsule is the true class's when labels are given, else the longest.
+    The kept capsule is the true class's when labels (B,) are given, else the longest. With
+    (B, K) labels: (B, K, J*E), row k keeping class labels[:, k].
     """
     _, j, e = v.shape
     if labels is None:
         labels = _first_argmax(tf.reduce_sum(v * v, axis=-1))  # the longest capsule
     onehot = tf.one_hot(labels, j, dtype=v.dtype)
+    if labels.shape.rank == 2:  # (B, K, J): one masked copy of v per listed class
+        return tf.reshape(v[:, tf.newaxis] * onehot[..., tf.newaxis], [-1, tf.shape(labels)[1], j * e])
     return tf.reshape(v * onehot[:, :, tf.newaxis], [-1, j * e])  # class-major: feature j * E + e
 
 
 def decoder(x: tf.Tensor, weights: Sequence[tf.Tensor], biases: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
+    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end;
+    x (..., width) -> (..., out), the same layers on every row."""
     return _decoder(x, weights, biases)
 
 
 def _decoder(x: tf.Tensor, weights: Sequence[tf.Tensor], biases: Sequence[tf.Tensor], *,
              in_out: bool = False) -> tf.Tensor:
     """The decoder with weights (out, in) as the spec lays them out, or (in, out) as TensorFlow
-    stores dense kernels when in_out is set (the model's)."""
-    h = x
+    stores dense kernels when in_out is set (the model's). Leading dims are flattened to rows."""
+    lead = tf.shape(x)[:-1]
+    h = tf.reshape(x, [-1, x.shape[-1]]) if x.shape.rank != 2 else x
     last = len(weights) - 1
     for k, (w, b) in enumerate(zip(weights, biases)):
         z = tf.matmul(h, w, transpose_b=not in_out) + b
         h = tf.sigmoid(z) if k == last else tf.nn.relu(z)
-    return h
+    return tf.reshape(h, tf.concat([lead, [h.shape[-1]]], axis=0)) if x.shape.rank != 2 else h
 
 
 def reconstruction_loss(reconstruction: tf.Tensor, images: tf.Tensor, scale: float = 0.0005) -> tf.Tensor:
     """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
 
-    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
+    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W);
+    with (B, K, C*H*W) and (B, K, C, H, W) the K digits' squared errors are summed too.
     """
     d = reconstruction - tf.reshape(images, tf.shape(reconstruction))
-    return tf.reduce_mean(scale * tf.reduce_sum(d * d, axis=1))
+    return tf.reduce_mean(scale * tf.reduce_sum(d * d, axis=list(range(1, reconstruction.shape.rank))))
 
 
 globals().update(make_vjps(globals(), vjp))

@@ -43,8 +43,7 @@ from capsspec.backend_kit import AdamStateView, state_from_numpy
 from capsspec.config import AdamConfig, CapsNetConfig
 from capsspec.spec import StepMetrics
 
-from . import ops
-from .model import CapsNet, _labels64, to_canonical, to_native
+from .model import CapsNet, _rows, to_canonical, to_native
 
 __all__ = ["AdamState", "adam_init", "adam_update", "train_step", "step_hyperparameters"]
 
@@ -106,10 +105,12 @@ class AdamState(AdamStateView):
         net = self.params
         c = net.config
         x_spec = tf.TensorSpec([None, *c.input_shape], net.dtype, name="x")
-        y_spec = tf.TensorSpec([None], tf.int64, name="labels")
+        y_spec = tf.TensorSpec([None, None], tf.int64, name="labels")  # (B, K): see model._rows
+        t_spec = tf.TensorSpec([None, None, *c.input_shape], net.dtype, name="targets")
         h_spec = tf.TensorSpec([6], tf.float64, name="hyperparameters")
         # Partials, not closures: see CapsNet._build_steps.
-        self.train_step_fn = tf.function(functools.partial(_train_step, self), input_signature=[x_spec, y_spec, h_spec])
+        self.train_step_fn = tf.function(functools.partial(_train_step, self),
+                                         input_signature=[x_spec, y_spec, t_spec, h_spec])
 
     def _slots(self) -> tuple[list[tf.Variable], list[tf.Variable], list[tf.Variable]]:
         names = list(self.variables)
@@ -128,18 +129,26 @@ class AdamState(AdamStateView):
 
 
 # The bodies of AdamState's compiled steps (traces counted in the CapsNet's traces).
-def _train_step(state: AdamState, x: tf.Tensor, labels: tf.Tensor, hyper: tf.Tensor) -> tuple:
+def _count_correct(lengths: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Examples whose K longest class capsules are their K labelled classes, labels (B, K); ties go
+    to the lower class index (a stable sort of the negated lengths), as in predict."""
+    top = tf.argsort(-lengths, axis=1, stable=True)[:, :tf.shape(labels)[1]]
+    same = tf.sort(tf.cast(top, tf.int64), axis=1) == tf.sort(labels, axis=1)
+    return tf.reduce_sum(tf.cast(tf.reduce_all(same, axis=1), tf.int64))
+
+
+def _train_step(state: AdamState, x: tf.Tensor, labels: tf.Tensor, targets: tf.Tensor, hyper: tf.Tensor) -> tuple:
     net = state.params
     net.traces["train_step"] += 1
     params, ms, vs = state._slots()
     with tf.device(net.device):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
-            parts, out = net.loss_and_output(x, labels)
+            parts, out = net.loss_and_output(x, labels, targets)
         grads = tape.gradient(parts.total, params)
         # From this step's forward pass, i.e. before the update (automatic control dependencies
         # keep the variable reads above ahead of the assignments below).
-        correct = tf.reduce_sum(tf.cast(ops._first_argmax(out.lengths) == labels, tf.int64))
+        correct = _count_correct(out.lengths, labels)
         _apply_adam(params, grads, ms, vs, hyper)
         return parts.total, parts.margin, parts.reconstruction, correct
 
@@ -169,7 +178,8 @@ def adam_update(params: CapsNet, grads: Mapping[str, tf.Tensor], state: AdamStat
 
 
 def train_step(params: CapsNet, state: AdamState, x: tf.Tensor, labels: tf.Tensor, config: CapsNetConfig,
-               adam: AdamConfig = AdamConfig()) -> tuple[CapsNet, AdamState, StepMetrics]:
+               adam: AdamConfig = AdamConfig(),
+               targets: tf.Tensor | None = None) -> tuple[CapsNet, AdamState, StepMetrics]:
     """Loss, gradients and one Adam update on one batch, as one compiled step. Returns
     (params, state, metrics).
 
@@ -178,7 +188,7 @@ def train_step(params: CapsNet, state: AdamState, x: tf.Tensor, labels: tf.Tenso
     its value checks to the next host read (capsspec.validation).
     """
     lr, hyper = step_hyperparameters(adam, state.step)
-    total, margin, recon, correct = state.train_step_fn(x, _labels64(labels), tf.constant(hyper, tf.float64))
+    total, margin, recon, correct = state.train_step_fn(x, *_rows(x, labels, targets), tf.constant(hyper, tf.float64))
     state.step += 1
     metrics = StepMetrics(total=total, margin=margin, reconstruction=recon, correct=correct, lr=lr)
     return params, state, metrics

@@ -25,22 +25,25 @@ from typing import Any, Callable
 
 import torch
 
-from .model import CapsNet
+from .model import CapsNet, count_correct
 
 __all__ = ["fast_train_step"]
 
 
-def _compiled_loss(params: CapsNet) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
-    def loss_and_metrics(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _compiled_loss(params: CapsNet) -> Callable[..., tuple[torch.Tensor, ...]]:
+    # targets None (one digit per image, compared with x) and a tensor (MultiMNIST's digits) are
+    # two graphs: torch.compile guards on it and compiles each once.
+    def loss_and_metrics(x: torch.Tensor, labels: torch.Tensor,
+                         targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         out = params(x, labels)
-        parts = params.loss_parts(out, x, labels)
-        correct = (torch.argmax(out.lengths.detach(), dim=1) == labels).sum()
-        return parts.total, parts.margin.detach(), parts.reconstruction.detach(), correct
+        parts = params.loss_parts(out, x, labels, targets)
+        return parts.total, parts.margin.detach(), parts.reconstruction.detach(), count_correct(out.lengths, labels)
 
     return torch.compile(loss_and_metrics, dynamic=False)
 
 
-def fast_train_step(params: CapsNet, state: Any, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def fast_train_step(params: CapsNet, state: Any, x: torch.Tensor, labels: torch.Tensor,
+                    targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Loss, backward and one SpecAdam update, in place. Returns (total, margin, reconstruction,
     correct) as 0-d device tensors. The caller (optim.train_step) has validated the arguments."""
     if state.fast_step is None:
@@ -48,7 +51,7 @@ def fast_train_step(params: CapsNet, state: Any, x: torch.Tensor, labels: torch.
     x = x.contiguous(memory_format=torch.channels_last)
     params.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        total, margin, recon, correct = state.fast_step(x, labels)
+        total, margin, recon, correct = state.fast_step(x, labels, targets)
         total.backward()
     state.optimizer.step()
     params.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 
     x -> conv1 (nn.Conv2d) -> ReLU -> primary (PrimaryCaps) -> digit (DigitCaps: predictions,
     routing) -> capsule lengths;  mask -> decoder (Decoder, an nn.Sequential) -> reconstruction
-    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, x)
+    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, targets or x)
 
 The backend's native params are one CapsNet. Its submodules are named so that its
 state_dict keys *are* the canonical parameter names of CapsNetConfig.param_shapes, in the
@@ -40,7 +40,8 @@ from capsspec.spec import CapsNetOutput, LossParts
 
 from . import ops
 
-__all__ = ["CapsNet", "PrimaryCaps", "DigitCaps", "Decoder", "forward", "loss", "value_and_grad", "predict"]
+__all__ = ["CapsNet", "PrimaryCaps", "DigitCaps", "Decoder", "count_correct", "forward", "loss", "value_and_grad",
+           "predict"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -107,7 +108,7 @@ class CapsNet(nn.Module):
     digit.weight normal with std 0.01) with torch's RNG; for the spec's exact values build it
     with TorchBackend.params_from_numpy(capsspec.model.init_params(config, seed), config).
     forward(x, labels=None) -> CapsNetOutput; the decoder sees the true class's capsule when
-    labels are given, else the longest one.
+    labels (B,) are given, else the longest one, and each listed class's in turn for labels (B, K).
     """
 
     def __init__(self, config: CapsNetConfig | None = None, dtype: Any = "float32",
@@ -150,32 +151,44 @@ class CapsNet(nn.Module):
         recon = self.decoder(ops.mask(v, labels)) if self.decoder is not None else None
         return CapsNetOutput(v=v, lengths=lengths, coupling=c, reconstruction=recon)
 
-    def loss_parts(self, out: CapsNetOutput, x: torch.Tensor, labels: torch.Tensor) -> LossParts:
-        """The spec's loss of a forward output (built with these labels)."""
+    def loss_parts(self, out: CapsNetOutput, x: torch.Tensor, labels: torch.Tensor,
+                   targets: torch.Tensor | None = None) -> LossParts:
+        """The spec's loss of a forward output (built with these labels), reconstructions against
+        targets (x itself when None)."""
         return loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, self.config,
-                          lambda: torch.zeros((), dtype=x.dtype, device=x.device))
+                          lambda: torch.zeros((), dtype=x.dtype, device=x.device), targets)
+
+
+def count_correct(lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Examples whose K longest class capsules are their K labelled classes (K = 1 for (B,) labels),
+    a 0-d tensor; ties go to the lower class index, as in predict."""
+    rows = labels.reshape(labels.shape[0], -1).long()
+    top = torch.argsort(-lengths.detach(), dim=1, stable=True)[:, :rows.shape[1]]
+    return (torch.sort(top, dim=1).values == torch.sort(rows, dim=1).values).all(dim=1).sum()
 
 
 # ============================================================================== spec functions
 def forward(params: CapsNet, x: torch.Tensor, config: CapsNetConfig, labels: torch.Tensor | None = None) -> CapsNetOutput:
-    """The model's outputs. The decoder sees the true class's capsule when labels are given,
-    else the longest capsule."""
+    """The model's outputs. The decoder sees the true class's capsule when labels (B,) are given,
+    else the longest capsule; with labels (B, K) it decodes each listed class: (B, K, C*H*W)."""
     return params(x, labels)
 
 
-def loss(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig) -> LossParts:
+def loss(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig,
+         targets: torch.Tensor | None = None) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms (0-d tensors), averaged over the batch."""
-    return params.loss_parts(params(x, labels), x, labels)
+    return params.loss_parts(params(x, labels), x, labels, targets)
 
 
-def value_and_grad(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig):
+def value_and_grad(params: CapsNet, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig,
+                   targets: torch.Tensor | None = None):
     """(total loss, gradient of it for every parameter keyed by canonical name), by autograd.
 
     The gradients are returned, not accumulated into the parameters' .grad.
     """
     named = params.canonical_parameters()
     with torch.enable_grad():
-        total = params.loss_parts(params(x, labels), x, labels).total
+        total = params.loss_parts(params(x, labels), x, labels, targets).total
         grads = torch.autograd.grad(total, list(named.values()))
     return total.detach(), dict(zip(named, grads))
 

@@ -121,8 +121,12 @@ def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
 
 def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
                 lambda_: float = 0.5) -> torch.Tensor:
-    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
-    present = F.one_hot(labels.long(), lengths.shape[1]).to(lengths.dtype)
+    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch.
+
+    labels (B,) or (B, K) with K distinct classes: every listed class is present.
+    """
+    bsz, j = lengths.shape
+    present = F.one_hot(labels.long(), j).reshape(bsz, -1, j).sum(dim=1).to(lengths.dtype)
     up = torch.clamp(m_plus - lengths, min=0)
     down = torch.clamp(lengths - m_minus, min=0)
     per_class = present * up * up + lambda_ * (1 - present) * down * down
@@ -132,17 +136,21 @@ def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9
 def mask(v: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
 
-    The kept capsule is the true class's when labels are given, else the longest.
+    The kept capsule is the true class's when labels (B,) are given, else the longest. With
+    (B, K) labels: (B, K, J*E), row k keeping class labels[:, k].
     """
     if labels is None:
         # torch.argmax returns the first maximum: ties go to the lowest class index.
         labels = torch.argmax(torch.sum(v * v, dim=-1), dim=1)
     onehot = F.one_hot(labels.long(), v.shape[1]).to(v.dtype)
+    if onehot.dim() == 3:  # (B, K, J): one masked copy of v per listed class
+        return (v.unsqueeze(1) * onehot.unsqueeze(3)).reshape(*onehot.shape[:2], -1)
     return (v * onehot.unsqueeze(2)).reshape(v.shape[0], -1)  # class-major: feature j * E + e
 
 
 def decoder(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
+    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end;
+    x (..., width): F.linear applies them to every row."""
     h = x
     last = len(weights) - 1
     for k, (w, b) in enumerate(zip(weights, biases)):
@@ -154,10 +162,11 @@ def decoder(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, scale: float = 0.0005) -> torch.Tensor:
     """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
 
-    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
+    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W);
+    with (B, K, C*H*W) and (B, K, C, H, W) the K digits' squared errors are summed too.
     """
     d = reconstruction - images.reshape(reconstruction.shape)
-    return (scale * torch.sum(d * d, dim=1)).mean()
+    return (scale * torch.sum(d * d, dim=tuple(range(1, d.dim())))).mean()
 
 
 globals().update(make_vjps(globals(), vjp))

@@ -35,7 +35,7 @@ from capsspec.backend_kit import AdamStateView, state_from_numpy
 from capsspec.config import AdamConfig, CapsNetConfig
 from capsspec.spec import StepMetrics
 
-from .model import CapsNet
+from .model import CapsNet, count_correct
 
 __all__ = ["SpecAdam", "AdamState", "adam_init", "adam_update", "train_step"]
 
@@ -176,7 +176,8 @@ def adam_update(params: CapsNet, grads: Mapping[str, torch.Tensor], state: AdamS
 
 
 def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch.Tensor, config: CapsNetConfig,
-               adam: AdamConfig = AdamConfig()) -> tuple[CapsNet, AdamState, StepMetrics]:
+               adam: AdamConfig = AdamConfig(),
+               targets: torch.Tensor | None = None) -> tuple[CapsNet, AdamState, StepMetrics]:
     """Loss, gradients and one Adam update on one batch. Returns (params, state, metrics).
 
     The metrics' total, margin, reconstruction and correct are 0-d tensors on the device (read
@@ -189,14 +190,14 @@ def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch
     if params.fast:
         from .fast import fast_train_step  # only here: the CPU path never imports it
 
-        total, margin, recon, correct = fast_train_step(params, state, x, labels)
+        total, margin, recon, correct = fast_train_step(params, state, x, labels, targets)
     else:
         params.zero_grad(set_to_none=True)
         with torch.enable_grad():
             out = params(x, labels)
-            parts = params.loss_parts(out, x, labels)
+            parts = params.loss_parts(out, x, labels, targets)
             parts.total.backward()
-        correct = (torch.argmax(out.lengths.detach(), dim=1) == labels).sum()
+        correct = count_correct(out.lengths, labels)
         state.optimizer.step()
         params.zero_grad(set_to_none=True)  # the spec's params carry no gradients between calls
         total, margin, recon = parts.total.detach(), parts.margin.detach(), parts.reconstruction.detach()
