@@ -302,6 +302,12 @@ def _train_values(args: argparse.Namespace):
                       "checkpoint_every": args.checkpoint_every, "dataset": args.dataset,
                       "images_per_epoch": args.images_per_epoch}
     options = dict(args.backend_options) if args.backend_options else None
+    if args.dataset == "multimnist" and args.max_shift:
+        raise _UsageError(f"--max-shift {args.max_shift} is for MNIST: MultiMNIST pairs are already shifted by up to 4 px "
+                          "by their generator; leave --max-shift out")
+    if args.images_per_epoch is not None and args.dataset != "multimnist" and not args.resume:
+        raise _UsageError("--images-per-epoch is for --dataset multimnist (an MNIST epoch is its training set; see "
+                          "--train-subset)")
     if not args.resume:
         given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
         config, settings = CapsNetConfig(), given(settings_flags)

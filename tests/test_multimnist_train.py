@@ -106,6 +106,13 @@ def test_cli_train_eval_figures_on_multimnist(capsys, tmp_path, mnist_dir):
     r = json.loads(report.read_text())
     assert r["count"] == 30 and r["classes_per_image"] == 2 and r["dataset"] == "multimnist"
 
+    # Flags that make no sense for the dataset are refused with one line naming them.
+    for bad, flag in ((["--dataset", "multimnist", "--max-shift", "2"], "--max-shift"),
+                      (["--images-per-epoch", "100"], "--images-per-epoch")):
+        assert main(["train", *bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("capsspec train: error: " + flag) and "\n" not in err
+
     figs = tmp_path / "figs"
     assert main(["figures", str(out / "final.safetensors"), "--out", str(figs), "--data-dir", str(mnist_dir),
                  "--samples", "1", "--pairs", "4"]) == 0
@@ -120,7 +127,8 @@ def test_a_small_model_learns_multimnist_on_the_cpu(tmp_path):
     """A small CapsNet (3 routing iterations, 228,464 parameters) on 2,048 generated training pairs, numpy backend.
 
     Chance is 1/45 = 2.2% (both of two distinct classes right by guessing); on 500 test pairs that is
-    11 +- 3.3 right. Measured on 2 shared CPU cores: 11.4% right (57/500) with seed 0, 20-30 s. The floor, 7%
+    11 +- 3.3 right. Measured on 2 busy, shared CPU cores: 16.2% right (81/500) with seed 0 (11.8% with seed 1),
+    about 50 s under a load of 7 (training 47 s; far less on an idle machine). The floor, 7%
     (35 right), is 7 standard deviations above chance and leaves room below the measured value.
     """
     from capsspec.data import load_mnist
