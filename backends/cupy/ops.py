@@ -63,7 +63,8 @@ def on_device(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _onehot(xp: Any, labels: Array, num_classes: int, dtype: Any) -> Array:
-    return (xp.arange(num_classes)[None, :] == xp.asarray(labels)[:, None]).astype(dtype)
+    """labels (B,) -> (B, J); (B, K) -> (B, K, J)."""
+    return (xp.arange(num_classes) == xp.asarray(labels)[..., None]).astype(dtype)
 
 
 # ============================================================================== conv2d
@@ -285,7 +286,9 @@ def capsule_lengths_vjp(xp: Any, g: Array, v: Array):
 
 # ============================================================================== margin loss
 def _margin_terms(xp, lengths, labels, m_plus, m_minus):
-    present = _onehot(xp, labels, lengths.shape[1], lengths.dtype)
+    # Every listed class is present: (B, K, J) one-hots summed over the K distinct classes.
+    bsz, j = lengths.shape
+    present = _onehot(xp, labels, j, lengths.dtype).reshape(bsz, -1, j).sum(axis=1)
     up = xp.maximum(m_plus - lengths, 0)
     down = xp.maximum(lengths - m_minus, 0)
     return present, up, down
@@ -294,7 +297,10 @@ def _margin_terms(xp, lengths, labels, m_plus, m_minus):
 @on_device
 def margin_loss(xp: Any, lengths: Array, labels: Array, m_plus: float = 0.9, m_minus: float = 0.1,
                 lambda_: float = 0.5) -> Array:
-    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
+    """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch.
+
+    labels (B,) or (B, K) with K distinct classes: every listed class is present.
+    """
     t, up, down = _margin_terms(xp, lengths, labels, m_plus, m_minus)
     per_class = t * up * up + lambda_ * (1 - t) * down * down
     return per_class.sum(axis=1).mean(dtype=lengths.dtype)
@@ -311,24 +317,40 @@ def margin_loss_vjp(xp: Any, g: Array, lengths: Array, labels: Array, m_plus: fl
 
 # ============================================================================== masking
 def _mask_onehot(xp, v, labels):
+    """(B, J) one-hot of the kept class, or (B, K, J) for (B, K) labels (row k keeps labels[:, k])."""
     if labels is None:
         labels = xp.argmax(xp.sum(v * v, axis=-1), axis=1)  # ties: the lowest class index
     return _onehot(xp, labels, v.shape[1], v.dtype)
+
+
+def _apply_mask(v, onehot):
+    """v (B,J,E) masked by a (B,J) one-hot -> (B, J*E), or by a (B,K,J) one -> (B, K, J*E)."""
+    if onehot.ndim == 2:
+        return (v * onehot[:, :, None]).reshape(v.shape[0], -1)
+    return (v[:, None] * onehot[..., None]).reshape(*onehot.shape[:2], -1)
+
+
+def _unmask(xp, g, v, onehot):
+    """The adjoint of _apply_mask: g shaped like its output -> (B, J, E) (the K rows' terms summed)."""
+    if onehot.ndim == 2:
+        return g.reshape(v.shape) * onehot[:, :, None]
+    return xp.sum(g.reshape(*onehot.shape, v.shape[2]) * onehot[..., None], axis=1)
 
 
 @on_device
 def mask(xp: Any, v: Array, labels: Array | None = None) -> Array:
     """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
 
-    The kept capsule is the true class's when labels are given, else the longest.
+    The kept capsule is the true class's when labels (B,) are given, else the longest. With
+    (B, K) labels: (B, K, J*E), row k keeping class labels[:, k].
     """
-    return (v * _mask_onehot(xp, v, labels)[:, :, None]).reshape(v.shape[0], -1)
+    return _apply_mask(v, _mask_onehot(xp, v, labels))
 
 
 @on_device
 def mask_vjp(xp: Any, g: Array, v: Array, labels: Array | None = None):
     """Gradient of mask with respect to (v,) (the choice of capsule is piecewise constant)."""
-    return (g.reshape(v.shape) * _mask_onehot(xp, v, labels)[:, :, None],)
+    return (_unmask(xp, g, v, _mask_onehot(xp, v, labels)),)
 
 
 # ============================================================================== decoder
@@ -338,31 +360,35 @@ def _sigmoid(xp, z):
 
 
 def _decoder_fwd(xp, x, weights, biases):
-    hs = [x]
-    h = x
+    """The MLP on x (..., width): leading dims are flattened to rows (one GEMM per layer), restored."""
+    lead = x.shape[:-1]
+    h = x.reshape(-1, x.shape[-1])
+    hs = [h]
     last = len(weights) - 1
     for k, (w, b) in enumerate(zip(weights, biases)):
         z = h @ w.T + b
         h = _sigmoid(xp, z) if k == last else xp.maximum(z, 0)
         hs.append(h)
-    return h, hs
+    return h.reshape(*lead, h.shape[-1]), (hs, lead)
 
 
-def _decoder_bwd(xp, hs, weights, g):
+def _decoder_bwd(xp, cache, weights, g):
     """Layer by layer from the output: through the sigmoid, then each dense layer and its ReLU."""
-    gz = g * hs[-1] * (1 - hs[-1])
+    hs, lead = cache
+    gz = g.reshape(hs[-1].shape) * hs[-1] * (1 - hs[-1])
     gws, gbs = [], []
     for k in reversed(range(len(weights))):
         gws.insert(0, gz.T @ hs[k])
         gbs.insert(0, gz.sum(axis=0))
         gh = gz @ weights[k]
         gz = gh * (hs[k] > 0) if k else gz  # the ReLU that made layer k's input (none before layer 0)
-    return gh, gws, gbs
+    return gh.reshape(*lead, gh.shape[-1]), gws, gbs
 
 
 @on_device
 def decoder(xp: Any, x: Array, weights: Sequence[Array], biases: Sequence[Array]) -> Array:
-    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
+    """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end;
+    x (..., width) -> (..., out), the same layers on every row."""
     return _decoder_fwd(xp, x, weights, biases)[0]
 
 
@@ -377,10 +403,11 @@ def decoder_vjp(xp: Any, g: Array, x: Array, weights: Sequence[Array], biases: S
 def reconstruction_loss(xp: Any, reconstruction: Array, images: Array, scale: float = 0.0005) -> Array:
     """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
 
-    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
+    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W);
+    with (B, K, C*H*W) and (B, K, C, H, W) the K digits' squared errors are summed too.
     """
     d = reconstruction - images.reshape(reconstruction.shape)
-    return (scale * xp.sum(d * d, axis=1)).mean(dtype=d.dtype)
+    return (scale * xp.sum(d * d, axis=tuple(range(1, d.ndim)))).mean(dtype=d.dtype)
 
 
 @on_device

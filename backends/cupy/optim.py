@@ -20,7 +20,7 @@ from capsspec.config import AdamConfig, CapsNetConfig
 from capsspec.spec import StepMetrics
 
 from . import kernels, ops
-from .model import _value_and_grad
+from .model import _value_and_grad, count_correct
 
 __all__ = ["adam_init", "adam_update", "train_step"]
 
@@ -51,14 +51,17 @@ def adam_update(params: Mapping[str, Any], grads: Mapping[str, Any], state: Mapp
 
 
 def train_step(params: Mapping[str, Any], state: Mapping, x: Any, labels: Any, config: CapsNetConfig,
-               adam: AdamConfig = AdamConfig()) -> tuple[dict[str, Any], dict, StepMetrics]:
-    """Loss, gradients and one Adam update on one batch. Returns (params, state, metrics)."""
+               adam: AdamConfig = AdamConfig(), targets: Any = None) -> tuple[dict[str, Any], dict, StepMetrics]:
+    """Loss, gradients and one Adam update on one batch. Returns (params, state, metrics).
+
+    targets as for model.loss: x itself when None ((B,) labels), else one image per listed class.
+    """
     xp = ops.array_module(x)
     with ops.device_scope(xp, x):
-        parts, grads, out = _value_and_grad(xp, params, x, labels, config)
+        parts, grads, out = _value_and_grad(xp, params, x, labels, config, targets)
         lr = adam.learning_rate(int(state["step"]))
         new_params, new_state = adam_update(params, grads, state, adam)
-        correct = xp.sum(xp.argmax(out.lengths, axis=1) == xp.asarray(labels))
+        correct = count_correct(xp, out.lengths, labels)
     metrics = StepMetrics(total=parts.total, margin=parts.margin, reconstruction=parts.reconstruction,
                           correct=correct, lr=lr)
     return new_params, new_state, metrics

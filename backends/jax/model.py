@@ -46,12 +46,13 @@ def _forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Ar
     return CapsNetOutput(v=v, lengths=ops.capsule_lengths(v), coupling=c, reconstruction=recon)
 
 
-def loss_and_output(params: Params, x: jax.Array, labels: jax.Array,
-                    config: CapsNetConfig) -> tuple[jax.Array, tuple[LossParts, CapsNetOutput]]:
+def loss_and_output(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig,
+                    targets: jax.Array | None = None) -> tuple[jax.Array, tuple[LossParts, CapsNetOutput]]:
     """(total loss, (its parts, the forward output)): the shape jax.value_and_grad(has_aux=True) wants."""
     out = _forward(params, x, config, labels)
     margin = ops.margin_loss(out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
-    recon = (ops.reconstruction_loss(out.reconstruction, x, config.reconstruction_scale) if config.use_decoder
+    targets = x if targets is None else targets  # (B, K) labels come with their digits' images
+    recon = (ops.reconstruction_loss(out.reconstruction, targets, config.reconstruction_scale) if config.use_decoder
              else jnp.zeros((), x.dtype))
     return margin + recon, (LossParts(total=margin + recon, margin=margin, reconstruction=recon), out)
 
@@ -67,20 +68,22 @@ def forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Arr
 
 
 @_jit
-def loss(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig) -> LossParts:
+def loss(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig,
+         targets: jax.Array | None = None) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms (0-d arrays), averaged over the batch."""
-    return loss_and_output(params, x, labels, config)[1][0]
+    return loss_and_output(params, x, labels, config, targets)[1][0]
 
 
 @ops.spec_precision
-def value_and_grad(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig) -> tuple[jax.Array, dict]:
+def value_and_grad(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig,
+                   targets: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """(total loss, gradient of it for every parameter keyed by canonical name), by jax.value_and_grad."""
-    total, grads = _value_and_grad(params, x, labels, config)
+    total, grads = _value_and_grad(params, x, labels, config, targets)
     return total, {k: grads[k] for k in params}  # a jitted dict comes back with sorted keys
 
 
-_value_and_grad = jax.jit(lambda p, x, labels, config: jax.value_and_grad(
-    lambda q: loss_and_output(q, x, labels, config)[0])(p), static_argnames="config")
+_value_and_grad = jax.jit(lambda p, x, labels, config, targets: jax.value_and_grad(
+    lambda q: loss_and_output(q, x, labels, config, targets)[0])(p), static_argnames="config")
 
 
 @_jit

@@ -134,6 +134,8 @@ def margin_loss(lengths: jax.Array, labels: jax.Array, m_plus: float = 0.9, m_mi
                 lambda_: float = 0.5) -> jax.Array:
     """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch."""
     present = jax.nn.one_hot(labels, lengths.shape[1], dtype=lengths.dtype)
+    if labels.ndim == 2:  # (B, K) distinct classes: all of them present
+        present = jnp.sum(present, axis=1)
     up, down = jax.nn.relu(m_plus - lengths), jax.nn.relu(lengths - m_minus)
     return jnp.mean(jnp.sum(present * up * up + lambda_ * (1 - present) * down * down, axis=1))
 
@@ -143,10 +145,14 @@ def mask(v: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
 
     The kept capsule is the true class's when labels are given, else the longest (ties: the lowest index).
+    With (B, K) labels: (B, K, J*E), row k keeping class labels[:, k].
     """
     if labels is None:
         labels = jnp.argmax(jnp.sum(v * v, axis=-1), axis=1)
-    return (v * jax.nn.one_hot(labels, v.shape[1], dtype=v.dtype)[:, :, None]).reshape(v.shape[0], -1)
+    onehot = jax.nn.one_hot(labels, v.shape[1], dtype=v.dtype)
+    if onehot.ndim == 3:
+        return (v[:, None] * onehot[..., None]).reshape(*onehot.shape[:2], -1)
+    return (v * onehot[:, :, None]).reshape(v.shape[0], -1)
 
 
 @_spec_op()
@@ -166,7 +172,7 @@ def reconstruction_loss(reconstruction: jax.Array, images: jax.Array, scale: flo
     images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
     """
     d = reconstruction - images.reshape(reconstruction.shape)
-    return jnp.mean(scale * jnp.sum(d * d, axis=1))
+    return jnp.mean(scale * jnp.sum(d * d, axis=tuple(range(1, d.ndim))))  # (B, K, C*H*W): K digits summed
 
 
 # ============================================================================== VJPs

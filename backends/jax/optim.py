@@ -77,10 +77,14 @@ def adam_update(params: Mapping[str, jax.Array], grads: Mapping[str, jax.Array],
 
 
 def _train_step(params: dict, m: dict, v: dict, x: jax.Array, labels: jax.Array, alpha: jax.Array,
-                config: CapsNetConfig, hyper: tuple[float, float, float]):
+                config: CapsNetConfig, hyper: tuple[float, float, float], targets: jax.Array | None = None):
     TRACES["train_step"] += 1
-    (_, (parts, out)), grads = jax.value_and_grad(model.loss_and_output, has_aux=True)(params, x, labels, config)
-    correct = jnp.sum(jnp.argmax(out.lengths, axis=1) == labels)
+    (_, (parts, out)), grads = jax.value_and_grad(model.loss_and_output, has_aux=True)(params, x, labels, config,
+                                                                                       targets)
+    # Correct: the K longest capsules are the K labelled classes (ties to the lower index, as in predict).
+    rows = labels.reshape(labels.shape[0], -1)
+    top = jnp.argsort(-out.lengths, axis=1, stable=True)[:, :rows.shape[1]]
+    correct = jnp.sum(jnp.all(jnp.sort(top, axis=1) == jnp.sort(rows, axis=1), axis=1))
     return (*_adam(params, grads, m, v, alpha, hyper), parts, correct)
 
 
@@ -89,7 +93,8 @@ _train_step_jit = jax.jit(_train_step, static_argnames=("config", "hyper"), dona
 
 @spec_precision
 def train_step(params: Mapping[str, jax.Array], state: Mapping, x: jax.Array, labels: jax.Array,
-               config: CapsNetConfig, adam: AdamConfig = AdamConfig()) -> tuple[dict, dict, StepMetrics]:
+               config: CapsNetConfig, adam: AdamConfig = AdamConfig(),
+               targets: jax.Array | None = None) -> tuple[dict, dict, StepMetrics]:
     """Loss, gradients and one Adam update on one batch, compiled once per batch shape.
 
     Returns (params, state, metrics). The params and the state's moments passed in are donated
@@ -98,7 +103,8 @@ def train_step(params: Mapping[str, jax.Array], state: Mapping, x: jax.Array, la
     """
     step = int(state["step"])
     p, m, v, parts, correct = _train_step_jit(dict(params), dict(state["m"]), dict(state["v"]), x, labels,
-                                              _alpha(adam, step), config, (adam.beta1, adam.beta2, adam.epsilon))
+                                              _alpha(adam, step), config, (adam.beta1, adam.beta2, adam.epsilon),
+                                              targets)
     metrics = StepMetrics(total=parts.total, margin=parts.margin, reconstruction=parts.reconstruction,
                           correct=correct, lr=adam.learning_rate(step))
     return _ordered(p, params), {"step": step + 1, "m": _ordered(m, params), "v": _ordered(v, params)}, metrics

@@ -2,7 +2,10 @@
 
 An OnnxModel holds the canonical parameters, the graph built from them and an InferenceSession
 of it; forward with labels (the decoder sees the true class) runs a second graph that takes the
-labels as an input, built on first use and kept. Argument checks are the door's (the Backend base
+labels as an input, built on first use and kept. That graph takes (B,) labels; forward with
+(B, K) labels (MultiMNIST) runs it on the K copies of each image, one per listed class, and
+regroups the reconstructions (B, K, C*H*W): K times the work of one pass, the price of keeping
+the exported graph's interface as it is. Argument checks are the door's (the Backend base
 class), not this module's: these functions are the computation only.
 """
 
@@ -46,14 +49,22 @@ class OnnxModel:
 
 
 def forward(params: OnnxModel, x: np.ndarray, config: CapsNetConfig, labels: np.ndarray | None = None) -> CapsNetOutput:
-    """The model's outputs; the decoder sees the true class's capsule when labels are given, else the longest."""
+    """The model's outputs; the decoder sees the true class's capsule when labels are given, else the
+    longest; with (B, K) labels it decodes each listed class: reconstruction (B, K, C*H*W)."""
     names = ["v", "lengths", "coupling"] + (["reconstruction"] if config.use_decoder else [])
     feeds = {INPUT_NAME: x}
     session = params.session
+    k = None
     if labels is not None and config.use_decoder:
         session = params.labelled_session()
-        feeds[LABELS_NAME] = np.asarray(labels).astype(np.int64)
+        labels = np.asarray(labels).astype(np.int64)
+        if labels.ndim == 2:  # row b*K + k of the repeated batch is image b masked by labels[b, k]
+            k = labels.shape[1]
+            feeds[INPUT_NAME] = np.repeat(x, k, axis=0)
+        feeds[LABELS_NAME] = labels.reshape(-1)
     out = session.run(names, feeds)
+    if k is not None:  # every copy of an image has the same capsules: keep the first
+        out = [a[::k] for a in out[:3]] + [out[3].reshape(x.shape[0], k, -1)]
     return CapsNetOutput(v=out[0], lengths=out[1], coupling=out[2],
                          reconstruction=out[3] if config.use_decoder else None)
 
