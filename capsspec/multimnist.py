@@ -294,7 +294,8 @@ class MultiMnistData:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "canvas": self.train.size, "pad": self.train.pad, "max_shift": self.train.max_shift,
                 "images_per_epoch": self.images_per_epoch, "train_digits": len(self.train.pool),
-                "validation_digits": len(self.validation.pool), "validation_pairs": self.val_pairs,
+                "validation_digits": len(self.validation.pool) if self.val_pairs else 0,
+                "validation_pairs": self.val_pairs,
                 "test_digits": len(self.test.pool), "test_pairs": self.test_pairs, "seed": self.train.seed,
                 "test_seed": self.test.seed}
 
@@ -313,6 +314,7 @@ def multimnist_data(train_images: np.ndarray, train_labels: np.ndarray, test_ima
                     test_pairs: int | None = None) -> MultiMnistData:
     """MultiMNIST for a run from MNIST as capsspec.data loads it and the run's TrainSettings.
 
+    images_per_epoch: default settings.images_per_epoch, else DEFAULT_IMAGES_PER_EPOCH.
     The digits are split as an MNIST run with these settings splits them (train.split_data:
     settings.val_size held out by the seed, then settings.train_subset); validation pairs (one
     per held-out digit) use only held-out digits. test_pairs (default settings.test_subset, else
@@ -331,7 +333,11 @@ def multimnist_data(train_images: np.ndarray, train_labels: np.ndarray, test_ima
     train = PairGenerator(pool(train_images, train_labels, idx.train_x), settings.seed, "train")
     validation_pool = pool(train_images, train_labels, idx.val_x) if idx.val_x.size else None
     test = test_generator(test_images, test_labels)
-    ipe = images_per_epoch if images_per_epoch is not None else DEFAULT_IMAGES_PER_EPOCH
+    ipe = images_per_epoch if images_per_epoch is not None else getattr(settings, "images_per_epoch", None)
+    if images_per_epoch is not None and getattr(settings, "images_per_epoch", None) not in (None, images_per_epoch):
+        raise ValueError(f"images_per_epoch={images_per_epoch} differs from settings.images_per_epoch="
+                         f"{settings.images_per_epoch}")
+    ipe = DEFAULT_IMAGES_PER_EPOCH if ipe is None else ipe
     n_test_pairs = test_pairs if test_pairs is not None else (settings.test_subset or DEFAULT_TEST_PAIRS)
     validation = PairGenerator(validation_pool, settings.seed, "validation") if validation_pool is not None else \
         PairGenerator(train.pool, settings.seed, "validation")  # no hold-out: an empty validation set below
