@@ -18,6 +18,8 @@ The mistakes (docs/spec.md, section 4, "Mistakes earlier implementations made"):
   DetachedRoutingGradient   gradients only through the last iteration (b and earlier c detached)
   IterationsAlwaysOne       the routing-iterations setting ignored: always 1 (8)
   IterationsAlwaysThree     the routing-iterations setting ignored: always 3 (8)
+  DecodesFirstDigitOnly     with two digits per image, every decoding masked by the first digit's
+                            class (docs/spec.md, section 5)
 
 and two breaches of the contract around the math (these wrap the numpy backend's functions
 instead of patching the reference's):
@@ -46,7 +48,7 @@ from capsspec.config import AdamConfig
 
 __all__ = ["BROKEN", "BrokenBackend", "SoftmaxOverChildren", "SquashNanAtZero", "PrimaryNoChannelsLast",
            "MarginOnSoftmax", "SharedRoutingLogits", "DetachedRoutingGradient", "IterationsAlwaysOne",
-           "IterationsAlwaysThree", "NanImagesAccepted", "InPlaceAdam"]
+           "IterationsAlwaysThree", "DecodesFirstDigitOnly", "NanImagesAccepted", "InPlaceAdam"]
 
 _PREFIX = "capsspec.conformance._broken"
 
@@ -184,6 +186,17 @@ def _iterations(fixed: int) -> Callable[[ModuleType], None]:
     return patch
 
 
+def _decodes_first_digit_only(ops: ModuleType) -> None:
+    original = ops._mask_onehot
+
+    def mask_onehot(v: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        if labels is not None and labels.ndim == 2:  # every row masked by the first listed class
+            labels = np.repeat(labels[:, :1], labels.shape[1], axis=1)
+        return original(v, labels)
+
+    ops._mask_onehot = mask_onehot
+
+
 class SoftmaxOverChildren(BrokenBackend):
     key, mistake, patch = "softmax_over_children", "routing softmax over children", staticmethod(
         _softmax_over_children)
@@ -221,6 +234,11 @@ class IterationsAlwaysThree(BrokenBackend):
         _iterations(3))
 
 
+class DecodesFirstDigitOnly(BrokenBackend):
+    key, mistake, patch = "decodes_first_digit_only", "two-digit decoder masked by the first digit only", \
+        staticmethod(_decodes_first_digit_only)
+
+
 class _ContractBreach(NumpyBackend):
     """The numpy backend with some spec functions wrapped (subclasses set `key` and `mistake`)."""
 
@@ -248,17 +266,17 @@ class NanImagesAccepted(_ContractBreach):
     def forward(self, params, x, config, labels=None):
         return self._spec("forward")(params, _silence(x), config, labels)
 
-    def loss(self, params, x, labels, config):
-        return self._spec("loss")(params, _silence(x), labels, config)
+    def loss(self, params, x, labels, config, targets=None):
+        return self._spec("loss")(params, _silence(x), labels, config, targets)
 
-    def value_and_grad(self, params, x, labels, config):
-        return self._spec("value_and_grad")(params, _silence(x), labels, config)
+    def value_and_grad(self, params, x, labels, config, targets=None):
+        return self._spec("value_and_grad")(params, _silence(x), labels, config, targets)
 
     def predict(self, params, x, config):
         return self._spec("predict")(params, _silence(x), config)
 
-    def train_step(self, params, state, x, labels, config, adam=AdamConfig()):
-        return self._spec("train_step")(params, state, _silence(x), labels, config, adam)
+    def train_step(self, params, state, x, labels, config, adam=AdamConfig(), targets=None):
+        return self._spec("train_step")(params, state, _silence(x), labels, config, adam, targets)
 
 
 class InPlaceAdam(_ContractBreach):
@@ -274,5 +292,5 @@ class InPlaceAdam(_ContractBreach):
 BROKEN: Mapping[str, type[NumpyBackend]] = {
     cls.key: cls for cls in (SoftmaxOverChildren, SquashNanAtZero, PrimaryNoChannelsLast, MarginOnSoftmax,
                              SharedRoutingLogits, DetachedRoutingGradient, IterationsAlwaysOne,
-                             IterationsAlwaysThree, NanImagesAccepted, InPlaceAdam)
+                             IterationsAlwaysThree, DecodesFirstDigitOnly, NanImagesAccepted, InPlaceAdam)
 }

@@ -22,7 +22,7 @@ import numpy as np
 import capsspec
 from capsspec.config import AdamConfig, CapsNetConfig
 
-__all__ = ["OpCase", "ModelCase", "values", "labels_for", "op_case", "model_case", "adam_case", "state_case", "widen",
+__all__ = ["OpCase", "ModelCase", "values", "labels_for", "distinct_labels", "two_digit_variant", "op_case", "model_case", "adam_case", "state_case", "widen",
            "SCALE_LIMITS"]
 
 # log10 of the largest / smallest magnitude of drawn values, per dtype, for ops whose domain is
@@ -73,9 +73,17 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(int(seed))
 
 
-def labels_for(rng: np.random.Generator, batch: int, classes: int) -> np.ndarray:
-    """`batch` integer labels (int64) drawn uniformly from [0, classes)."""
-    return rng.integers(0, classes, size=batch).astype(np.int64)
+def labels_for(rng: np.random.Generator, batch: int, classes: int, k: int = 0) -> np.ndarray:
+    """`batch` integer labels (int64) drawn uniformly from [0, classes): (batch,) for k = 0, else
+    (batch, k) with k distinct classes per row (k <= classes; MultiMNIST's two digits for k = 2)."""
+    if not k:
+        return rng.integers(0, classes, size=batch).astype(np.int64)
+    return distinct_labels(rng, batch, classes, k)
+
+
+def distinct_labels(rng: np.random.Generator, batch: int, classes: int, k: int) -> np.ndarray:
+    """(batch, k) int64 labels, k distinct classes of [0, classes) per row, in random order."""
+    return np.argsort(rng.random((batch, classes)), axis=1)[:, :k].astype(np.int64)
 
 
 @dataclass
@@ -124,18 +132,24 @@ def op_case(name: str, r: Mapping[str, Any], dtype: str) -> OpCase:
 
 @dataclass
 class ModelCase:
-    """A config, parameters and a batch for the model-level checks."""
+    """A config, parameters and a batch for the model-level checks.
+
+    labels are (B,) (one digit per image; targets None: the reconstructions are compared with x),
+    or (B, K) with targets (B, K, C, H, W), each digit's own image (MultiMNIST's loss)."""
 
     config: CapsNetConfig
     params: dict[str, np.ndarray]  # in the dtype under test
     x: np.ndarray
     labels: np.ndarray
+    targets: np.ndarray | None = None
     ref_params: dict[str, np.ndarray] = field(default_factory=dict)
     ref_x: np.ndarray | None = None
+    ref_targets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ref_params = {k: widen(v) for k, v in self.params.items()}
         self.ref_x = widen(self.x)
+        self.ref_targets = widen(self.targets)
 
 
 def model_params(config: CapsNetConfig, seed: int, digit_scale: float, dtype: str) -> dict[str, np.ndarray]:
@@ -147,19 +161,44 @@ def model_params(config: CapsNetConfig, seed: int, digit_scale: float, dtype: st
 
 def batch(config: CapsNetConfig, r: Mapping[str, Any], dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels for batch recipe r = {seed, B, kind, scale}."""
+    x, labels, _ = digits_batch(config, r, dtype)
+    return x, labels
+
+
+def digits_batch(config: CapsNetConfig, r: Mapping[str, Any], dtype: str) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Images, labels and targets for batch recipe r = {seed, B, kind, scale[, digits]}.
+
+    digits 1 (the default): labels (B,), targets None. digits K >= 2: labels (B, K) with K distinct
+    classes and targets (B, K, C, H, W): unit images, one per digit, like MultiMNIST's digits."""
     rng = _rng(r["seed"])
     x = values(rng, (r["B"], *config.input_shape), r.get("kind", "unit"), int(r.get("scale", 0)), dtype)
     if r.get("kind", "unit") == "unit" and int(r.get("scale", 0)) != 0:
         x = np.ascontiguousarray((x.astype(np.float64) * 10.0 ** int(r["scale"])).astype(dtype))
-    return x, labels_for(rng, r["B"], config.num_classes)
+    k = int(r.get("digits", 1))
+    if k < 2:
+        return x, labels_for(rng, r["B"], config.num_classes), None
+    labels = distinct_labels(rng, r["B"], config.num_classes, min(k, config.num_classes))
+    targets = values(rng, (*labels.shape, *config.input_shape), "unit", 0, dtype)
+    return x, labels, targets
 
 
 def model_case(r: Mapping[str, Any], dtype: str) -> ModelCase:
     """r = {config: dict, seed, digit_scale, x: batch recipe}."""
     config = CapsNetConfig.from_dict(r["config"])
     params = model_params(config, r["seed"], r.get("digit_scale", 1.0), dtype)
-    x, labels = batch(config, r["x"], dtype)
-    return ModelCase(config, params, x, labels)
+    x, labels, targets = digits_batch(config, r["x"], dtype)
+    return ModelCase(config, params, x, labels, targets)
+
+
+def two_digit_variant(case: ModelCase) -> ModelCase:
+    """The same params and images with two digits per image: (B, 2) labels and a target image per
+    digit, drawn from a seed fixed by the batch size (the case itself where it has two digits already)."""
+    if case.targets is not None:
+        return case
+    rng = _rng(1000 + len(case.x))
+    labels = distinct_labels(rng, len(case.x), case.config.num_classes, 2)
+    targets = values(rng, (*labels.shape, *case.config.input_shape), "unit", 0, case.x.dtype.name)
+    return ModelCase(case.config, case.params, case.x, labels, targets)
 
 
 def adam_case(r: Mapping[str, Any], dtype: str) -> tuple[CapsNetConfig, dict, dict, dict, AdamConfig]:

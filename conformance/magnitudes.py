@@ -154,10 +154,12 @@ def _decoder_forward_abs(x: np.ndarray, ws: list, bs: list) -> tuple[np.ndarray,
 
 
 def decoder_forward(args: list[Any], static: Mapping[str, Any]) -> list[np.ndarray]:
-    return [np.ones((args[0].shape[0], args[1][-1].shape[0]))]
+    return [np.ones((*args[0].shape[:-1], args[1][-1].shape[0]))]
 
 
 def decoder_terms(g: np.ndarray, x: np.ndarray, ws: list, bs: list) -> tuple[np.ndarray, list, list]:
+    lead = x.shape[:-1]  # x (..., width): rows, as the decoder sees them
+    x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     out, hs = _decoder_forward_abs(x, ws, bs)
     # The reference's sigmoid, hence out (1 - out), is known to a few absolute roundings only
     # (1 + tanh(z / 2) cancels for z << 0): floor the factor at 1/64, so that with the
@@ -171,7 +173,7 @@ def decoder_terms(g: np.ndarray, x: np.ndarray, ws: list, bs: list) -> tuple[np.
         gh = gz @ np.abs(ws[k])
         if k > 0:
             gz = gh * (hs[k] > 0)
-    return gh, gws, gbs
+    return gh.reshape(*lead, gh.shape[-1]), gws, gbs
 
 
 def decoder_vjp(g: Any, args: list[Any], static: Mapping[str, Any]) -> list[Any]:
@@ -180,7 +182,7 @@ def decoder_vjp(g: Any, args: list[Any], static: Mapping[str, Any]) -> list[Any]
 
 # ---------------------------------------------------------------------------------------- the model
 def model_gradients(params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarray,
-                    config: Any) -> dict[str, np.ndarray]:
+                    config: Any, targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Term magnitude of every parameter's gradient of the total loss (float64 inputs).
 
     The reference's reverse pass (capsspec.model.value_and_grad) with each step's terms by their
@@ -201,18 +203,18 @@ def model_gradients(params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.
     g_v = np.abs(g_len)[..., None] * unit
     grads: dict[str, np.ndarray] = {}
     if config.use_decoder:
-        onehot = np.zeros(lengths.shape)
-        onehot[np.arange(len(labels)), labels] = 1.0
-        masked = (v * onehot[:, :, None]).reshape(v.shape[0], -1)
+        onehot = ops._mask_onehot(v, labels)  # (B, J), or (B, K, J) for two digits
+        masked = ops._apply_mask(v, onehot)
         n = config.num_decoder_layers
         ws = [p[f"decoder.{k}.weight"] for k in range(n)]
         bs = [p[f"decoder.{k}.bias"] for k in range(n)]
         recon = ops.decoder(masked, ws, bs)
-        (g_rec,) = ops.reconstruction_loss_vjp(one, recon, x, config.reconstruction_scale)
+        (g_rec,) = ops.reconstruction_loss_vjp(one, recon, x if targets is None else targets,
+                                               config.reconstruction_scale)
         g_masked, gws, gbs = decoder_terms(g_rec, masked, ws, bs)
         for k in range(n):
             grads[f"decoder.{k}.weight"], grads[f"decoder.{k}.bias"] = gws[k], gbs[k]
-        g_v = g_v + g_masked.reshape(v.shape) * onehot[:, :, None]
+        g_v = g_v + ops._unmask(g_masked, v, onehot)
     g_uhat = routing_terms(u_hat, config.routing_iterations, g_v, None)
     g_u, grads["digit.weight"] = ops.predictions_vjp(g_uhat, np.abs(u), np.abs(p["digit.weight"]))
     g_s2 = _squash_terms(s2, g_u)

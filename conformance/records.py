@@ -90,6 +90,8 @@ class OpRecord:
             out.append(ErrorInput("labels-out-of-range", ("labels",), _on_arg(i, _label_out_of_range)))
             out.append(ErrorInput("labels-negative", ("labels",), _on_arg(i, _label_negative)))
             out.append(ErrorInput("labels-float", ("labels",), _on_arg(i, lambda y: y.astype(np.float32))))
+            out.append(ErrorInput("labels-rank", ("labels",), _on_arg(i, lambda y: y.reshape(len(y), 1, -1))))
+            out.append(ErrorInput("labels-repeated", ("labels",), _repeated_labels(i)))
         out.append(ErrorInput("g-shape", ("g", "g_v"), _bad_cotangent, vjp_only=True))
         return tuple(out) + self.extra_errors
 
@@ -142,6 +144,17 @@ def _label_negative(y: np.ndarray) -> np.ndarray:
     y = y.copy()
     y[0] = -1
     return y
+
+
+def _repeated_labels(i: int) -> Callable[[OpCase], None]:
+    """(B,) labels -> (B, 2) rows naming their class twice; an array cotangent (mask's) gains the K axis,
+    so that the repeated class is the only thing wrong."""
+    def change(case: OpCase) -> None:
+        y = case.args[i].reshape(len(case.args[i]), -1)[:, :1]
+        case.args[i] = np.ascontiguousarray(np.concatenate([y, y], axis=1))
+        if isinstance(case.cot, np.ndarray) and case.cot.ndim == 2:
+            case.cot = np.ascontiguousarray(np.stack([case.cot, case.cot], axis=1))
+    return change
 
 
 def _bad_cotangent(case: OpCase) -> None:
@@ -207,34 +220,39 @@ def _build_lengths(r, dtype, rng):
 
 
 def _build_margin(r, dtype, rng):
-    b, j = r["B"], r["J"]
-    if r.get("kind") == "satisfied":  # true length >= m+, every other <= m-: the loss is exactly 0
-        labels = labels_for(rng, b, j)
+    b, j, k = r["B"], r["J"], int(r.get("K", 0))
+    if r.get("kind") == "satisfied":  # true lengths >= m+, every other <= m-: the loss is exactly 0
+        labels = labels_for(rng, b, j, k)
         lengths = rng.uniform(0.0, r["m_minus"], size=(b, j))
-        lengths[np.arange(b), labels] = rng.uniform(r["m_plus"], 1.0, size=b)
+        rows = labels.reshape(b, -1)
+        lengths[np.arange(b)[:, None], rows] = rng.uniform(r["m_plus"], 1.0, size=rows.shape)
     else:
         lengths = rng.uniform(0.0, 1.0, size=(b, j))
-        labels = labels_for(rng, b, j)
+        labels = labels_for(rng, b, j, k)
     static = {"m_plus": r["m_plus"], "m_minus": r["m_minus"], "lambda_": r["lambda_"]}
     return [np.ascontiguousarray(lengths.astype(dtype)), labels], static
 
 
 def _build_mask(r, dtype, rng):
     v = _data(r, rng, (r["B"], r["J"], r["E"]), dtype)
-    return [v, labels_for(rng, r["B"], r["J"]) if r.get("labels", True) else None], {}
+    k = min(int(r.get("K", 0)), r["J"])
+    return [v, labels_for(rng, r["B"], r["J"], k) if r.get("labels", True) else None], {}
 
 
 def _build_decoder(r, dtype, rng):
     widths = list(r["widths"])
-    x = _data(r, rng, (r["B"], widths[0]), dtype)
+    k = int(r.get("K", 0))  # K > 0: x (B, K, width), one masked row per digit
+    x = _data(r, rng, (r["B"], *((k,) if k else ()), widths[0]), dtype)
     ws = [_scaled(rng, (widths[k + 1], widths[k]), widths[k], dtype) for k in range(len(widths) - 1)]
     bs = [values(rng, (widths[k + 1],), "normal", -1, dtype) for k in range(len(widths) - 1)]
     return [x, ws, bs], {}
 
 
 def _build_reconstruction(r, dtype, rng):
-    images = values(rng, (r["B"], r["C"], r["H"], r["W"]), "zeros" if r.get("kind") == "zeros" else "unit", 0, dtype)
-    recon = values(rng, (r["B"], r["C"] * r["H"] * r["W"]), "unit", 0, dtype)
+    digits = (int(r["K"]),) if int(r.get("K", 0)) else ()  # (B, K, ...): one reconstruction per digit
+    images = values(rng, (r["B"], *digits, r["C"], r["H"], r["W"]), "zeros" if r.get("kind") == "zeros" else "unit",
+                    0, dtype)
+    recon = values(rng, (r["B"], *digits, r["C"] * r["H"] * r["W"]), "unit", 0, dtype)
     return [recon, images], {"scale": r["loss_scale"]}
 
 
@@ -297,36 +315,43 @@ RECORDS: dict[str, OpRecord] = {rec.name: rec for rec in (
         extra_errors=(ErrorInput("v-0d", ("v",), _on_arg(0, lambda v: v.reshape(-1)[0].copy())),)),
     OpRecord(
         "margin_loss",
-        recipes=lambda dt: S.recipe(S.seeds, S.batch, S.sizes(J=(2, 12)), S.margins(), _COT, kind="uniform"),
+        recipes=lambda dt: S.recipe(S.seeds, S.batch, S.sizes(J=(2, 12)), S.margins(), S.label_rows, _COT,
+                                    kind="uniform"),
         build=_build_margin, levels=("reduction", "elementwise"),
         example={"seed": 7, "B": 3, "J": _CLASSES, "kind": "uniform", "m_plus": 0.9, "m_minus": 0.1, "lambda_": 0.5},
         batched=("lengths", "labels"), ranks={"lengths": 2}, finite=("lengths",), labels="labels"),
     OpRecord(
         "mask",
         recipes=lambda dt: S.recipe(S.seeds, S.values("domain", dt), S.batch, S.sizes(J=(2, 8), E=(1, 6)),
-                                    st.fixed_dictionaries({"labels": st.booleans()}), _COT),
+                                    st.fixed_dictionaries({"labels": st.booleans()}), S.label_rows, _COT),
         build=_build_mask, levels=("exact", "exact"),
         example={"seed": 8, "B": 3, "J": _CLASSES, "E": 2, "labels": True},
         batched=("v", "labels"), ranks={"v": 3}, finite=("v",), labels="labels"),
     OpRecord(
         "decoder",
         recipes=lambda dt: S.recipe(S.seeds, S.values("decoder", dt), S.batch, st.fixed_dictionaries(
-            {"widths": st.lists(st.integers(1, 10), min_size=2, max_size=4)}), _COT),
+            {"widths": st.lists(st.integers(1, 10), min_size=2, max_size=4)}), S.label_rows, _COT),
         build=_build_decoder, levels=("contraction", "contraction"),
         example={"seed": 9, "B": 2, "widths": [4, 3, 5]},
         forward_magnitude=mag.decoder_forward, vjp_magnitude=mag.decoder_vjp,
-        batched=("x",), ranks={"x": 2}, finite=("x",),
-        extra_errors=(ErrorInput("biases-missing-layer", ("biases", "weights"), _on_arg(2, lambda bs: bs[:-1])),
+        batched=("x",), finite=("x",),  # x is (..., width) of at least 2 dims: a 1-d x is the bad rank
+        extra_errors=(ErrorInput("x-rank", ("x",), _on_arg(0, lambda x: x.reshape(-1))),
+                      ErrorInput("biases-missing-layer", ("biases", "weights"), _on_arg(2, lambda bs: bs[:-1])),
                       ErrorInput("weights-misshapen", ("weights",), _on_arg(1, lambda ws: [ws[0][:, :-1]] + ws[1:])))),
     OpRecord(
         "reconstruction_loss",
         recipes=lambda dt: S.recipe(S.seeds, S.batch, S.sizes(C=(1, 2), H=(1, 6), W=(1, 6)), st.fixed_dictionaries(
-            {"kind": st.sampled_from(("unit", "zeros")), "loss_scale": st.sampled_from((0.0005, 1.0, 0.01))}), _COT),
+            {"kind": st.sampled_from(("unit", "zeros")), "loss_scale": st.sampled_from((0.0005, 1.0, 0.01))}),
+            S.label_rows, _COT),
         build=_build_reconstruction, levels=("reduction", "elementwise"),
         example={"seed": 10, "B": 2, "C": 1, "H": 3, "W": 2, "kind": "unit", "loss_scale": 0.0005},
-        batched=("reconstruction", "images"), ranks={"reconstruction": 2}, finite=("reconstruction", "images"),
-        extra_errors=(ErrorInput("images-size-mismatch", ("images", "reconstruction"),
-                                 _on_arg(1, lambda im: im[:, :, :-1])),)),
+        batched=("reconstruction", "images"), finite=("reconstruction", "images"),
+        # reconstruction is (B, C*H*W) or (B, K, C*H*W): a 4-d one is the bad rank.
+        extra_errors=(ErrorInput("reconstruction-rank", ("reconstruction",), _on_arg(0, lambda r: r[None, None])),
+                      ErrorInput("images-size-mismatch", ("images", "reconstruction"),
+                                 _on_arg(1, lambda im: im[:, :, :-1])),
+                      ErrorInput("images-digits-mismatch", ("images", "reconstruction"),
+                                 _on_arg(1, lambda im: np.stack([im, im], axis=1))))),
 )}
 
 assert set(RECORDS) == {op.name for op in OPS}, "every op of capsspec.spec.OPS needs exactly one record"
@@ -350,6 +375,7 @@ class ModelErrorCase:
     grads: dict[str, np.ndarray]
     state: dict[str, Any]  # NumPy, for state_from_numpy
     call_config: Any = None  # the config passed to the call (None: the params' own)
+    targets: np.ndarray | None = None  # passed to loss, value_and_grad and train_step (None: x)
 
 
 def _x(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[ModelErrorCase], None]:
@@ -361,6 +387,17 @@ def _x(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[ModelErrorCase], None
 def _labels(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[ModelErrorCase], None]:
     def change(case: ModelErrorCase) -> None:
         case.labels = f(case.labels)
+    return change
+
+
+def _two_digits(targets: Callable[[ModelErrorCase, np.ndarray], np.ndarray | None],
+                repeat: bool = False) -> Callable[[ModelErrorCase], None]:
+    """(B, 2) labels (each row's class and the next one, or the same one twice if `repeat`) with the
+    targets that `targets` makes from valid ones (B, 2, C, H, W): MultiMNIST's inputs, one thing wrong."""
+    def change(case: ModelErrorCase) -> None:
+        y = case.labels
+        case.labels = np.stack([y, y if repeat else (y + 1) % case.config.num_classes], axis=1)
+        case.targets = targets(case, np.ascontiguousarray(np.stack([case.x, case.x[::-1]], axis=1)))
     return change
 
 
@@ -413,6 +450,18 @@ _LABEL_ERRORS = (
     ErrorInput("labels-float", ("labels",), _labels(lambda y: y.astype(np.float32))),
     ErrorInput("labels-shape", ("labels",), _labels(lambda y: np.concatenate([y, y[:1]]))),
 )
+# (B, K) labels: a row naming a class twice; and the targets that must come with them.
+_TWO_DIGIT_LABEL_ERRORS = (
+    ErrorInput("labels-repeated", ("labels",), _two_digits(lambda c, t: t, repeat=True)),
+    ErrorInput("labels-rank", ("labels",), _labels(lambda y: y[:, None, None])),
+)
+_TARGET_ERRORS = (
+    ErrorInput("targets-missing", ("targets",), _two_digits(lambda c, t: None)),
+    ErrorInput("targets-one-digit", ("targets",), _two_digits(lambda c, t: np.ascontiguousarray(t[:, :1]))),
+    ErrorInput("targets-shape", ("targets",), _two_digits(lambda c, t: np.ascontiguousarray(t[..., :-1]))),
+    ErrorInput("targets-other-float", ("targets", "x"), _two_digits(lambda c, t: _other_float(t))),
+    ErrorInput("targets-nan", ("targets",), _two_digits(lambda c, t: _poison(np.nan)(t))),
+)
 _CONFIG_ERRORS = (
     ErrorInput("config-mismatch", ("config", "params"), _other_config),
     ErrorInput("config-not-a-config", ("config",), _not_a_config),
@@ -423,14 +472,14 @@ _PARAMS_ERRORS = tuple(ErrorInput(f"params-{how}-entry", ("params",), _dict_chan
 
 # The model and optimizer functions, and the conversions that take a parameter dict or a state.
 MODEL_ERRORS: dict[str, tuple[ErrorInput, ...]] = {
-    "forward": _X_ERRORS + _LABEL_ERRORS + _CONFIG_ERRORS,
-    "loss": _X_ERRORS + _LABEL_ERRORS + _CONFIG_ERRORS,
-    "value_and_grad": _X_ERRORS + _LABEL_ERRORS + _CONFIG_ERRORS,
+    "forward": _X_ERRORS + _LABEL_ERRORS + _TWO_DIGIT_LABEL_ERRORS + _CONFIG_ERRORS,
+    "loss": _X_ERRORS + _LABEL_ERRORS + _TWO_DIGIT_LABEL_ERRORS + _TARGET_ERRORS + _CONFIG_ERRORS,
+    "value_and_grad": _X_ERRORS + _LABEL_ERRORS + _TWO_DIGIT_LABEL_ERRORS + _TARGET_ERRORS + _CONFIG_ERRORS,
     "predict": _X_ERRORS + _CONFIG_ERRORS,
     "adam_update": tuple(ErrorInput(f"grads-{how}-entry", ("grads",), _dict_change("grads", how))
                          for how in ("missing", "extra", "misshapen")) + (
         ErrorInput("state-misshapen-moment", ("state",), _state_misshapen),),
-    "train_step": _X_ERRORS + _LABEL_ERRORS + _CONFIG_ERRORS,
+    "train_step": _X_ERRORS + _LABEL_ERRORS + _TWO_DIGIT_LABEL_ERRORS + _TARGET_ERRORS + _CONFIG_ERRORS,
     "params_from_numpy": _PARAMS_ERRORS,
 }
 

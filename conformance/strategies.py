@@ -29,7 +29,8 @@ from capsspec.config import CapsNetConfig
 from .cases import SCALE_LIMITS
 
 __all__ = ["DTYPES", "RANGES", "seeds", "batch", "values", "cotangents", "conv_geometry", "capsule_shape",
-           "sizes", "margins", "recipe", "configs", "SMALL_CONFIG", "small_model_recipes", "model_recipes", "adam_recipes", "trajectory_recipes"]
+           "sizes", "margins", "label_rows", "recipe", "configs", "SMALL_CONFIG", "small_model_recipes", "model_recipes",
+           "adam_recipes", "trajectory_recipes", "TWO_DIGIT_MODEL_RECIPE", "TWO_DIGIT_TRAJECTORY_RECIPE"]
 
 DTYPES = ("float32", "float64")
 
@@ -48,6 +49,12 @@ KINDS = ("normal", "zeros", "equal", "zero_rows", "mixed")
 
 seeds = st.fixed_dictionaries({"seed": st.integers(0, 2**16)})
 batch = st.fixed_dictionaries({"B": st.integers(1, 4)})
+# The label layout of an op that takes labels: K = 0 for (B,) labels (one digit per image; drawn
+# first, so a shrunk failure keeps the plain layout unless the layout is what fails), 1 or 2 for
+# (B, K) labels with K distinct classes per row (MultiMNIST: K = 2).
+label_rows = st.fixed_dictionaries({"K": st.sampled_from((0, 1, 2))})
+# Images with one digit ((B,) labels) or two ((B, 2) labels and a target image per digit).
+_DIGITS = st.sampled_from((1, 2))
 
 
 def values(range_name: str, dtype: str, kinds: tuple[str, ...] = KINDS) -> st.SearchStrategy[dict[str, Any]]:
@@ -140,6 +147,20 @@ def _images(draw: Any, min_batch: int = 1) -> dict[str, Any]:
             "scale": draw(st.sampled_from((0, 0, -3, 2, 5)))}
 
 
+# A two-digit batch on a small model with a decoder: an explicit example of every model check
+# (test_model.py, test_optim.py), so MultiMNIST's loss is checked in every profile, whatever is drawn.
+_TWO_DIGIT_CONFIG: dict[str, Any] = CapsNetConfig(
+    input_channels=1, input_height=8, input_width=7, conv1_channels=3, conv1_kernel=3, primary_types=2,
+    primary_dim=3, primary_kernel=3, primary_stride=1, num_classes=4, class_dim=3, routing_iterations=3,
+    use_decoder=True, decoder_widths=(6,), reconstruction_scale=0.05).to_dict()
+TWO_DIGIT_MODEL_RECIPE: dict[str, Any] = {
+    "config": _TWO_DIGIT_CONFIG, "seed": 17, "digit_scale": 300.0, "with_labels": True,
+    "x": {"seed": 18, "B": 3, "kind": "unit", "scale": 0, "digits": 2}}
+TWO_DIGIT_TRAJECTORY_RECIPE: dict[str, Any] = {
+    "config": _TWO_DIGIT_CONFIG, "seed": 19, "digit_scale": 30.0, "adam": {},
+    "batches": [{"seed": 20 + i, "B": 3, "kind": "unit", "scale": 0, "digits": 2} for i in range(3)]}
+
+
 # One small model with a decoder, for checks whose subject is not the numbers (the error contract,
 # purity): one shape per dtype, so a compiling backend traces each function once.
 SMALL_CONFIG: dict[str, Any] = CapsNetConfig(
@@ -153,7 +174,7 @@ def small_model_recipes() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({
         "config": st.just(SMALL_CONFIG), "seed": st.integers(0, 2**16), "digit_scale": st.sampled_from((1.0, 30.0)),
         "x": st.fixed_dictionaries({"seed": st.integers(0, 2**16), "B": st.just(2), "kind": st.just("unit"),
-                                    "scale": st.just(0)}),
+                                    "scale": st.just(0), "digits": st.just(1)}),
         "with_labels": st.just(True)})
 
 
@@ -164,7 +185,7 @@ def model_recipes(draw: Any, with_labels: bool | None = True, min_batch: int = 1
          # The spec's initial digit.weight (std 0.01) leaves routing undecided; larger scales
          # make the coupling coefficients move.
          "digit_scale": draw(st.sampled_from((1.0, 30.0, 300.0)), label="digit weight scale"),
-         "x": _images(draw, min_batch)}
+         "x": dict(_images(draw, min_batch), digits=draw(_DIGITS, label="digits per image"))}
     r["with_labels"] = draw(st.booleans()) if with_labels is None else with_labels
     return r
 
@@ -182,7 +203,8 @@ def adam_recipes(draw: Any) -> dict[str, Any]:
 @st.composite
 def trajectory_recipes(draw: Any, steps: int = 3) -> dict[str, Any]:
     config = draw(configs())
+    digits = draw(_DIGITS, label="digits per image")
     return {"config": config, "seed": draw(st.integers(0, 2**16)),
             "digit_scale": draw(st.sampled_from((1.0, 30.0))),
-            "batches": [dict(_images(draw), kind="unit", scale=0) for _ in range(steps)],
+            "batches": [dict(_images(draw), kind="unit", scale=0, digits=digits) for _ in range(steps)],
             "adam": draw(st.sampled_from(({}, {"lr": 0.01, "decay_steps": 2})))}

@@ -1,7 +1,10 @@
-"""The full model: forward (v, lengths, coupling, reconstruction), loss parts, gradients, predict."""
+"""The full model: forward (v, lengths, coupling, reconstruction), loss parts, gradients, predict.
+
+Besides the drawn recipes (one or two digits per image), forward, loss and value_and_grad always
+check one two-digit batch (MultiMNIST's loss: (B, 2) labels and a target image per digit)."""
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 
 from capsspec.conformance import checks
 from capsspec.conformance import strategies as cs
@@ -11,6 +14,7 @@ from capsspec.conformance.profiles import budget
 @pytest.mark.uses("forward")
 @budget("model")
 @given(recipe=cs.model_recipes(with_labels=None))
+@example(recipe=cs.TWO_DIGIT_MODEL_RECIPE)
 def test_forward(backend, dtype, recipe):
     checks.model_forward(backend, recipe, dtype)
 
@@ -18,6 +22,7 @@ def test_forward(backend, dtype, recipe):
 @pytest.mark.uses("loss")
 @budget("model")
 @given(recipe=cs.model_recipes())
+@example(recipe=cs.TWO_DIGIT_MODEL_RECIPE)
 def test_loss(backend, dtype, recipe):
     checks.model_loss(backend, recipe, dtype)
 
@@ -25,6 +30,7 @@ def test_loss(backend, dtype, recipe):
 @pytest.mark.uses("value_and_grad")
 @budget("model")
 @given(recipe=cs.model_recipes())
+@example(recipe=cs.TWO_DIGIT_MODEL_RECIPE)
 def test_value_and_grad(backend, dtype, recipe):
     checks.model_value_and_grad(backend, recipe, dtype)
 

@@ -210,6 +210,7 @@ def test_every_backend_refuses_the_same_bad_inputs(backend, setup):
     a = backend.asarray
     bad = x.copy()
     bad[1, 0, 3, 3] = np.nan
+    two_targets = np.zeros((2, 2, 1, 8, 8), np.float32)
     cases = [
         (lambda: backend.predict(net, a(bad), SMALL), "x must contain only finite values"),
         (lambda: backend.forward(net, a(np.full_like(x, np.inf)), SMALL), "x must contain only finite values"),
@@ -224,6 +225,12 @@ def test_every_backend_refuses_the_same_bad_inputs(backend, setup):
         (lambda: backend.margin_loss(a(np.ones((0, 3))), a(np.zeros(0, np.int64))), "lengths must hold at least one"),
         (lambda: backend.mask(a(np.ones((2, 3, 4))), a(np.array([0.0, 1.0]))), "labels must have an integer dtype"),
         (lambda: backend.routing(a(np.ones((1, 2, 2, 2))), 0), "iterations must be an int >= 1, got 0"),
+        (lambda: backend.loss(net, a(x), a(np.array([[1, 1], [0, 2]])), SMALL, a(two_targets)),
+         "labels must list distinct classes in each row"),
+        (lambda: backend.value_and_grad(net, a(x), a(np.array([[1, 0], [0, 2]])), SMALL), "targets are required"),
+        (lambda: backend.train_step(net, backend.adam_init(net), a(x), a(np.array([[1, 0], [0, 2]])), SMALL,
+                                    targets=a(x)), r"targets must have shape \(2, 2, 1, 8, 8\)"),
+        (lambda: backend.mask(a(np.ones((2, 3, 4))), a(np.array([[2, 2], [0, 1]]))), "labels must list distinct"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
