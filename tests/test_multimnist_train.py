@@ -142,3 +142,19 @@ def test_a_small_model_learns_multimnist_on_the_cpu(tmp_path):
                            images_per_epoch=s.images_per_epoch)
     summary = quiet_train(config, data, tmp_path, settings=s, adam=AdamConfig(lr=0.003))
     assert summary["test_accuracy"] >= 0.07, summary
+
+
+def test_a_checkpoint_from_before_the_dataset_setting_resumes_as_mnist(tmp_path):
+    from test_train import TINY, splits  # the MNIST trainer tests' tiny model and data
+
+    s = TrainSettings(epochs=1, batch_size=16, val_size=10, seed=1)
+    data = splits(s, n_train=60)
+    quiet_train(TINY, data, tmp_path, settings=s)
+    path = tmp_path / "checkpoint.safetensors"
+    c = ckpt.load_checkpoint(path)
+    old = {k: v for k, v in c.training.items() if k not in ("dataset", "images_per_epoch")}
+    ckpt.save_checkpoint(path, c.params, c.config, state=c.state, adam=c.adam, epoch=c.epoch, rng=c.rng, training=old,
+                         extra=c.extra, backend=c.backend)
+    assert "dataset" not in ckpt.load_checkpoint(path).training
+    quiet_train(TINY, data, tmp_path, settings=TrainSettings(**{**s.to_dict(), "epochs": 2}), resume=True)
+    assert ckpt.load_checkpoint(tmp_path / "final.safetensors").epoch == 2
