@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "$XDG_CACHE_HOME/capsspec/mnist or ~/.cache/capsspec/mnist)")
     p.add_argument("--no-download", action="store_true", help="only check the cache; fetch nothing")
 
-    p = sub.add_parser("train", help="train on MNIST (the paper's settings unless flags say otherwise)",
+    p = sub.add_parser("train", help="train on MNIST or MultiMNIST (the paper's settings unless flags say otherwise)",
                        description="Train on MNIST. Flags left out take the paper's settings (or, with --resume, the "
                                    "resumed run's, its backend, device and dtype included). A resumed run refuses "
                                    "flags that would change it, except --epochs, --eval-batch-size, --log-every and "
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-steps", type=_positive_int, default=None, help="default 2000")
     g.add_argument("--lr-floor", type=_positive_float, default=None, help="default 1e-6")
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the MNIST test set")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the MNIST test set (or MultiMNIST's test pairs)")
     p.add_argument("checkpoint", help="a .safetensors checkpoint")
     _add_backend_flags(p, "default: the fastest available one")
     p.add_argument("--data-dir", default=None, help="MNIST folder")

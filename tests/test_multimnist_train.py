@@ -158,3 +158,20 @@ def test_a_checkpoint_from_before_the_dataset_setting_resumes_as_mnist(tmp_path)
     assert "dataset" not in ckpt.load_checkpoint(path).training
     quiet_train(TINY, data, tmp_path, settings=TrainSettings(**{**s.to_dict(), "epochs": 2}), resume=True)
     assert ckpt.load_checkpoint(tmp_path / "final.safetensors").epoch == 2
+
+
+def test_the_trainer_gives_a_framework_backend_the_same_pairs_and_targets(tmp_path):
+    """torch trains the same MultiMNIST run as the reference: the same parameters after 2 steps, to float32
+    rounding (the backends are held to the reference op by op by the conformance suite)."""
+    pytest.importorskip("torch")
+    s = multimnist_settings(epochs=1, images_per_epoch=16, val_size=8, test_subset=8)
+    data = multimnist_data(*stand_in_mnist(), s)
+    finals = {}
+    for name in ("numpy", "torch"):
+        train(capsspec.get_backend(name), TINY36, data, tmp_path / name, settings=s, progress=None,
+              log=lambda m: None)
+        finals[name] = ckpt.load_checkpoint(tmp_path / name / "final.safetensors").params
+    start = capsspec.init_params(TINY36, s.seed)
+    assert all(not np.array_equal(a, start[k]) for k, a in finals["numpy"].items())  # every parameter moved
+    for k, a in finals["numpy"].items():
+        np.testing.assert_allclose(finals["torch"][k], a, rtol=1e-4, atol=1e-5, err_msg=k)
