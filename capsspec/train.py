@@ -30,6 +30,12 @@ last checkpoint actually written (or saying there is none). Every file goes thro
 capsspec.fileio, so a kill at any moment leaves each file whole (old or new); temporary files
 a killed writer left behind are removed when the run is started or resumed.
 
+Data. MNIST comes as Splits (arrays). Generated data (settings.dataset "multimnist":
+capsspec.multimnist.MultiMnistData) has the same fields, its images made on demand, plus
+`training_batch(epoch, idx, dtype)` -> (images, (B, K) labels, targets) that the trainer passes
+to train_step (targets=...), `fingerprint()` and `describe()` (recorded in checkpoints); with
+(B, K) labels, evaluation takes the K longest capsules (evaluate.predict_top_k).
+
 Honest accuracy. Validation images are held out of the training set. Each epoch the model is
 evaluated on validation and test, but the accuracy the run reports is the final model's, or
 (select="val") the one of the epoch with the best validation accuracy; never the best of the
