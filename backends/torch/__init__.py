@@ -186,6 +186,23 @@ class TorchBackend(ModuleParams, Backend):
         if self.device.startswith("cuda"):
             self._torch().cuda.synchronize(self.device)
 
+    # ------------------------------------------------------------------------- data-parallel training
+    def data_parallel(self, params: Any, state: Any, process_group: Any = None) -> None:
+        """Make train_step on (params, state) data-parallel over torch.distributed's process group:
+        the CapsNet goes through DistributedDataParallel (parallel.py). The group must be initialised
+        (capsspec.distributed does it for a torchrun launch)."""
+        self.check_native(params, state)
+        from .parallel import DataParallel
+
+        state.data_parallel = DataParallel(params, process_group)
+        state.fast_step = None  # a compiled step built before must go through the wrapper: build it again
+
+    def set_batch_share(self, state: Any, local: int, total: int) -> None:
+        """The next train_step on `state` runs `local` of a global batch of `total` images (data-parallel runs)."""
+        if getattr(state, "data_parallel", None) is None:
+            raise ValueError("set_batch_share: this optimizer state is not data-parallel (call data_parallel first)")
+        state.data_parallel.set_share(local, total)
+
     def peak_memory_bytes(self) -> int | None:
         """Peak CUDA memory allocated by torch on the device; None on the CPU."""
         if not self.device.startswith("cuda"):

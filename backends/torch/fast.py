@@ -30,9 +30,11 @@ from .model import CapsNet
 __all__ = ["fast_train_step"]
 
 
-def _compiled_loss(params: CapsNet) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+def _compiled_loss(params: CapsNet, module: Any) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    # module: params itself, or the DistributedDataParallel around it in a distributed run (torch.compile
+    # then splits the graph at DDP's gradient buckets, so the all-reduces still overlap the backward).
     def loss_and_metrics(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = params(x, labels)
+        out = module(x, labels)
         parts = params.loss_parts(out, x, labels)
         correct = (torch.argmax(out.lengths.detach(), dim=1) == labels).sum()
         return parts.total, parts.margin.detach(), parts.reconstruction.detach(), correct
@@ -43,13 +45,16 @@ def _compiled_loss(params: CapsNet) -> Callable[[torch.Tensor, torch.Tensor], tu
 def fast_train_step(params: CapsNet, state: Any, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Loss, backward and one SpecAdam update, in place. Returns (total, margin, reconstruction,
     correct) as 0-d device tensors. The caller (optim.train_step) has validated the arguments."""
+    dp = state.data_parallel
     if state.fast_step is None:
-        state.fast_step = _compiled_loss(params)
+        state.fast_step = _compiled_loss(params, params if dp is None else dp.module)
     x = x.contiguous(memory_format=torch.channels_last)
     params.zero_grad(set_to_none=True)
     with torch.enable_grad():
         total, margin, recon, correct = state.fast_step(x, labels)
-        total.backward()
+        # A distributed run weights this process's share of the batch (parallel.py), outside the
+        # compiled graph so that a new share does not recompile it.
+        (total if dp is None else total * dp.loss_scale).backward()
     state.optimizer.step()
     params.zero_grad(set_to_none=True)
     return total.detach(), margin, recon, correct
