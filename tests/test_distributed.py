@@ -102,6 +102,16 @@ def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> fl
     return worst
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process while a test runs (as torchrun's processes are): on a
+    small shared machine, its thread pool only waits for the other processes' cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -146,7 +156,7 @@ def test_importing_capsspec_distributed_imports_no_framework():
 
 # ===================================================================================== two processes
 @pytest.mark.slow
-def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one(tmp_path, mnist_dir, capsys):
+def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one(tmp_path, mnist_dir, capsys, one_thread):
     two, one = tmp_path / "two", tmp_path / "one"
     r = _torchrun(tmp_path, mnist_dir, ["train", *SMALL, "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
