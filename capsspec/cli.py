@@ -360,7 +360,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                         progress=sys.stderr, show_bar=not args.quiet, backend_options=options,
                         distributed=dist if dist is not None else False)
     except TrainingInterrupted as exc:
-        hint = f"; continue with: capsspec train --resume --out {args.out}" if exc.checkpoint is not None else ""
+        again = "capsspec train" if where is None else "torchrun ... -m capsspec train (on any number of processes)"
+        hint = f"; continue with: {again} --resume --out {args.out}" if exc.checkpoint is not None else ""
         say(f"capsspec train: {exc}{hint}")
         return 143 if exc.signal_name == "SIGTERM" else 130
     except KeyboardInterrupt as exc:  # before training started: nothing was written

@@ -36,10 +36,9 @@ class DataParallel:
 
     def __init__(self, params: CapsNet, process_group: Any = None) -> None:
         device_ids = [params.device.index] if params.device.type == "cuda" else None
-        # The CapsNet has no buffers, and every process starts from the same parameters (DDP
-        # broadcasts rank 0's at construction anyway).
-        self.module = DistributedDataParallel(params, device_ids=device_ids, process_group=process_group,
-                                              broadcast_buffers=False)
+        # Every process starts from the same parameters (DDP broadcasts rank 0's at construction
+        # anyway); the CapsNet has no buffers to keep in step.
+        self.module = DistributedDataParallel(params, device_ids=device_ids, process_group=process_group)
         self.params = params
         self.world_size = dist.get_world_size(process_group)
         self.loss_scale = 1.0  # W n / B of the current step (1 for equal slices)
