@@ -39,6 +39,12 @@ Speed. StepMetrics stay backend scalars: they are summed on the device and read 
 `log_every` steps and at the end of an epoch (when a backend already returns Python numbers,
 reading is free and the progress bar updates every step).
 
+Several processes (torchrun). In a run on several processes (`distributed`, capsspec.distributed)
+every process draws the same global batch and trains its slice of it (`_process_slice`), the
+metrics' sums and the evaluation's counts are summed over the processes (`_read_window`,
+`_evaluate_sharded`), decisions between steps are agreed (`_stopping`, the time rule), and rank 0
+alone writes files and reports; a checkpoint is the same whatever the number of processes.
+
 What this module must never do: import a framework, augment anything but training batches, or
 let a non-finite model overwrite a checkpoint.
 """

@@ -3,7 +3,8 @@
 ops.py has every op of the spec on torch tensors (VJPs by torch.autograd.grad); model.py the
 network as torch.nn.Modules (CapsNet, whose state_dict keys are the canonical parameter names)
 and the spec's model functions; optim.py the spec's Adam as a torch.optim.Optimizer (SpecAdam)
-and train_step; fast.py an optional compiled training step for CUDA.
+and train_step; fast.py an optional compiled training step for CUDA; parallel.py the
+DistributedDataParallel wrapper of a data-parallel run (data_parallel, used by capsspec.distributed).
 
 Native params are a model.CapsNet; optimizer state is an optim.AdamState (a Mapping view
 {"step", "m", "v"} over a SpecAdam). float32 and float64.
