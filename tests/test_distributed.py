@@ -154,6 +154,62 @@ def test_importing_capsspec_distributed_imports_no_framework():
     assert out.strip() == "[]"
 
 
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """torch.distributed's gloo group of this process alone (what torchrun --nproc-per-node 1 would set up)."""
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    yield Launch(rank=0, world_size=1, local_rank=0)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+TINY = dict(conv1_channels=4, conv1_kernel=5, input_height=12, input_width=12, primary_types=2, primary_dim=4,
+            primary_kernel=3, primary_stride=2, num_classes=3, class_dim=4, decoder_widths=(8,))
+
+
+def test_a_share_of_the_batch_weights_the_gradient_by_it(one_process_group):
+    """W n / B scales the loss: with W = 1 and 3 of 7 images, Adam's first moment after one step
+    (1 - beta1) g is 3/7 of the plain step's."""
+    from capsspec import AdamConfig, CapsNetConfig, get_backend, init_params
+    from capsspec.distributed import setup
+
+    config, adam = CapsNetConfig(**TINY), AdamConfig()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((3, 1, 12, 12), dtype=np.float32), np.array([0, 2, 1])
+    b = get_backend("torch")
+    moments = []
+    for share in (None, (3, 7)):
+        p = b.params_from_numpy(init_params(config, 1), config)
+        s = b.adam_init(p)
+        if share is not None:
+            d = setup(b, one_process_group)
+            d.attach(b, p, s)
+            d.begin_step(b, s, *share)
+        p, s, _ = b.train_step(p, s, b.asarray(x), b.asarray(y), config, adam)
+        moments.append(b.state_to_numpy(s)["m"])
+    for k, m in moments[0].items():
+        np.testing.assert_allclose(moments[1][k], m * 3 / 7, rtol=1e-5, atol=1e-12, err_msg=k)
+    with pytest.raises(ValueError, match="local=8, total=7"):
+        d.begin_step(b, s, 8, 7)
+
+
+def test_bench_times_the_distributed_step(one_process_group):
+    from capsspec.bench import _format, run_distributed_benchmark
+    from capsspec.config import CapsNetConfig
+
+    r = run_distributed_benchmark(one_process_group, device="cpu", config=CapsNetConfig(**TINY), batch_size=4,
+                                  steps=1, warmup=0)
+    assert r["world_size"] == 1 and r["batch_per_process"] == [4] and r["process_group"] == "gloo"
+    assert r["train_images_per_second"] == pytest.approx(4 / r["train_step_seconds"])
+    assert r["train_images_per_second_per_process"] == r["train_images_per_second"]
+    assert r["inference_images_per_second"] is None and "distributed" in r["note"]
+    assert not dist.is_initialized()  # it leaves the group it joined
+    r = {**r, "world_size": 2, "batch_per_process": [2, 2], "train_images_per_second_per_process": 1.0}
+    assert "images/s in all, 1.0 per process" in _format(r) and "global batch 4 = 2 + 2" in _format(r)
+
+
 # ===================================================================================== two processes
 @pytest.mark.slow
 def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one(tmp_path, mnist_dir, capsys, one_thread):
