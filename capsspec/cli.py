@@ -2,7 +2,8 @@
 
     capsspec backends                     which backends run here, or why not
     capsspec data [--data-dir DIR]        fetch and verify MNIST, print where it is
-    capsspec train [--backend NAME] ...   train with the paper's settings (flags change them)
+    capsspec train [--backend NAME] ...   train with the paper's settings (flags change them); under
+                                          torchrun, data-parallel over its processes (capsspec.distributed)
     capsspec eval [--backend NAME] CKPT   test accuracy, per-class accuracy, confusion matrix
     capsspec figures CKPT [--out DIR]     reconstructions, Figure 4, training curves (PNG)
     capsspec export CKPT --out FILE       the inference graph as ONNX (capsspec.onnx_export)
@@ -333,6 +334,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     where, dist = launch(), None  # where: this process's place in a torchrun launch of several, or None
     say = (lambda msg: print(msg, file=sys.stderr)) if where is None or where.rank == 0 else (lambda msg: None)
     try:
+        if where is None and args.dist_timeout is not None:
+            raise _UsageError("--dist-timeout applies to runs on several processes started by torchrun only (see the "
+                              "README's \"Training on several GPUs or machines\"); leave it out here")
         config, adam, settings, name, device, options, why_resumed = _train_values(args)
         _check_train_flags(args, config, adam, settings)
         if where is not None:

@@ -147,6 +147,12 @@ def test_only_torch_trains_distributed_and_each_process_gets_its_own_gpu():
     assert plan_device("torch", "cuda:0", where) == ("torch", "cuda:1")
 
 
+def test_dist_timeout_outside_torchrun_is_refused(tmp_path, capsys):
+    assert cli.main(["train", "--dist-timeout", "5", "--out", str(tmp_path / "run")]) == 2
+    assert "--dist-timeout applies to runs on several processes started by torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_importing_capsspec_distributed_imports_no_framework():
     code = "import sys, capsspec.distributed, capsspec.train; print(sorted(m for m in sys.modules if m in " \
            "('torch', 'tensorflow', 'jax', 'cupy')))"
