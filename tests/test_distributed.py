@@ -220,7 +220,8 @@ def test_bench_times_the_distributed_step(one_process_group):
 @pytest.mark.slow
 def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one(tmp_path, mnist_dir, capsys, one_thread):
     two, one = tmp_path / "two", tmp_path / "one"
-    r = _torchrun(tmp_path, mnist_dir, ["train", *SMALL, "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(two)])
+    r = _torchrun(tmp_path, mnist_dir, ["train", *SMALL, "--epochs", "1", "--data-dir", str(mnist_dir), "--out",
+                                        str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("capsspec: done.") == 1, "rank 0 alone reports"
     assert cli.main(["train", *SMALL, "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(one)]) == 0
