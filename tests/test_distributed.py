@@ -255,7 +255,8 @@ def test_two_processes_train_as_one_and_their_checkpoint_resumes_on_one(tmp_path
 
 
 @pytest.mark.slow
-def test_a_process_that_dies_fails_the_job_clearly_and_keeps_the_last_checkpoint(tmp_path, mnist_dir):
+def test_a_process_that_dies_fails_the_job_clearly_and_keeps_the_last_checkpoint(tmp_path, mnist_dir, capsys,
+                                                                                    one_thread):
     out = tmp_path / "run"
     args = ["train", *SMALL, "--train-subset", "28", "--epochs", "1", "--checkpoint-every", "2", "--data-dir",
             str(mnist_dir), "--out", str(out)]
@@ -267,3 +268,14 @@ def test_a_process_that_dies_fails_the_job_clearly_and_keeps_the_last_checkpoint
     assert "ChildFailedError" in r.stderr or "Signal 9" in r.stderr, r.stderr[-3000:]
     c = ckpt.load_checkpoint(out / "checkpoint.safetensors")  # whole (its hash checks out), at step 2
     assert c.step == 2 and not (out / "final.safetensors").exists()
+
+    # That mid-epoch checkpoint of two processes, resumed in one, ends where one process alone ends.
+    one = tmp_path / "one"
+    assert cli.main(["train", "--resume", "--data-dir", str(mnist_dir), "--out", str(out)]) == 0
+    assert cli.main([*args[:-1], str(one)]) == 0
+    assert "at step 2: epoch 1, 2/4 batches" in capsys.readouterr().err
+    _assert_close(_arrays(out / "final.safetensors"), _arrays(one / "final.safetensors"))
+    (resumed,), (alone,) = _rows(out), _rows(one)
+    for key in ("loss", "margin", "reconstruction"):
+        assert abs(resumed[key] - alone[key]) <= tolerance("float32", "gradients").rtol * abs(alone[key]), key
+    assert resumed["train_accuracy"] == alone["train_accuracy"]
