@@ -7,6 +7,12 @@ square layer, so no backend needs extra code), then reports images per second, s
 Results print as a table and, with --json, as one JSON object per run for comparison over time.
 An inference-only backend (Backend.trains False, e.g. onnxruntime) gets its inference timed and
 its training figures reported as not measured (None in the JSON, with a note), never invented.
+
+Under torchrun (`torchrun --nproc-per-node N -m capsspec bench --backend torch ...`) it times the
+distributed training step instead (capsspec.distributed): --batch-size is the global batch, each
+process trains its slice and the gradients are all-reduced; rank 0 reports the step time (the
+slowest process's median), the images per second of the whole job and per process, so that a run
+on N processes compares with a one-process run of the same global batch.
 A benchmark only: nothing here asserts a speed.
 """
 
@@ -28,7 +34,7 @@ from .config import AdamConfig, CapsNetConfig
 from .model import init_params
 from .registry import get_backend
 
-__all__ = ["model_flops", "run_benchmark", "main"]
+__all__ = ["model_flops", "run_benchmark", "run_distributed_benchmark", "main"]
 
 EPOCH_IMAGES = 60_000
 
@@ -145,6 +151,70 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
     }
 
 
+def run_distributed_benchmark(where: Any, *, device: str | None = None, config: CapsNetConfig | None = None,
+                              batch_size: int = 128, dtype: str = "float32", steps: int = 5, warmup: int = 2,
+                              progress=None, **backend_options: Any) -> dict[str, Any]:
+    """Time the data-parallel training step of torch on this process of a torchrun launch (`where`,
+    a capsspec.distributed.Launch); every process returns the same figures (see module docstring)."""
+    from .distributed import plan_device, setup, shard
+
+    config = config or CapsNetConfig()
+    if batch_size < where.world_size or steps < 1 or warmup < 0:
+        raise ValueError(f"batch_size must be at least the {where.world_size} processes (it is the global batch), "
+                         f"steps >= 1 and warmup >= 0; got {batch_size}, {steps}, {warmup}")
+    name, device = plan_device("torch", device, where)
+    backend = get_backend(name, device=device, **backend_options)
+    if dtype not in backend.dtypes:
+        raise ValueError(f"backend {name!r} supports dtypes {backend.dtypes}, not {dtype!r}")
+    say = progress if progress is not None and where.rank == 0 else (lambda msg: None)
+    dist = setup(backend, where)
+    try:
+        rng = np.random.default_rng(0)  # the same global batch on every process; each takes its slice
+        x_np = rng.uniform(size=(batch_size, *config.input_shape)).astype(dtype)
+        y_np = rng.integers(0, config.num_classes, size=batch_size)
+        lo, hi = dist.shard(batch_size)
+        x, y = backend.asarray(x_np[lo:hi]), backend.asarray(y_np[lo:hi])
+        holder = {"params": backend.params_from_numpy(init_params(config, 0, dtype), config)}
+        holder["state"] = backend.adam_init(holder["params"])
+        dist.attach(backend, holder["params"], holder["state"])
+        backend.set_batch_share(holder["state"], hi - lo, batch_size)
+        adam = AdamConfig()
+
+        def train_once():
+            holder["params"], holder["state"], holder["metrics"] = backend.train_step(
+                holder["params"], holder["state"], x, y, config, adam)
+
+        say(f"warming up {backend.name} on {dist.describe()} ({warmup} training steps)")
+        for _ in range(warmup):
+            train_once()
+        backend.synchronize()
+        say(f"timing {steps} distributed training steps at global batch {batch_size}")
+        t_own = _median_time(train_once, steps, backend.synchronize)
+        float(backend.to_numpy(holder["metrics"].total))  # the step really finished
+        # Every process's median, each in its own slot of the sum: the slowest one sets the pace.
+        times = dist.sum([t_own if r == dist.rank else 0.0 for r in range(dist.world_size)])
+        group = dist.group_backend
+    finally:
+        dist.close()
+    t_step = max(times)
+    total = batch_size / t_step
+    flops = model_flops(config)
+    return {
+        **_run_info(backend, config, batch_size, dtype),
+        "world_size": where.world_size, "process_group": group,
+        "batch_per_process": [b - a for a, b in (shard(batch_size, r, where.world_size)
+                                                 for r in range(where.world_size))],
+        "note": "distributed run: the data-parallel training step only; inference and the dense-matmul rate are "
+                "not measured",
+        "train_step_seconds": t_step, "train_step_seconds_per_process": times,
+        "train_images_per_second": total, "train_images_per_second_per_process": total / where.world_size,
+        "epoch_seconds_60k": EPOCH_IMAGES / total,
+        "inference_images_per_second": None, "train_gflops_per_image": flops["train"] / 1e9,
+        "achieved_tflops": flops["train"] * total / 1e12, "matmul_tflops": None, "fraction_of_matmul_rate": None,
+        **_peak_memory(backend), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def _run_info(backend, config: CapsNetConfig, batch_size: int, dtype: str) -> dict[str, Any]:
     """What was measured and where: the fields every result starts with, trained or not."""
     avail = backend.availability()
@@ -174,6 +244,16 @@ def _inference_only(backend, params, x, config, batch_size, dtype, steps, say) -
 
 def _format(r: dict[str, Any]) -> str:
     mem = r["peak_memory_bytes"] / 2**20
+    if r.get("world_size", 1) > 1:
+        return (f"{r['backend']} {r['backend_version']} on {r['device']} and {r['world_size'] - 1} more process(es) "
+                f"({r['process_group']}; {r['dtype']}, global batch {r['batch_size']} = "
+                f"{' + '.join(map(str, r['batch_per_process']))}, {r['routing_iterations']} routing iterations"
+                f"{', decoder' if r['use_decoder'] else ''})\n"
+                f"  training:   {r['train_images_per_second']:10.1f} images/s in all, "
+                f"{r['train_images_per_second_per_process']:.1f} per process   "
+                f"{r['epoch_seconds_60k']:10.1f} s per 60k epoch ({r['train_step_seconds']:.3f} s per step)\n"
+                f"  inference:  not measured in a distributed run\n"
+                f"  peak memory: {mem:9.1f} MiB on rank 0 ({r['peak_memory_kind']})")
     if r.get("train_images_per_second") is None:
         return (f"{r['backend']} {r['backend_version']} on {r['device']} ({r['dtype']}, batch {r['batch_size']}, "
                 f"{r['routing_iterations']} routing iterations{', decoder' if r['use_decoder'] else ''})\n"
@@ -218,8 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="ask the backend for its fast path (backends that have one)")
     p.add_argument("--json", metavar="FILE", help="append one JSON object per backend to FILE ('-' for stdout)")
     args = p.parse_args(argv)
+    from .distributed import launch
     from .registry import available_backends
 
+    where = launch()
+    if where is not None:  # one of several processes started by torchrun: the distributed step
+        return _distributed_main(args, where)
     names = args.backend or available_backends()
     if len(names) > 1:
         # One process per backend: host peak memory (ru_maxrss) only ever grows within a process,
@@ -251,6 +335,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
     return status
+
+
+def _distributed_main(args: argparse.Namespace, where: Any) -> int:
+    if args.backend not in (None, ["torch"]):
+        print(f"capsspec bench: under torchrun only --backend torch can be timed (torch.distributed), got "
+              f"{', '.join(args.backend)}", file=sys.stderr)
+        return 2
+    config = CapsNetConfig(routing_iterations=args.routing_iterations, use_decoder=not args.no_decoder)
+    try:
+        r = run_distributed_benchmark(where, device=args.device, config=config, batch_size=args.batch_size,
+                                      dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+                                      progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
+                                      **({"fast": True} if args.fast else {}))
+    except (ValueError, RuntimeError) as exc:
+        print(f"capsspec bench: rank {where.rank}: {exc}", file=sys.stderr)
+        return 2
+    if where.rank == 0:
+        print(_format(r), flush=True)
+        if args.json == "-":
+            print(json.dumps(r))
+        elif args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

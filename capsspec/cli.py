@@ -2,7 +2,8 @@
 
     capsspec backends                     which backends run here, or why not
     capsspec data [--data-dir DIR]        fetch and verify MNIST, print where it is
-    capsspec train [--backend NAME] ...   train with the paper's settings (flags change them)
+    capsspec train [--backend NAME] ...   train with the paper's settings (flags change them); under
+                                          torchrun, data-parallel over its processes (capsspec.distributed)
     capsspec eval [--backend NAME] CKPT   test accuracy, per-class accuracy, confusion matrix
     capsspec figures CKPT [--out DIR]     reconstructions, Figure 4, training curves (PNG)
     capsspec export CKPT --out FILE       the inference graph as ONNX (capsspec.onnx_export)
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "minutes of training on a CPU, every minute on a GPU; 0: at each epoch's end only). Ctrl-C "
                         "or SIGTERM always writes one of the step under way")
     g.add_argument("--quiet", action="store_true", help="no progress bar (one line per epoch only)")
+    g.add_argument("--dist-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others in a collective before the run "
+                        "fails (default 600)")
     g = p.add_argument_group("model (paper defaults)")
     g.add_argument("--routing-iterations", type=_positive_int, default=None, help="default 3")
     g.add_argument("--no-decoder", action="store_true", default=None, help="train without the reconstruction decoder")
@@ -345,6 +349,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
     from .backend import BackendUnavailable
+    from .distributed import DEFAULT_TIMEOUT_SECONDS, launch, plan_device, setup
     from .train import TrainingInterrupted, choose_backend, train
 
     def terminated(signum: int, frame: Any) -> None:  # before training starts; train() then handles it itself
@@ -352,9 +357,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     in_main = threading.current_thread() is threading.main_thread()  # only there can handlers be set
     previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
+    where, dist = launch(), None  # where: this process's place in a torchrun launch of several, or None
+    say = (lambda msg: print(msg, file=sys.stderr)) if where is None or where.rank == 0 else (lambda msg: None)
     try:
+        if where is None and args.dist_timeout is not None:
+            raise _UsageError("--dist-timeout applies to runs on several processes started by torchrun only (see the "
+                              "README's \"Training on several GPUs or machines\"); leave it out here")
         config, adam, settings, name, device, options, why_resumed = _train_values(args)
         _check_train_flags(args, config, adam, settings)
+        if where is not None:
+            name, device = plan_device(name, device, where)
         try:
             backend, why = choose_backend(name, device, options)
         except BackendUnavailable as exc:
@@ -365,19 +377,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         avail = backend.availability()
         if why_resumed is not None:  # not "asked for with --backend": the run's own
             why = why_resumed + (why[why.index(";"):] if ";" in why else "")
-        print(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}", file=sys.stderr)
+        if where is not None:
+            dist = setup(backend, where, timeout=args.dist_timeout or DEFAULT_TIMEOUT_SECONDS)
+            why += f"; one of {dist.describe()}, rank {dist.rank} on {backend.device}"
+        say(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}")
         splits = _mnist_splits(args.data_dir, config, settings)
         shifts = ("MultiMNIST pairs, each digit shifted up to 4 px" if settings.dataset == "multimnist" else
                   f"shifts up to {settings.max_shift} px")
-        print(f"capsspec: {splits.train_x.shape[0]} training images per epoch ({shifts}), "
+        say(f"capsspec: {splits.train_x.shape[0]} training images per epoch ({shifts}), "
               f"{splits.val_x.shape[0]} validation, {splits.test_x.shape[0]} test; {config.parameter_count():,} "
               f"parameters; batch {settings.batch_size}, {settings.epochs} epochs, routing {config.routing_iterations}, "
-              f"decoder {'on' if config.use_decoder else 'off'}, {settings.dtype}; output in {args.out}", file=sys.stderr)
+              f"decoder {'on' if config.use_decoder else 'off'}, {settings.dtype}; output in {args.out}")
         summary = train(backend, config, splits, args.out, adam=adam, settings=settings, resume=args.resume,
-                        progress=sys.stderr, show_bar=not args.quiet, backend_options=options)
+                        progress=sys.stderr, show_bar=not args.quiet, backend_options=options,
+                        distributed=dist if dist is not None else False)
     except TrainingInterrupted as exc:
-        hint = f"; continue with: capsspec train --resume --out {args.out}" if exc.checkpoint is not None else ""
-        print(f"capsspec train: {exc}{hint}", file=sys.stderr)
+        again = "capsspec train" if where is None else "torchrun ... -m capsspec train (on any number of processes)"
+        hint = f"; continue with: {again} --resume --out {args.out}" if exc.checkpoint is not None else ""
+        say(f"capsspec train: {exc}{hint}")
         return 143 if exc.signal_name == "SIGTERM" else 130
     except KeyboardInterrupt as exc:  # before training started: nothing was written
         kept = (f"the checkpoint in {args.out} is unchanged; continue with: capsspec train --resume --out {args.out}"
@@ -388,6 +405,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+        if dist is not None:
+            dist.close()
+    if where is not None and where.rank != 0:
+        return 0
     print(json.dumps({k: summary[k] for k in ("backend", "device", "epochs_completed", "test_accuracy",
                                               "test_error_percent", "val_accuracy", "reported_model", "train_seconds",
                                               "train_seconds_by_backend", "reported_checkpoint")}, indent=2))
@@ -533,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from .backend import BackendUnavailable
     from .data import MnistUnavailable
+    from .distributed import PeerFailure
     from .train import TrainingDiverged
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -570,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, BackendUnavailable, MnistUnavailable, FileNotFoundError) as exc:
         print(f"capsspec {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, PeerFailure) as exc:
         print(f"capsspec {args.command}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

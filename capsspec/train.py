@@ -45,6 +45,12 @@ Speed. StepMetrics stay backend scalars: they are summed on the device and read 
 `log_every` steps and at the end of an epoch (when a backend already returns Python numbers,
 reading is free and the progress bar updates every step).
 
+Several processes (torchrun). In a run on several processes (`distributed`, capsspec.distributed)
+every process draws the same global batch and trains its slice of it (`_process_slice`), the
+metrics' sums and the evaluation's counts are summed over the processes (`_read_window`,
+`_evaluate_sharded`), decisions between steps are agreed (`_stopping`, the time rule), and rank 0
+alone writes files and reports; a checkpoint is the same whatever the number of processes.
+
 What this module must never do: import a framework, augment anything but training batches, or
 let a non-finite model overwrite a checkpoint.
 """
@@ -60,6 +66,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, TextIO
@@ -70,6 +77,7 @@ from .augment import MAX_SHIFT, augment_batch, random_shifts
 from .backend import Backend, BackendUnavailable
 from .checkpoint import CHECKPOINT_NAME, FINAL_NAME, load_checkpoint, read_metadata, save_checkpoint
 from .config import AdamConfig, CapsNetConfig, from_fields
+from .distributed import PeerFailure, collective
 from .evaluate import accuracy, predict_all, predict_top_k
 from .fileio import atomic_write_text, stale_temporaries
 from .model import init_params
@@ -410,6 +418,7 @@ class _Run:
     saved: tuple[int, int, int] | None = None  # (epoch, batch, step) of checkpoint.safetensors; None: none
     clock: float = 0.0  # perf_counter at the last time accounting
     fingerprint: str = ""
+    dist: Any = None  # a capsspec.distributed.Distributed in a run on several processes, else None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -421,7 +430,17 @@ class _Run:
 
     @property
     def where(self) -> str:
-        return f"{self.backend.name} ({self.backend.availability().device})"
+        processes = "" if self.dist is None else f" x {self.dist.world_size} processes"
+        return f"{self.backend.name} ({self.backend.availability().device}){processes}"
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files: always, except on ranks other than 0 of a distributed run."""
+        return self.dist is None or self.dist.writes
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
 
     def last_good(self) -> str:
         if self.saved is None:
@@ -554,7 +573,8 @@ def _start(run: _Run) -> None:
     run.params = run.backend.params_from_numpy(init_params(run.config, s.seed, s.dtype), run.config)
     run.state = run.backend.adam_init(run.params)
     run.lr = run.adam.learning_rate(0)
-    atomic_write_text(run.out / METRICS_NAME, "")
+    if run.writes:
+        atomic_write_text(run.out / METRICS_NAME, "")
 
 
 def _resume(run: _Run) -> None:
@@ -585,6 +605,10 @@ def _resume(run: _Run) -> None:
     run.state = run.backend.state_from_numpy(state, run.params)
     run.sums = {k: float(progress.get("sums", {}).get(k, 0.0)) for k in _SUMS}
     run.window = {k: run.backend.asarray(np.asarray(v, dtype=dt)) for k, (v, dt) in progress.get("window", {}).items()}
+    if run.dist is not None:  # the window holds the whole run's sums: fold it in once, not once per process
+        for k, (v, _) in progress.get("window", {}).items():
+            run.sums[k] += float(v)
+        run.window = {}
     run.seen, run.epoch_seconds = int(progress.get("seen", 0)), float(progress.get("seconds", 0.0))
     run.seconds_by_backend = {k: float(v) for k, v in ck.extra.get("seconds_by_backend", {}).items()}
     run.best_val, run.best_epoch = float(ck.extra.get("best_val_accuracy", -1.0)), int(ck.extra.get("best_epoch", 0))
@@ -598,10 +622,16 @@ def _resume(run: _Run) -> None:
     now = _where(run.backend.name, run.backend.device, run.backend_options, s.dtype)
     how = ("as the run was started" if now == started else
            f"as asked; the run was started on {started}, so the result will not be bit-exact with an uninterrupted run")
+    before = int(ck.extra.get("world_size", 1))
+    if before != run.world_size:
+        how += (f"; it ran on {before} process{'es' if before > 1 else ''} and now on {run.world_size}: the same "
+                "trajectory up to float32 reductions, not bit for bit")
     run.log(f"capsspec: resuming {path} at {run.position(run.epoch, run.batch, run.step)} on {now}, {how}")
 
 
 def _write_metrics(run: _Run) -> None:
+    if not run.writes:
+        return
     atomic_write_text(run.out / METRICS_NAME,
                       "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in run.history))
 
@@ -616,17 +646,21 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
     run.clock = last_save = time.perf_counter()
     try:
         while run.batch < spe:
-            if stop.received is not None:
+            if _stopping(run, stop):
                 run.account()
                 return False
             idx = perm[run.batch * s.batch_size:(run.batch + 1) * s.batch_size]
             xb, yb, tb = _training_batch(run, idx, shift_rng)
+            n = idx.size
+            if run.dist is not None:  # the same global batch on every process; this one trains its slice
+                xb, yb, tb, n = _process_slice(run, xb, yb, tb)
             targets = {} if tb is None else {"targets": backend.asarray(tb)}
-            run.params, run.state, m = backend.train_step(run.params, run.state, backend.asarray(xb),
-                                                          backend.asarray(yb), run.config, run.adam, **targets)
+            with collective("a training step (its gradient all-reduce)") if run.dist is not None else nullcontext():
+                run.params, run.state, m = backend.train_step(run.params, run.state, backend.asarray(xb),
+                                                              backend.asarray(yb), run.config, run.adam, **targets)
             run.batch, run.step, run.seen, run.lr = run.batch + 1, run.step + 1, run.seen + idx.size, float(m.lr)
-            for key, value in zip(_SUMS, (m.total * idx.size, m.margin * idx.size, m.reconstruction * idx.size,
-                                          m.correct)):
+            for key, value in zip(_SUMS, (m.total * n, m.margin * n, m.reconstruction * n,
+                                          m.correct if n else m.correct * 0)):
                 run.window[key] = value if key not in run.window else run.window[key] + value
             if (isinstance(m.total, (int, float, np.generic)) or run.batch % s.log_every == 0
                     or run.batch == spe):
@@ -637,6 +671,8 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
                                     " img/s", refresh=False)
             bar.update(1)  # after the postfix, so that the refresh shows this step's numbers
             due = (run.step % every == 0) if every else (every is None and time.perf_counter() - last_save >= seconds)
+            if run.dist is not None and every is None:  # the time rule: each process has its own clock
+                due = run.dist.agree(due)[0]
             if due and run.batch < spe:  # an epoch's end is checkpointed after its evaluation
                 run.account()
                 _save(run, run.checkpoint)
@@ -650,13 +686,30 @@ def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_ba
 
 def _training_batch(run: _Run, idx: np.ndarray, shift_rng: np.random.Generator
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(images, labels, targets or None) of the training examples idx of run.epoch."""
+    """(images, labels, targets or None) of the training examples idx of run.epoch (the global batch)."""
     s, data = run.settings, run.data
     if callable(getattr(data, "training_batch", None)):  # generated data: a function of (seed, epoch, idx)
         xb, yb, tb = data.training_batch(run.epoch, idx, s.dtype)
         return np.ascontiguousarray(xb, dtype=s.dtype), yb, np.ascontiguousarray(tb, dtype=s.dtype)
     xb = augment_batch(data.train_x[idx], shift_rng, s.max_shift) if s.max_shift else data.train_x[idx]
     return np.ascontiguousarray(xb, dtype=s.dtype), data.train_y[idx], None
+
+
+def _process_slice(run: _Run, xb: np.ndarray, yb: np.ndarray, tb: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """(images, labels, targets, count) of this process's contiguous slice of a global batch (capsspec.distributed).
+
+    A process whose slice is empty (a last batch smaller than the number of processes) still runs
+    the step, so that it takes part in the gradient's all-reduce: on the batch's first image, with
+    a weight of 0, and its metrics are not counted.
+    """
+    lo, hi = run.dist.shard(xb.shape[0])
+    run.dist.begin_step(run.backend, run.state, hi - lo, xb.shape[0])
+    if hi == lo:
+        lo, hi, n = 0, 1, 0
+    else:
+        n = hi - lo
+    return xb[lo:hi], yb[lo:hi], None if tb is None else tb[lo:hi], n
 
 
 def _checkpoint_rule(run: _Run) -> tuple[int | None, float]:
@@ -668,7 +721,16 @@ def _checkpoint_rule(run: _Run) -> tuple[int | None, float]:
     return s.checkpoint_every, CHECKPOINT_SECONDS_CPU if on_cpu else CHECKPOINT_SECONDS_ACCELERATOR
 
 
+def _stopping(run: _Run, stop: _StopSignals) -> bool:
+    """Whether the run stops here: a signal came (in a distributed run: to any of its processes)."""
+    if run.dist is None:
+        return stop.received is not None
+    return run.dist.agree(stop.received is not None)[0]
+
+
 def _read_window(run: _Run) -> None:
+    if run.dist is not None and run.window:  # every process's sums (all processes read at the same steps)
+        run.window = dict(zip(run.window, run.dist.sum(list(run.window.values()))))
     # Reading device scalars forces a sync, so it happens only here.
     for key, value in run.window.items():
         run.sums[key] += _host_float(run.backend, value)
@@ -700,24 +762,57 @@ def _bar(progress: TextIO | None, show_bar: bool, total: int, done: int, label: 
 # ===================================================================================== evaluate
 def _evaluate(run: _Run, stop: _StopSignals) -> tuple[float | None, float | None, float] | None:
     """(validation accuracy, test accuracy, seconds) of the current model; None if a stop signal came first."""
+    if run.dist is not None:
+        return _evaluate_sharded(run, stop)
     t0, s, accs = time.perf_counter(), run.settings, []
     for x, y in ((run.data.val_x, run.data.val_y), (run.data.test_x, run.data.test_y)):
         predictions = []
         for start in range(0, x.shape[0], s.eval_batch_size):
             if stop.received is not None:
                 return None
-            xb = x[start:start + s.eval_batch_size]
-            predictions.append(predict_all(run.backend, run.params, xb, run.config, batch_size=s.eval_batch_size,
-                                           dtype=s.dtype) if y.ndim == 1 else  # (N, K) labels: the K longest
-                               predict_top_k(run.backend, run.params, xb, run.config, y.shape[1],
-                                             batch_size=s.eval_batch_size, dtype=s.dtype))
+            predictions.append(_predict(run, x[start:start + s.eval_batch_size], y))
         accs.append(accuracy(np.concatenate(predictions), y) if predictions else None)
     return accs[0], accs[1], time.perf_counter() - t0
 
 
+def _predict(run: _Run, xb: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The predicted class of each image of xb, or its K longest classes when the labels y are (N, K)."""
+    s = run.settings
+    if y.ndim == 1:
+        return predict_all(run.backend, run.params, xb, run.config, batch_size=s.eval_batch_size, dtype=s.dtype)
+    return predict_top_k(run.backend, run.params, xb, run.config, y.shape[1], batch_size=s.eval_batch_size,
+                         dtype=s.dtype)
+
+
+def _evaluate_sharded(run: _Run, stop: _StopSignals) -> tuple[float | None, float | None, float] | None:
+    """_evaluate in a distributed run: each process predicts its contiguous shard of each set, and the
+    counts of correct predictions are summed over the processes, so the accuracy is exact."""
+    t0, s, counts = time.perf_counter(), run.settings, []
+    for x, y in ((run.data.val_x, run.data.val_y), (run.data.test_x, run.data.test_y)):
+        lo, hi = run.dist.shard(x.shape[0])
+        # As many rounds on every process (the largest shard's), so that they agree on stops together.
+        rounds = math.ceil(math.ceil(x.shape[0] / run.world_size) / s.eval_batch_size)
+        correct = 0
+        for k in range(rounds):
+            if _stopping(run, stop):
+                return None
+            a, b = min(hi, lo + k * s.eval_batch_size), min(hi, lo + (k + 1) * s.eval_batch_size)
+            if b > a:
+                correct += int(round(accuracy(_predict(run, x[a:b], y), y[a:b]) * (b - a)))
+        counts += [correct, hi - lo]
+    totals = run.dist.sum(counts)
+    val, test = (c / n if n else None for c, n in zip(totals[0::2], totals[1::2]))
+    return val, test, time.perf_counter() - t0
+
+
 # ===================================================================================== save
 def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
-    """Checkpoint where the run is (mid-epoch or not) to `path`; returns the parameters as NumPy arrays."""
+    """Checkpoint where the run is (mid-epoch or not) to `path`; returns the parameters as NumPy arrays.
+
+    In a distributed run every process calls it at the same point (the parameters are the same on all
+    of them, so all reach the same verdict on them) and rank 0 alone writes."""
+    if run.dist is not None:
+        _read_window(run)  # the sums of every process, so that the checkpoint holds the whole run's
     params_np = run.backend.params_to_numpy(run.params)
     bad = [k for k, a in params_np.items() if not np.all(np.isfinite(a))]
     if bad:
@@ -736,8 +831,12 @@ def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
              "history": [{k: _jsonable(v) for k, v in r.items()} for r in run.history],
              "train_seconds": sum(run.seconds_by_backend.values()), "seconds_by_backend": run.seconds_by_backend,
              "best_val_accuracy": run.best_val, "best_epoch": run.best_epoch, "device": run.backend.device,
-             "backend_options": run.backend_options,
+             "backend_options": run.backend_options, "world_size": run.world_size,
              "dataset": data.describe() if callable(getattr(data, "describe", None)) else {"name": "mnist"}}
+    if not run.writes:
+        if path == run.checkpoint:
+            run.saved = (run.epoch, run.batch, run.step)
+        return params_np
     save_checkpoint(path, params_np, run.config, state=run.backend.state_to_numpy(run.state), adam=run.adam,
                     epoch=run.epoch - 1, rng=_rng_record(run.settings, run.epoch, run.batch, data.train_x.shape[0]),
                     training=run.settings.to_dict(), extra=extra, backend=run.backend.name)
@@ -780,7 +879,7 @@ def _end_epoch(run: _Run, val_acc: float | None, test_acc: float | None, eval_se
 def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | os.PathLike, *,
           adam: AdamConfig = AdamConfig(), settings: TrainSettings = TrainSettings(), resume: bool = False,
           progress: TextIO | None = sys.stderr, show_bar: bool = True, log: Callable[[str], None] | None = None,
-          backend_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          backend_options: Mapping[str, Any] | None = None, distributed: Any = None) -> dict[str, Any]:
     """Train, evaluate each epoch, checkpoint into out_dir; returns the run's summary.
 
     resume=True continues from out_dir/checkpoint.safetensors (mid-epoch or not), which must have
@@ -792,16 +891,27 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
     progress: where the progress bar and per-epoch lines go (None: nowhere); show_bar=False keeps
     only the per-epoch lines. backend_options: the options the backend was built with, recorded
     so that a resumed run uses them again.
+
+    distributed: a capsspec.distributed.Distributed to train data-parallel over its processes; None
+    (the default) joins torchrun's processes when this process is one of several it started, and
+    is an ordinary run otherwise; False is always an ordinary run. Only rank 0 writes and reports.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     _check_inputs(backend, config, data, settings)
+    dist = _join(backend, distributed)
+    if dist is not None and not dist.writes:
+        progress, log = None, (lambda msg: None)
     out = _out_folder(out_dir)
     for name in (CHECKPOINT_NAME, FINAL_NAME, BEST_VAL_NAME, METRICS_NAME, SUMMARY_NAME):
-        for tmp in stale_temporaries(out / name):  # left by a writer that was killed
+        for tmp in stale_temporaries(out / name) if dist is None or dist.writes else ():  # left by a killed writer
             tmp.unlink(missing_ok=True)
     run = _Run(backend, config, adam, settings, data, out, log, dict(backend_options or {}),
-               fingerprint=_data_fingerprint(data))
+               fingerprint=_data_fingerprint(data), dist=dist)
     _resume(run) if resume else _start(run)
+    if dist is not None:
+        dist.attach(backend, run.params, run.state)
+        log(f"capsspec: data-parallel on {dist.describe()}: global batch {settings.batch_size}, each process "
+            f"trains its slice of it and the gradients are all-reduced; rank 0 writes")
     if run.epoch > settings.epochs and _finished(run):
         raise ValueError(f"{run.checkpoint} is already at epoch {run.epoch - 1}; pass a larger --epochs to train "
                          "further")
@@ -819,13 +929,32 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
                 if evaluation is None:
                     _stop(run, stop)
                 _end_epoch(run, *evaluation, progress=progress)
-                if stop.received is not None and run.epoch <= settings.epochs:
+                if run.epoch <= settings.epochs and _stopping(run, stop):
                     _stop(run, stop)
             return _finish(run)
         except TrainingInterrupted:
             raise
+        except PeerFailure as exc:
+            if dist is None:
+                raise
+            raise PeerFailure(f"process {dist.rank} of {dist.world_size}: {exc}. Another process of this run probably "
+                              "stopped or became unreachable (torchrun's report names it). The last checkpoint is "
+                              f"{run.last_good()}; it is whole, and `torchrun ... -m capsspec train --resume --out "
+                              f"{run.out}` continues from it") from exc
         except KeyboardInterrupt:
             raise _stopped_at_once(run, stop) from None
+
+
+def _join(backend: Backend, distributed: Any) -> Any:
+    """The run's capsspec.distributed.Distributed, or None for an ordinary run (see train's distributed)."""
+    if distributed is False:
+        return None
+    if distributed is not None:
+        return distributed
+    from .distributed import launch, setup
+
+    where = launch()
+    return None if where is None else setup(backend, where)
 
 
 def _check_inputs(backend: Backend, config: CapsNetConfig, data: Splits, settings: TrainSettings) -> None:
@@ -907,8 +1036,11 @@ def _summary(run: _Run) -> dict[str, Any]:
         "mean_images_per_second": float(np.mean([r["images_per_second"] for r in history])),
         "checkpoint": str(run.checkpoint), "final_checkpoint": str(out / FINAL_NAME),
         "metrics": str(out / METRICS_NAME),
+        "world_size": run.world_size,
     }
     summary_path = out / SUMMARY_NAME
+    if not run.writes:
+        return summary
     atomic_write_text(summary_path, json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
     err = summary["test_error_percent"]
     where = (f"on {next(iter(run.seconds_by_backend))}" if len(run.seconds_by_backend) == 1 else

@@ -3,7 +3,8 @@
 ops.py has every op of the spec on torch tensors (VJPs by torch.autograd.grad); model.py the
 network as torch.nn.Modules (CapsNet, whose state_dict keys are the canonical parameter names)
 and the spec's model functions; optim.py the spec's Adam as a torch.optim.Optimizer (SpecAdam)
-and train_step; fast.py an optional compiled training step for CUDA.
+and train_step; fast.py an optional compiled training step for CUDA; parallel.py the
+DistributedDataParallel wrapper of a data-parallel run (data_parallel, used by capsspec.distributed).
 
 Native params are a model.CapsNet; optimizer state is an optim.AdamState (a Mapping view
 {"step", "m", "v"} over a SpecAdam). float32 and float64.
@@ -189,6 +190,23 @@ class TorchBackend(ModuleParams, Backend):
         """Wait for queued CUDA work (a no-op on the CPU, where torch runs synchronously)."""
         if self.device.startswith("cuda"):
             self._torch().cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------------- data-parallel training
+    def data_parallel(self, params: Any, state: Any, process_group: Any = None) -> None:
+        """Make train_step on (params, state) data-parallel over torch.distributed's process group:
+        the CapsNet goes through DistributedDataParallel (parallel.py). The group must be initialised
+        (capsspec.distributed does it for a torchrun launch)."""
+        self.check_native(params, state)
+        from .parallel import DataParallel
+
+        state.data_parallel = DataParallel(params, process_group)
+        state.fast_step = None  # a compiled step built before must go through the wrapper: build it again
+
+    def set_batch_share(self, state: Any, local: int, total: int) -> None:
+        """The next train_step on `state` runs `local` of a global batch of `total` images (data-parallel runs)."""
+        if getattr(state, "data_parallel", None) is None:
+            raise ValueError("set_batch_share: this optimizer state is not data-parallel (call data_parallel first)")
+        state.data_parallel.set_share(local, total)
 
     def peak_memory_bytes(self) -> int | None:
         """Peak CUDA memory allocated by torch on the device; None on the CPU."""

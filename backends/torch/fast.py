@@ -30,12 +30,14 @@ from .model import CapsNet, count_correct
 __all__ = ["fast_train_step"]
 
 
-def _compiled_loss(params: CapsNet) -> Callable[..., tuple[torch.Tensor, ...]]:
+def _compiled_loss(params: CapsNet, module: Any) -> Callable[..., tuple[torch.Tensor, ...]]:
+    # module: params itself, or the DistributedDataParallel around it in a distributed run (torch.compile
+    # then splits the graph at DDP's gradient buckets, so the all-reduces still overlap the backward).
     # targets None (one digit per image, compared with x) and a tensor (MultiMNIST's digits) are
     # two graphs: torch.compile guards on it and compiles each once.
     def loss_and_metrics(x: torch.Tensor, labels: torch.Tensor,
                          targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        out = params(x, labels)
+        out = module(x, labels)
         parts = params.loss_parts(out, x, labels, targets)
         return parts.total, parts.margin.detach(), parts.reconstruction.detach(), count_correct(out.lengths, labels)
 
@@ -46,13 +48,16 @@ def fast_train_step(params: CapsNet, state: Any, x: torch.Tensor, labels: torch.
                     targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Loss, backward and one SpecAdam update, in place. Returns (total, margin, reconstruction,
     correct) as 0-d device tensors. The caller (optim.train_step) has validated the arguments."""
+    dp = state.data_parallel
     if state.fast_step is None:
-        state.fast_step = _compiled_loss(params)
+        state.fast_step = _compiled_loss(params, params if dp is None else dp.module)
     x = x.contiguous(memory_format=torch.channels_last)
     params.zero_grad(set_to_none=True)
     with torch.enable_grad():
         total, margin, recon, correct = state.fast_step(x, labels, targets)
-        total.backward()
+        # A distributed run weights this process's share of the batch (parallel.py), outside the
+        # compiled graph so that a new share does not recompile it.
+        (total if dp is None else total * dp.loss_scale).backward()
     state.optimizer.step()
     params.zero_grad(set_to_none=True)
     return total.detach(), margin, recon, correct

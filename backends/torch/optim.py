@@ -131,6 +131,8 @@ class AdamState(AdamStateView):
         self.optimizer = optimizer
         self.names = params.canonical_parameters()  # canonical name -> Parameter
         self.fast_step: Any = None  # the compiled step of the fast path, built on first use
+        # parallel.DataParallel when the trainer runs data-parallel (TorchBackend.data_parallel), else None
+        self.data_parallel: Any = None
 
     @property
     def step(self) -> int:
@@ -183,10 +185,13 @@ def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch
     The metrics' total, margin, reconstruction and correct are 0-d tensors on the device (read
     them when needed; nothing here waits for the device); lr is a Python float. On CUDA the door
     defers its value checks to the next host read (capsspec.validation). A CapsNet with .fast set (the
-    backend's fast=True / compile=True on CUDA) takes the compiled path of fast.py.
+    backend's fast=True / compile=True on CUDA) takes the compiled path of fast.py. With
+    state.data_parallel set (a distributed run), the forward pass goes through DistributedDataParallel
+    and the gradients are all-reduced during the backward pass (parallel.py).
     """
     state.optimizer.configure(adam)
     lr = state.optimizer.current_lr()
+    dp = state.data_parallel
     if params.fast:
         from .fast import fast_train_step  # only here: the CPU path never imports it
 
@@ -194,9 +199,9 @@ def train_step(params: CapsNet, state: AdamState, x: torch.Tensor, labels: torch
     else:
         params.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            out = params(x, labels)
+            out = params(x, labels) if dp is None else dp.module(x, labels)
             parts = params.loss_parts(out, x, labels, targets)
-            parts.total.backward()
+            (parts.total if dp is None else parts.total * dp.loss_scale).backward()
         correct = count_correct(out.lengths, labels)
         state.optimizer.step()
         params.zero_grad(set_to_none=True)  # the spec's params carry no gradients between calls
