@@ -34,11 +34,11 @@ nothing). A backend with other arrays overrides:
                            object the state belongs to, or a ValueError message
 
 The value-check policy (the same on every backend): checks that read values (NaN/inf in float
-inputs, label ranges, repeated classes in a row of (B, K) labels) always run on the CPU, before the implementation. Where the array lives
-on a device whose reads stall it (defers(a) is True), the check is queued as a device-side
-flag instead and settled at the next host read the caller makes through the backend
-(to_numpy, params_to_numpy, state_to_numpy, synchronize, settle_checks), which then raises the
-ValueError: deferred, never dropped.
+inputs, label ranges, repeated classes in a row of (B, K) labels) always run on the CPU, before
+the implementation. Where the array lives on a device whose reads stall it (defers(a) is True),
+the check is queued as a device-side flag instead and settled at the next host read the caller
+makes through the backend (to_numpy, params_to_numpy, state_to_numpy, synchronize,
+settle_checks), which then raises the ValueError: deferred, never dropped.
 
 What this module must never do: import a framework, or do any model arithmetic.
 """

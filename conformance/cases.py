@@ -22,8 +22,8 @@ import numpy as np
 import capsspec
 from capsspec.config import AdamConfig, CapsNetConfig
 
-__all__ = ["OpCase", "ModelCase", "values", "labels_for", "distinct_labels", "two_digit_variant", "op_case", "model_case", "adam_case", "state_case", "widen",
-           "SCALE_LIMITS"]
+__all__ = ["OpCase", "ModelCase", "values", "labels_for", "distinct_labels", "two_digit_variant", "op_case",
+           "model_case", "digits_batch", "adam_case", "state_case", "widen", "SCALE_LIMITS"]
 
 # log10 of the largest / smallest magnitude of drawn values, per dtype, for ops whose domain is
 # "any finite |s|^2" (squash, lengths): |s|^2 of a capsule of up to 16 such values stays finite.

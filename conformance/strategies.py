@@ -29,8 +29,8 @@ from capsspec.config import CapsNetConfig
 from .cases import SCALE_LIMITS
 
 __all__ = ["DTYPES", "RANGES", "seeds", "batch", "values", "cotangents", "conv_geometry", "capsule_shape",
-           "sizes", "margins", "label_rows", "recipe", "configs", "SMALL_CONFIG", "small_model_recipes", "model_recipes",
-           "adam_recipes", "trajectory_recipes", "TWO_DIGIT_MODEL_RECIPE", "TWO_DIGIT_TRAJECTORY_RECIPE"]
+           "sizes", "margins", "label_rows", "recipe", "configs", "SMALL_CONFIG", "small_model_recipes",
+           "model_recipes", "adam_recipes", "trajectory_recipes", "TWO_DIGIT_MODEL_RECIPE", "TWO_DIGIT_TRAJECTORY_RECIPE"]
 
 DTYPES = ("float32", "float64")
 

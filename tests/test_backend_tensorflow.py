@@ -277,6 +277,13 @@ def test_changing_batch_sizes_does_not_retrace(backend):
         backend.predict(net, tx, SMALL)
         backend.adam_update(net, grads, state, AdamConfig(lr=2e-3 * batch))  # pure: net and state unchanged
         net, state, _ = backend.train_step(net, state, tx, ty, SMALL, AdamConfig(lr=1e-3 * batch))
+        # Two digits per image (MultiMNIST): (B, 2) labels and their targets go through the same traces.
+        t2 = backend.asarray(np.stack([x, x[::-1]], axis=1))
+        y2 = backend.asarray(np.stack([y, (y + 1) % 4], axis=1))
+        assert backend.forward(net, tx, SMALL, y2).reconstruction.shape == (batch, 2, 13 * 11)
+        backend.loss(net, tx, y2, SMALL, t2)
+        backend.value_and_grad(net, tx, y2, SMALL, t2)
+        net, state, _ = backend.train_step(net, state, tx, y2, SMALL, AdamConfig(lr=1e-3 * batch), t2)
     # Python side effects run only while tracing: each step was traced once for all sizes.
     assert max(net.traces.values()) <= 1, dict(net.traces)
     assert set(net.traces) == {"forward_labels", "forward_longest", "loss", "value_and_grad", "predict",
