@@ -81,6 +81,9 @@ class Backend(ArrayAdapter):
     # conversions of arrays and parameters) only, is never chosen for training, and the
     # conformance suite reports its training checks as not applicable, never as passed.
     trains: bool = True
+    # True where every new shape or static argument costs a compilation (JAX under jax.jit): the
+    # conformance suite's ci profile then draws sizes from small pools (conformance/strategies.py).
+    compiles_per_shape: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -104,6 +104,9 @@ def pytest_configure(config: pytest.Config) -> None:
         pytest.exit(f"capsspec conformance: profile must be one of {sorted(profiles.PROFILES)}, got {profile!r}",
                     returncode=pytest.ExitCode.USAGE_ERROR)
     profiles.activate(profile)
+    from . import strategies
+
+    strategies.pool_shapes(profiles.pools_shapes(profile, selected.backend))
     from capsspec.registry import backend_names
 
     partners_opt = config.getoption("--interchange-with")
@@ -132,7 +135,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     a = b.availability()
     gaps = f"{st.gaps_file} ({len(st.gaps)} gap(s))" if st.gaps_file else "none"
     return [f"capsspec conformance: backend {st.selected.spec!r} (name {b.name!r}, {b.framework or 'numpy'} "
-            f"{a.version}, device {a.device}), dtypes {', '.join(b.dtypes)}, profile {st.profile}",
+            f"{a.version}, device {a.device}), dtypes {', '.join(b.dtypes)}, profile {st.profile}"
+            + (" (sizes from the shape pools: the backend compiles per shape)" if profiles.pools_shapes(st.profile, b)
+               else ""),
             f"capsspec conformance: known gaps: {gaps}"]
 
 

@@ -4,10 +4,9 @@
                                                                |-> mask -> decoder
     loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, x)
 
-Params are a dict of jax.Arrays under the canonical names (CapsNetConfig.param_shapes); the
-config is a static argument of every compiled function (it is a frozen, hashable value), so one
-compilation serves every batch of one shape. value_and_grad is jax.value_and_grad of the loss.
-Arguments are not checked here: the backend's door checks them first.
+Params are a dict of jax.Arrays under the canonical names. The config is a static argument of
+every compiled function (a frozen, hashable value): one compilation serves every batch of one
+shape. Arguments are not checked here: the backend's door checks them first.
 
 What this module must never do: import the reference's implementation, or change its inputs.
 """
@@ -19,6 +18,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from capsspec.backend_kit import loss_parts
 from capsspec.config import CapsNetConfig
 from capsspec.spec import CapsNetOutput, LossParts
 
@@ -29,15 +29,11 @@ __all__ = ["forward", "loss", "value_and_grad", "predict", "loss_and_output"]
 Params = Mapping[str, jax.Array]
 
 
-def _class_capsules(params: Params, x: jax.Array, config: CapsNetConfig) -> tuple[jax.Array, jax.Array]:
+def _forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Array | None) -> CapsNetOutput:
     h1 = jax.nn.relu(ops.conv2d(x, params["conv1.weight"], params["conv1.bias"], config.conv1_stride))
     u = ops.primary_capsules(h1, params["primary.weight"], params["primary.bias"], config.primary_dim,
                              config.primary_stride)
-    return ops.routing(ops.predictions(u, params["digit.weight"]), config.routing_iterations)
-
-
-def _forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Array | None) -> CapsNetOutput:
-    v, c = _class_capsules(params, x, config)
+    v, c = ops.routing(ops.predictions(u, params["digit.weight"]), config.routing_iterations)
     recon = None
     if config.use_decoder:
         n = config.num_decoder_layers
@@ -50,10 +46,8 @@ def loss_and_output(params: Params, x: jax.Array, labels: jax.Array,
                     config: CapsNetConfig) -> tuple[jax.Array, tuple[LossParts, CapsNetOutput]]:
     """(total loss, (its parts, the forward output)): the shape jax.value_and_grad(has_aux=True) wants."""
     out = _forward(params, x, config, labels)
-    margin = ops.margin_loss(out.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
-    recon = (ops.reconstruction_loss(out.reconstruction, x, config.reconstruction_scale) if config.use_decoder
-             else jnp.zeros((), x.dtype))
-    return margin + recon, (LossParts(total=margin + recon, margin=margin, reconstruction=recon), out)
+    parts = loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, config, lambda: jnp.zeros((), x.dtype))
+    return parts.total, (parts, out)
 
 
 _jit = ops._spec_op("config")
@@ -85,6 +79,6 @@ _value_and_grad = jax.jit(lambda p, x, labels, config: jax.value_and_grad(
 
 @_jit
 def predict(params: Params, x: jax.Array, config: CapsNetConfig) -> jax.Array:
-    """The class of the longest class capsule, per example (int64); the decoder is not run."""
-    v, _ = _class_capsules(params, x, config)
-    return jnp.argmax(ops.capsule_lengths(v), axis=1).astype(jnp.int64)
+    """The class of the longest class capsule, per example (int64). The decoder's output is unused,
+    so XLA drops the decoder from the compiled program."""
+    return jnp.argmax(_forward(params, x, config, None).lengths, axis=1).astype(jnp.int64)
