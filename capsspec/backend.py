@@ -219,6 +219,9 @@ class Backend(ArrayAdapter):
         """Peak device memory this process allocated through the backend, if it can tell (else None)."""
         return None
 
+    def clear_compiled(self) -> None:
+        """Release the programs the backend has compiled and keeps (a no-op where it keeps none)."""
+
     def __repr__(self) -> str:
         dev = f", device={self.device!r}" if self.device else ""
         return f"<capsspec backend {self.name!r}{dev}>"

@@ -38,7 +38,8 @@ DictParams
     A mixin for a Backend (list it before Backend) whose native params are the reference's
     layout, a dict of its arrays under the canonical names, and whose optimizer state is the
     spec's {"step", "m", "v"} dict of them: the four conversions, from the backend's asarray
-    and to_numpy (NumPy, CuPy, JAX).
+    and to_numpy (NumPy, CuPy, JAX). Its default to_numpy is a host copy through NumPy's array
+    protocol (np.array(a, copy=True)); CuPy, whose arrays refuse that, defines its own.
 
 ModuleParams
     A mixin for a Backend (list it before Backend) whose native params are one object built
@@ -185,6 +186,9 @@ def dict_state_from_numpy(state: Any, params: Mapping[str, Any], asarray: Callab
 # ============================================================================== dict params
 class DictParams:
     """Backend mixin: params and optimizer state are dicts of the backend's arrays (the reference's layout)."""
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        return np.array(a, copy=True)
 
     def params_from_numpy(self, params: Mapping[str, np.ndarray], config: CapsNetConfig) -> dict[str, Any]:
         """The canonical dict of the backend's arrays (copies), in the canonical order."""

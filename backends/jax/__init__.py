@@ -1,12 +1,9 @@
-"""The JAX backend: the spec as pure functions under jax.jit, gradients by jax.vjp / jax.grad.
-
-ops.py has the spec's ops and their VJPs, model.py the network as functions of a parameter
-pytree (a dict of jax.Arrays under the canonical names), optim.py the spec's Adam and a
-train_step compiled once per batch shape that donates the params and the optimizer state.
-float32 is the default; float64 needs no global JAX configuration (ops.spec_precision).
-
-Options: JaxBackend(device=None). device None uses JAX's default device (its GPU when jax has
-one, else the CPU); "cpu", "gpu" / "cuda" or "gpu:N" / "cuda:N" name one.
+"""The JAX backend: the spec as pure functions under jax.jit (ops.py, model.py), gradients by
+jax.vjp / jax.value_and_grad, and the spec's Adam in a train_step compiled once per batch shape
+that donates the params and optimizer state (optim.py). Params are a dict of jax.Arrays under
+the canonical names; float64 needs no global JAX configuration (ops.spec_precision). Options:
+JaxBackend(device=None): JAX's default device (its GPU when jax has one, else the CPU); "cpu",
+"gpu" / "cuda" or "gpu:N" / "cuda:N" name one.
 
 What this module must never do: import jax at module level (the registry imports it to list
 backends on machines without jax).
@@ -32,8 +29,8 @@ class JaxBackend(DictParams, Backend):
     impl_modules = ("capsspec.backends.jax.ops", "capsspec.backends.jax.model", "capsspec.backends.jax.optim")
     speed_rank = 12
     compiles_per_shape = True  # jax.jit compiles per shape and static argument
-    # The door's adapter: dtype, shape and the value reads (on a host copy) are NumPy's answers,
-    # which jax.Array supports; only what counts as this backend's array differs.
+    # The door's adapter: dtype, shape and all_finite are NumPy's answers (the last on a host copy),
+    # which jax.Array supports; what counts as this backend's array and min_max differ.
     array_type = "jax.Array"
 
     def __init__(self, device: Any = None, **options: Any) -> None:
@@ -53,8 +50,8 @@ class JaxBackend(DictParams, Backend):
     def device_availability(self, jax: Any, version: str | None) -> Availability:
         """Available when jax has the named device (an exception says why not)."""
         d = self._device()
-        where = "cpu" if d.platform == "cpu" else f"{d.platform}:{d.id} ({d.device_kind})"
-        return Availability(True, version=version, device=where)
+        return Availability(True, version=version,
+                            device="cpu" if d.platform == "cpu" else f"{d.platform}:{d.id} ({d.device_kind})")
 
     def asarray(self, a: np.ndarray) -> Any:
         """A jax.Array on the backend's device with a's dtype (int64 stays int64), a copy."""
@@ -63,13 +60,14 @@ class JaxBackend(DictParams, Backend):
         with jax.enable_x64(True):
             return jax.device_put(np.array(a, copy=True, order="C"), self._device())
 
-    def to_numpy(self, a: Any) -> np.ndarray:
-        return np.array(a, copy=True)
-
     def is_array(self, a: Any) -> bool:
         import jax
 
         return isinstance(a, jax.Array)
+
+    def min_max(self, a: Any) -> tuple[int, int]:
+        host = np.asarray(a)  # a.min() would compile a program per shape, and warn for int64 outside x64
+        return int(host.min()), int(host.max())
 
     def synchronize(self) -> None:
         """Wait until every live jax.Array is computed (JAX dispatches asynchronously, the CPU too)."""
@@ -78,9 +76,12 @@ class JaxBackend(DictParams, Backend):
         jax.block_until_ready(jax.live_arrays())
 
     def peak_memory_bytes(self) -> int | None:
-        """Peak device memory in use by JAX on a GPU; None on the CPU."""
-        try:
-            d = self._device()
-            return None if d.platform == "cpu" else int(d.memory_stats()["peak_bytes_in_use"])
-        except Exception:
-            return None
+        """Peak device memory in use by JAX on a GPU; None on the CPU (JAX keeps no statistics there)."""
+        stats = self._device().memory_stats()
+        return int(stats["peak_bytes_in_use"]) if stats else None
+
+    def clear_compiled(self) -> None:
+        """Drop every compiled program JAX keeps (jax.clear_caches): each holds memory and memory maps."""
+        import jax
+
+        jax.clear_caches()

@@ -1,12 +1,9 @@
 """The capsule network as pure JAX functions of a parameter pytree, compiled with jax.jit.
 
-    x -> conv2d -> ReLU -> primary_capsules -> predictions -> routing -> capsule_lengths
-                                                               |-> mask -> decoder
-    loss = margin_loss(lengths, labels) + reconstruction_loss(decoder output, x)
-
-Params are a dict of jax.Arrays under the canonical names. The config is a static argument of
-every compiled function (a frozen, hashable value): one compilation serves every batch of one
-shape. Arguments are not checked here: the backend's door checks them first.
+The reference's composition (capsspec.model) of this backend's ops. Params are a dict of
+jax.Arrays under the canonical names; the config is a static argument of every compiled function
+(a frozen, hashable value), so one compilation serves every batch of one shape. The door checks
+every argument first.
 
 What this module must never do: import the reference's implementation, or change its inputs.
 """
@@ -29,7 +26,21 @@ __all__ = ["forward", "loss", "value_and_grad", "predict", "loss_and_output"]
 Params = Mapping[str, jax.Array]
 
 
-def _forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Array | None) -> CapsNetOutput:
+_jit = ops._spec_op("config")
+
+
+def loss_and_output(params: Params, x: jax.Array, labels: jax.Array,
+                    config: CapsNetConfig) -> tuple[jax.Array, tuple[LossParts, CapsNetOutput]]:
+    """(total loss, (its parts, the forward output)): the shape jax.value_and_grad(has_aux=True) wants."""
+    out = forward(params, x, config, labels)
+    parts = loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, config, lambda: jnp.zeros((), x.dtype))
+    return parts.total, (parts, out)
+
+
+@_jit
+def forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Array | None = None) -> CapsNetOutput:
+    """The model's outputs. The decoder sees the true class's capsule when labels are given,
+    else the longest capsule."""
     h1 = jax.nn.relu(ops.conv2d(x, params["conv1.weight"], params["conv1.bias"], config.conv1_stride))
     u = ops.primary_capsules(h1, params["primary.weight"], params["primary.bias"], config.primary_dim,
                              config.primary_stride)
@@ -42,24 +53,6 @@ def _forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Ar
     return CapsNetOutput(v=v, lengths=ops.capsule_lengths(v), coupling=c, reconstruction=recon)
 
 
-def loss_and_output(params: Params, x: jax.Array, labels: jax.Array,
-                    config: CapsNetConfig) -> tuple[jax.Array, tuple[LossParts, CapsNetOutput]]:
-    """(total loss, (its parts, the forward output)): the shape jax.value_and_grad(has_aux=True) wants."""
-    out = _forward(params, x, config, labels)
-    parts = loss_parts(ops.margin_loss, ops.reconstruction_loss, out, x, labels, config, lambda: jnp.zeros((), x.dtype))
-    return parts.total, (parts, out)
-
-
-_jit = ops._spec_op("config")
-
-
-@_jit
-def forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Array | None = None) -> CapsNetOutput:
-    """The model's outputs. The decoder sees the true class's capsule when labels are given,
-    else the longest capsule."""
-    return _forward(params, x, config, labels)
-
-
 @_jit
 def loss(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms (0-d arrays), averaged over the batch."""
@@ -69,16 +62,15 @@ def loss(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig)
 @ops.spec_precision
 def value_and_grad(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig) -> tuple[jax.Array, dict]:
     """(total loss, gradient of it for every parameter keyed by canonical name), by jax.value_and_grad."""
-    total, grads = _value_and_grad(params, x, labels, config)
+    (total, _), grads = _value_and_grad(params, x, labels, config)
     return total, {k: grads[k] for k in params}  # a jitted dict comes back with sorted keys
 
 
-_value_and_grad = jax.jit(lambda p, x, labels, config: jax.value_and_grad(
-    lambda q: loss_and_output(q, x, labels, config)[0])(p), static_argnames="config")
+_value_and_grad = jax.jit(jax.value_and_grad(loss_and_output, has_aux=True), static_argnames="config")
 
 
 @_jit
 def predict(params: Params, x: jax.Array, config: CapsNetConfig) -> jax.Array:
     """The class of the longest class capsule, per example (int64). The decoder's output is unused,
     so XLA drops the decoder from the compiled program."""
-    return jnp.argmax(_forward(params, x, config, None).lengths, axis=1).astype(jnp.int64)
+    return jnp.argmax(forward(params, x, config).lengths, axis=1).astype(jnp.int64)

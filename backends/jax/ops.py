@@ -1,15 +1,8 @@
-"""The spec's ops as pure JAX functions under jax.jit, with VJPs from jax.vjp.
+"""The spec's ops as pure JAX functions under jax.jit, and their VJPs from jax.vjp.
 
-Every op of capsspec.spec.OPS has the reference's name, signature and arithmetic on jax.Arrays;
-static arguments (stride, axis, capsule_dim, iterations) are jit's static arguments. Each
-``<op>_vjp(g, *args)`` is generated from its op by the backend kit's make_vjps around jax.vjp.
-Arguments are not checked here: the backend's door checks them before these functions run.
-
-Numerics the spec fixes (docs/spec.md) and how they are met under autodiff: squash and
-capsule_lengths take |s| as the sqrt of where(|s|^2 > 0, |s|^2, 1) and mask the result again
-(the "double where"), so jax.vjp never meets sqrt'(0) = inf; squash's |s| / (1 + |s|^2) is
-n / (1 + n^2) for n <= 1 and 1 / (n + 1/n) for n > 1, each on a clamped n, so nothing overflows
-in either pass while |s|^2 is finite. Routing stops no gradient and returns the last coupling.
+Each op has the reference's name, signature and arithmetic on jax.Arrays; static arguments
+(stride, axis, capsule_dim, iterations) are jit's. Each ``<op>_vjp`` is generated from its op by
+the backend kit's make_vjps around jax.vjp. The door checks every argument before these run.
 
 What this module must never do: import the reference's implementation, or change its inputs.
 """
@@ -21,7 +14,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from capsspec.backend_kit import make_vjps
 from capsspec.spec import OPS
@@ -52,18 +44,18 @@ def conv2d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1) ->
     # to its input took ~20x the whole forward (PrimaryCaps at batch 32); stride-1 ones are fast.
     kh, kw = weight.shape[2:]
     ho, wo = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
-    y = bias[None, :, None, None]
-    for p in range(min(stride, kh)):
-        for q in range(min(stride, kw)):
-            part = lax.conv_general_dilated(x[:, :, p::stride, q::stride], weight[:, :, p::stride, q::stride], (1, 1),
-                                            "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
-            y = y + part[:, :, :ho, :wo]
-    return y
+    return bias[None, :, None, None] + sum(
+        jax.lax.conv_general_dilated(x[:, :, p::stride, q::stride], weight[:, :, p::stride, q::stride], (1, 1),
+                                     "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))[:, :, :ho, :wo]
+        for p in range(min(stride, kh)) for q in range(min(stride, kw)))
 
 
 @_spec_op("axis")
 def squash(s: jax.Array, axis: int = -1) -> jax.Array:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
+    # |s| is the sqrt of where(|s|^2 > 0, |s|^2, 1), masked again (the spec's "double where"), so
+    # jax.vjp never meets sqrt'(0) = inf; |s| / (1 + |s|^2) is n / (1 + n^2) for n <= 1 and
+    # 1 / (n + 1/n) above, each on a clamped n, so nothing overflows while |s|^2 is finite.
     sq = jnp.sum(s * s, axis=axis, keepdims=True)
     nz = sq > 0
     n = jnp.sqrt(jnp.where(nz, sq, 1))
@@ -74,10 +66,8 @@ def squash(s: jax.Array, axis: int = -1) -> jax.Array:
 
 @_spec_op("capsule_dim", "stride")
 def primary_capsules(h: jax.Array, weight: jax.Array, bias: jax.Array, capsule_dim: int, stride: int) -> jax.Array:
-    """PrimaryCaps: conv (no ReLU), channels o = t*D + d regrouped into capsules, squashed.
-
-    h (B,C,H,W), weight (T*D,C,k,k) -> u (B, T*Gh*Gw, D) with capsule i = (t*Gh + y)*Gw + x.
-    """
+    """PrimaryCaps: conv (no ReLU), channels o = t*D + d regrouped into capsules, squashed:
+    h (B,C,H,W), weight (T*D,C,k,k) -> u (B, T*Gh*Gw, D) with capsule i = (t*Gh + y)*Gw + x."""
     a = conv2d(h, weight, bias, stride)
     b, ch, gh, gw = a.shape
     # Channels last before the reshape: one capsule is D channels at one grid position.
@@ -93,10 +83,8 @@ def predictions(u: jax.Array, weight: jax.Array) -> jax.Array:
 
 @_spec_op("iterations")
 def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
-    """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
-
-    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
-    """
+    """Procedure 1, routing by agreement: u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)), c the coupling
+    coefficients used in the last iteration (c[b, i] sums to 1 over j)."""
     def parents(c: jax.Array) -> jax.Array:  # v_j = squash(sum_i c_ij u_hat_j|i)
         return squash(jnp.einsum("bij,bije->bje", c, u_hat))
 
@@ -128,10 +116,8 @@ def margin_loss(lengths: jax.Array, labels: jax.Array, m_plus: float = 0.9, m_mi
 
 @_spec_op()
 def mask(v: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-    """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
-
-    The kept capsule is the true class's when labels are given, else the longest (ties: the lowest index).
-    """
+    """Zero every class capsule but the true class's (labels given), else but the longest (ties: the
+    lowest index), and flatten class-major: v (B,J,E) -> (B, J*E)."""
     if labels is None:
         labels = jnp.argmax(jnp.sum(v * v, axis=-1), axis=1)
     return (v * jax.nn.one_hot(labels, v.shape[1], dtype=v.dtype)[:, :, None]).reshape(v.shape[0], -1)
@@ -148,10 +134,8 @@ def decoder(x: jax.Array, weights: Sequence[jax.Array], biases: Sequence[jax.Arr
 
 @_spec_op()
 def reconstruction_loss(reconstruction: jax.Array, images: jax.Array, scale: float = 0.0005) -> jax.Array:
-    """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
-
-    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
-    """
+    """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch; images
+    (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W)."""
     d = reconstruction - images.reshape(reconstruction.shape)
     return jnp.mean(scale * jnp.sum(d * d, axis=1))
 

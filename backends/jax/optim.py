@@ -1,10 +1,8 @@
-"""The spec's Adam and the training step, as jitted pure functions of pytrees.
-
-Adam is the spec's (capsspec.config.AdamConfig; optax.adam puts epsilon elsewhere, so it is not
-used). Its step size is computed on the host from the Python step count (AdamConfig.step_size)
-and passed to the compiled code as an argument: no step reads the device, and no new step
-count or learning rate recompiles. State is the spec's dict {"step": int, "m": {...}, "v": {...}}.
-Arguments are not checked here: the backend's door checks them first.
+"""The spec's Adam (capsspec.config.AdamConfig; not optax.adam, which puts epsilon elsewhere) and
+the training step, as jitted pure functions of pytrees. The step size is computed on the host
+(AdamConfig.step_size) and passed in as an argument: no step reads the device, and no new step
+or learning rate recompiles. State is the spec's dict {"step": int, "m": {...}, "v": {...}}. The
+door checks every argument first.
 
 What this module must never do: import the reference's implementation.
 """
@@ -25,8 +23,7 @@ from .ops import spec_precision
 
 __all__ = ["adam_init", "adam_update", "train_step", "TRACES"]
 
-# How many times each compiled function has been traced (Python runs a jitted body only when
-# tracing): a new batch of the same shape must not add one (tests/test_backend_jax.py).
+# Traces of each compiled function (its Python body runs only then): tests/test_backend_jax.py.
 TRACES: collections.Counter = collections.Counter()
 
 
@@ -50,9 +47,8 @@ _train_step_jit = jax.jit(_train_step, static_argnames=("hyper", "config"), dona
 
 def _spec_state(step: int, p: dict, m: dict, v: dict, like: Mapping) -> tuple[dict, dict]:
     """(params, state) in the canonical order: a jitted dict comes back with sorted keys."""
-    def order(d: dict) -> dict:
-        return {k: d[k] for k in like}
-    return order(p), {"step": step + 1, "m": order(m), "v": order(v)}
+    p, m, v = ({k: d[k] for k in like} for d in (p, m, v))
+    return p, {"step": step + 1, "m": m, "v": v}
 
 
 @spec_precision

@@ -28,6 +28,3 @@ class NumpyBackend(DictParams, Backend):
 
     def asarray(self, a: np.ndarray) -> np.ndarray:
         return np.array(a, copy=True)
-
-    def to_numpy(self, a: Any) -> np.ndarray:
-        return np.array(a, copy=True)
