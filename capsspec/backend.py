@@ -84,6 +84,9 @@ class Backend(ArrayAdapter):
     # True where every new shape or static argument costs a compilation (JAX under jax.jit): the
     # conformance suite's ci profile then draws sizes from small pools (conformance/strategies.py).
     compiles_per_shape: bool = False
+    # Environment variables for the conformance suite's ci profile, which then runs the backend in
+    # a process of its own; each value is appended (after a space) to one the user has set.
+    ci_environment: Mapping[str, str] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,7 +1,7 @@
-"""The conformance suite's shape pools and its release of compiled programs (conformance/strategies.py,
-profiles.py, plugin.py): only the ci profile of a backend that compiles per shape draws sizes from
-the pools, every other part of a recipe is still drawn, the pools cover each range's corners, and a
-compiling backend's programs are released when the process runs short of memory maps. Seconds."""
+"""What the conformance suite does for a backend that compiles per shape (conformance/strategies.py,
+profiles.py, plugin.py, cli.py): only its ci profile draws sizes from the pools, every other part
+of a recipe is still drawn, the pools cover each range's corners, its compiled programs are
+released when the process runs short of memory maps, and its ci environment is added. Seconds."""
 
 from __future__ import annotations
 
@@ -108,3 +108,16 @@ def test_memory_maps_are_read_on_linux():
     if limit == 0:
         pytest.skip("no /proc here")
     assert 0 < held < limit
+
+
+def test_ci_environment_is_added_for_the_ci_profile_only(monkeypatch):
+    from capsspec.conformance.cli import environment
+
+    class WithFlags:
+        ci_environment = {"XLA_FLAGS": "--cheap"}
+
+    monkeypatch.setenv("XLA_FLAGS", "--mine")
+    assert environment(WithFlags(), "ci")["XLA_FLAGS"] == "--mine --cheap"  # the user's flags are kept
+    monkeypatch.delenv("XLA_FLAGS")
+    assert environment(WithFlags(), "ci")["XLA_FLAGS"] == "--cheap"
+    assert environment(WithFlags(), "full") is None and environment(_Compiling(), "ci") is None

@@ -22,6 +22,12 @@ from capsspec.backend_kit import DictParams
 _DEVICE = re.compile(r"^(cpu|gpu|cuda)(?::(\d+))?$")
 
 
+def _jax() -> Any:
+    import jax  # on first use: this module is imported where jax is not installed
+
+    return jax
+
+
 class JaxBackend(DictParams, Backend):
     name = "jax"
     framework = "jax"
@@ -29,6 +35,8 @@ class JaxBackend(DictParams, Backend):
     impl_modules = ("capsspec.backends.jax.ops", "capsspec.backends.jax.model", "capsspec.backends.jax.optim")
     speed_rank = 12
     compiles_per_shape = True  # jax.jit compiles per shape and static argument
+    # XLA's cheaper CPU code generation halves the ci suite's compile time; results stay in tolerance.
+    ci_environment = {"XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
     # The door's adapter: dtype, shape and all_finite are NumPy's answers (the last on a host copy),
     # which jax.Array supports; what counts as this backend's array and min_max differ.
     array_type = "jax.Array"
@@ -40,12 +48,10 @@ class JaxBackend(DictParams, Backend):
 
     def _device(self) -> Any:
         """The jax.Device this backend puts arrays on."""
-        import jax
-
         if self.device is None:
-            return jax.devices()[0]
+            return _jax().devices()[0]
         kind, _, index = self.device.partition(":")
-        return jax.devices("cpu" if kind == "cpu" else "gpu")[int(index or 0)]
+        return _jax().devices("cpu" if kind == "cpu" else "gpu")[int(index or 0)]
 
     def device_availability(self, jax: Any, version: str | None) -> Availability:
         """Available when jax has the named device (an exception says why not)."""
@@ -55,15 +61,11 @@ class JaxBackend(DictParams, Backend):
 
     def asarray(self, a: np.ndarray) -> Any:
         """A jax.Array on the backend's device with a's dtype (int64 stays int64), a copy."""
-        import jax
-
-        with jax.enable_x64(True):
-            return jax.device_put(np.array(a, copy=True, order="C"), self._device())
+        with _jax().enable_x64(True):
+            return _jax().device_put(np.array(a, copy=True, order="C"), self._device())
 
     def is_array(self, a: Any) -> bool:
-        import jax
-
-        return isinstance(a, jax.Array)
+        return isinstance(a, _jax().Array)
 
     def min_max(self, a: Any) -> tuple[int, int]:
         host = np.asarray(a)  # a.min() would compile a program per shape, and warn for int64 outside x64
@@ -71,9 +73,7 @@ class JaxBackend(DictParams, Backend):
 
     def synchronize(self) -> None:
         """Wait until every live jax.Array is computed (JAX dispatches asynchronously, the CPU too)."""
-        import jax
-
-        jax.block_until_ready(jax.live_arrays())
+        _jax().block_until_ready(_jax().live_arrays())
 
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory in use by JAX on a GPU; None on the CPU (JAX keeps no statistics there)."""
@@ -82,6 +82,4 @@ class JaxBackend(DictParams, Backend):
 
     def clear_compiled(self) -> None:
         """Drop every compiled program JAX keeps (jax.clear_caches): each holds memory and memory maps."""
-        import jax
-
-        jax.clear_caches()
+        _jax().clear_caches()

@@ -26,9 +26,6 @@ __all__ = ["forward", "loss", "value_and_grad", "predict", "loss_and_output"]
 Params = Mapping[str, jax.Array]
 
 
-_jit = ops._spec_op("config")
-
-
 def loss_and_output(params: Params, x: jax.Array, labels: jax.Array,
                     config: CapsNetConfig) -> tuple[jax.Array, tuple[LossParts, CapsNetOutput]]:
     """(total loss, (its parts, the forward output)): the shape jax.value_and_grad(has_aux=True) wants."""
@@ -37,7 +34,7 @@ def loss_and_output(params: Params, x: jax.Array, labels: jax.Array,
     return parts.total, (parts, out)
 
 
-@_jit
+@ops._spec_op("config")
 def forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Array | None = None) -> CapsNetOutput:
     """The model's outputs. The decoder sees the true class's capsule when labels are given,
     else the longest capsule."""
@@ -45,15 +42,13 @@ def forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Arr
     u = ops.primary_capsules(h1, params["primary.weight"], params["primary.bias"], config.primary_dim,
                              config.primary_stride)
     v, c = ops.routing(ops.predictions(u, params["digit.weight"]), config.routing_iterations)
-    recon = None
-    if config.use_decoder:
-        n = config.num_decoder_layers
-        recon = ops.decoder(ops.mask(v, labels), [params[f"decoder.{k}.weight"] for k in range(n)],
-                            [params[f"decoder.{k}.bias"] for k in range(n)])
+    n = config.num_decoder_layers
+    recon = ops.decoder(ops.mask(v, labels), [params[f"decoder.{k}.weight"] for k in range(n)],
+                        [params[f"decoder.{k}.bias"] for k in range(n)]) if config.use_decoder else None
     return CapsNetOutput(v=v, lengths=ops.capsule_lengths(v), coupling=c, reconstruction=recon)
 
 
-@_jit
+@ops._spec_op("config")
 def loss(params: Params, x: jax.Array, labels: jax.Array, config: CapsNetConfig) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms (0-d arrays), averaged over the batch."""
     return loss_and_output(params, x, labels, config)[1][0]
@@ -69,7 +64,7 @@ def value_and_grad(params: Params, x: jax.Array, labels: jax.Array, config: Caps
 _value_and_grad = jax.jit(jax.value_and_grad(loss_and_output, has_aux=True), static_argnames="config")
 
 
-@_jit
+@ops._spec_op("config")
 def predict(params: Params, x: jax.Array, config: CapsNetConfig) -> jax.Array:
     """The class of the longest class capsule, per example (int64). The decoder's output is unused,
     so XLA drops the decoder from the compiled program."""

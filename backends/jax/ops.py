@@ -39,9 +39,8 @@ def _spec_op(*static: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 @_spec_op("stride")
 def conv2d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1) -> jax.Array:
     """Cross-correlation with valid padding: x (B,C,H,W), weight (O,C,kh,kw), bias (O,) -> (B,O,Ho,Wo)."""
-    # A stride-s convolution is the sum of s*s stride-1 ones, one per phase (p, q) of the input
-    # and the kernel. Written so because XLA's CPU gradient of a strided convolution with respect
-    # to its input took ~20x the whole forward (PrimaryCaps at batch 32); stride-1 ones are fast.
+    # The sum of s*s stride-1 convolutions, one per phase (p, q) of input and kernel: XLA's CPU gradient
+    # of a strided one with respect to its input took ~20x the whole forward (PrimaryCaps, batch 32).
     kh, kw = weight.shape[2:]
     ho, wo = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
     return bias[None, :, None, None] + sum(
@@ -53,9 +52,8 @@ def conv2d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1) ->
 @_spec_op("axis")
 def squash(s: jax.Array, axis: int = -1) -> jax.Array:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
-    # |s| is the sqrt of where(|s|^2 > 0, |s|^2, 1), masked again (the spec's "double where"), so
-    # jax.vjp never meets sqrt'(0) = inf; |s| / (1 + |s|^2) is n / (1 + n^2) for n <= 1 and
-    # 1 / (n + 1/n) above, each on a clamped n, so nothing overflows while |s|^2 is finite.
+    # |s| = sqrt(where(|s|^2 > 0, |s|^2, 1)), masked again (the "double where"): no sqrt'(0) = inf in
+    # jax.vjp. |s| / (1 + |s|^2) is n / (1 + n^2) to n = 1, then 1 / (n + 1/n): nothing overflows.
     sq = jnp.sum(s * s, axis=axis, keepdims=True)
     nz = sq > 0
     n = jnp.sqrt(jnp.where(nz, sq, 1))

@@ -10,6 +10,7 @@ What this module must never do: import the reference's implementation.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Mapping
 
 import jax
@@ -27,6 +28,7 @@ __all__ = ["adam_init", "adam_update", "train_step", "TRACES"]
 TRACES: collections.Counter = collections.Counter()
 
 
+@functools.partial(jax.jit, static_argnames="hyper")
 def _adam(params: dict, grads: dict, m: dict, v: dict, alpha: jax.Array, hyper: tuple[float, float, float]):
     beta1, beta2, epsilon = hyper
     m = {k: beta1 * m[k] + (1 - beta1) * grads[k] for k in params}
@@ -34,15 +36,12 @@ def _adam(params: dict, grads: dict, m: dict, v: dict, alpha: jax.Array, hyper: 
     return {k: params[k] - alpha * m[k] / (jnp.sqrt(v[k]) + epsilon) for k in params}, m, v
 
 
+@functools.partial(jax.jit, static_argnames=("hyper", "config"), donate_argnames=("params", "m", "v"))
 def _train_step(params: dict, m: dict, v: dict, x: jax.Array, labels: jax.Array, alpha: jax.Array,
                 hyper: tuple[float, float, float], config: CapsNetConfig):
     TRACES["train_step"] += 1
     (_, (parts, out)), grads = jax.value_and_grad(model.loss_and_output, has_aux=True)(params, x, labels, config)
     return (*_adam(params, grads, m, v, alpha, hyper), parts, jnp.sum(jnp.argmax(out.lengths, axis=1) == labels))
-
-
-_adam_jit = jax.jit(_adam, static_argnames="hyper")
-_train_step_jit = jax.jit(_train_step, static_argnames=("hyper", "config"), donate_argnames=("params", "m", "v"))
 
 
 def _spec_state(step: int, p: dict, m: dict, v: dict, like: Mapping) -> tuple[dict, dict]:
@@ -63,23 +62,20 @@ def adam_update(params: Mapping[str, jax.Array], grads: Mapping[str, jax.Array],
                 adam: AdamConfig = AdamConfig()) -> tuple[dict, dict]:
     """One Adam update with the scheduled learning rate. Returns (new params, new state); inputs untouched."""
     step = int(state["step"])
-    p, m, v = _adam_jit(dict(params), dict(grads), dict(state["m"]), dict(state["v"]), adam.step_size(step),
-                        (adam.beta1, adam.beta2, adam.epsilon))
+    p, m, v = _adam(dict(params), dict(grads), dict(state["m"]), dict(state["v"]), adam.step_size(step),
+                    (adam.beta1, adam.beta2, adam.epsilon))
     return _spec_state(step, p, m, v, params)
 
 
 @spec_precision
 def train_step(params: Mapping[str, jax.Array], state: Mapping, x: jax.Array, labels: jax.Array,
                config: CapsNetConfig, adam: AdamConfig = AdamConfig()) -> tuple[dict, dict, StepMetrics]:
-    """Loss, gradients and one Adam update on one batch: one jax.jit program per batch shape.
-
-    The params and the state's moments passed in are DONATED (their buffers are reused for the
-    results): use the returned ones. The metrics' total, margin, reconstruction and correct are
-    0-d arrays on the device (nothing here waits for it); lr is a Python float.
-    """
+    """Loss, gradients and one Adam update on one batch: one jax.jit program per batch shape. The params
+    and moments passed in are DONATED (their buffers hold the results): use the returned ones. The
+    metrics are 0-d arrays on the device (nothing here waits for it), but lr, a Python float."""
     step = int(state["step"])
-    p, m, v, parts, correct = _train_step_jit(dict(params), dict(state["m"]), dict(state["v"]), x, labels,
-                                              adam.step_size(step), (adam.beta1, adam.beta2, adam.epsilon), config)
+    p, m, v, parts, correct = _train_step(dict(params), dict(state["m"]), dict(state["v"]), x, labels,
+                                          adam.step_size(step), (adam.beta1, adam.beta2, adam.epsilon), config)
     metrics = StepMetrics(total=parts.total, margin=parts.margin, reconstruction=parts.reconstruction,
                           correct=correct, lr=adam.learning_rate(step))
     return (*_spec_state(step, p, m, v, params), metrics)
