@@ -81,6 +81,12 @@ class Backend(ArrayAdapter):
     # conversions of arrays and parameters) only, is never chosen for training, and the
     # conformance suite reports its training checks as not applicable, never as passed.
     trains: bool = True
+    # True where every new shape or static argument costs a compilation (JAX under jax.jit): the
+    # conformance suite's ci profile then draws sizes from small pools (conformance/strategies.py).
+    compiles_per_shape: bool = False
+    # Environment variables for the conformance suite's ci profile, which then runs the backend in
+    # a process of its own; each value is appended (after a space) to one the user has set.
+    ci_environment: Mapping[str, str] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -215,6 +221,9 @@ class Backend(ArrayAdapter):
     def peak_memory_bytes(self) -> int | None:
         """Peak device memory this process allocated through the backend, if it can tell (else None)."""
         return None
+
+    def clear_compiled(self) -> None:
+        """Release the programs the backend has compiled and keeps (a no-op where it keeps none)."""
 
     def __repr__(self) -> str:
         dev = f", device={self.device!r}" if self.device else ""

@@ -34,6 +34,13 @@ state_to_numpy(state, to_numpy) / state_from_numpy(state, shapes, dtype, load)
     dict_state_from_numpy(state, params, asarray, shape_of, dtype_name) does the whole
     conversion for a backend whose params and state are dicts of arrays (the reference's layout).
 
+DictParams
+    A mixin for a Backend (list it before Backend) whose native params are the reference's
+    layout, a dict of its arrays under the canonical names, and whose optimizer state is the
+    spec's {"step", "m", "v"} dict of them: the four conversions, from the backend's asarray
+    and to_numpy (NumPy, CuPy, JAX). Its default to_numpy is a host copy through NumPy's array
+    protocol (np.array(a, copy=True)); CuPy, whose arrays refuse that, defines its own.
+
 ModuleParams
     A mixin for a Backend (list it before Backend) whose native params are one object built
     for a config (an nn.Module, a tf.Module) with ``.config`` and ``.dtype``: it answers the
@@ -69,9 +76,10 @@ import numpy as np
 
 from .config import CapsNetConfig
 from .spec import OPS, CapsNetOutput, LossParts, OpSpec
-from .validation import check_state, spec_signature
+from .validation import check_params, check_state, spec_signature
 
-__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "ModuleParams",
+__all__ = ["make_vjps", "AdamStateView", "state_to_numpy", "state_from_numpy", "dict_state_from_numpy", "DictParams",
+           "ModuleParams",
            "loss_parts", "float_dtype"]
 
 Vjp = Callable[..., tuple[Any, Callable[[Any], tuple[Any, ...]]]]
@@ -175,6 +183,28 @@ def dict_state_from_numpy(state: Any, params: Mapping[str, Any], asarray: Callab
 
     out["step"] = state_from_numpy(state, shapes, dtypes.pop() if len(dtypes) == 1 else "float32", load)
     return out
+
+
+# ============================================================================== dict params
+class DictParams:
+    """Backend mixin: params and optimizer state are dicts of the backend's arrays (the reference's layout)."""
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        return np.array(a, copy=True)
+
+    def params_from_numpy(self, params: Mapping[str, np.ndarray], config: CapsNetConfig) -> dict[str, Any]:
+        """The canonical dict of the backend's arrays (copies), in the canonical order."""
+        check_params(params, config.param_shapes())
+        return {k: self.asarray(np.asarray(params[k])) for k in config.param_shapes()}  # type: ignore[attr-defined]
+
+    def params_to_numpy(self, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {k: self.to_numpy(a) for k, a in params.items()}  # type: ignore[attr-defined]
+
+    def state_from_numpy(self, state: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
+        return dict_state_from_numpy(state, params, self.asarray, self.shape_of, self.dtype_name)  # type: ignore[attr-defined]
+
+    def state_to_numpy(self, state: Mapping[str, Any]) -> dict:
+        return state_to_numpy(state, self.to_numpy)  # type: ignore[attr-defined]
 
 
 # ============================================================================== module params

@@ -8,7 +8,9 @@ The backend is checked before any test runs: an unknown or unavailable one print
 exits with status 2. With `all`, the known backends that cannot run here are listed with the
 reason, each available backend runs in its own pytest process (one session per backend, so no
 state leaks between them), and the exit status is non-zero if any of them failed.
-Arguments after `--` go to pytest unchanged (e.g. `-- -x -k routing`).
+Arguments after `--` go to pytest unchanged (e.g. `-- -x -k routing`). A backend that names
+environment variables for the ci profile (Backend.ci_environment: JAX's cheaper XLA compiler
+settings) runs in a pytest process of its own with them added.
 
 What this module must never do: fall back to another backend than the one named.
 """
@@ -16,14 +18,15 @@ What this module must never do: fall back to another backend than the one named.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .profiles import PROFILES
 from .selection import SelectionError, resolve_backend, skipped_backends
 
-__all__ = ["main", "build_parser", "pytest_args"]
+__all__ = ["main", "build_parser", "pytest_args", "environment"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,17 @@ def pytest_args(backend: str, profile: str, device: str | None, extra: Sequence[
     return args + list(extra)
 
 
+def environment(backend: Any, profile: str) -> dict[str, str] | None:
+    """The environment of the suite's process for this backend, or None to keep the current one."""
+    extra = getattr(backend, "ci_environment", {}) if profile == "ci" else {}
+    if not extra:
+        return None
+    env = dict(os.environ)
+    for key, value in extra.items():
+        env[key] = f"{env[key]} {value}" if env.get(key) else value
+    return env
+
+
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         i = argv.index("--")
@@ -66,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "all":
         return _run_all(args.profile, args.device, extra)
     try:
-        resolve_backend(args.backend, args.device)
+        selected = resolve_backend(args.backend, args.device)
     except SelectionError as exc:
         print(f"capsspec conformance: {exc}", file=sys.stderr)
         return 2
+    env = environment(selected.backend, args.profile)
+    if env is not None:
+        return subprocess.call([sys.executable, "-m", "pytest", *pytest_args(args.backend, args.profile, args.device,
+                                                                             extra)], env=env)
     import pytest
 
     return int(pytest.main(pytest_args(args.backend, args.profile, args.device, extra)))
@@ -94,15 +112,17 @@ def _run_all(profile: str, device: str | None, extra: Sequence[str]) -> int:
             except SelectionError as exc:  # e.g. the numpy backend asked for a GPU
                 print(f"capsspec conformance: skipping backend {name!r} on device {device!r}: {exc}", flush=True)
                 continue
+        env = None
         try:
             b = resolve_backend(name, device).backend
+            env = environment(b, profile)
             if not b.trains:
                 inference_only[name] = ", ".join(b.required_names())
         except SelectionError:
             pass  # the pytest run below says why
         print(f"\ncapsspec conformance: === backend {name!r} ===", flush=True)
         cmd = [sys.executable, "-m", "pytest", *pytest_args(name, profile, device, extra)]
-        results[name] = subprocess.call(cmd)
+        results[name] = subprocess.call(cmd, env=env)
     print("\ncapsspec conformance: results")
     for name, code in results.items():
         status = "passed" if code == 0 else f"FAILED (pytest exit status {code})"

@@ -16,6 +16,11 @@ conformance/conftest.py load it when running `python -m pytest conformance` from
 * An inference-only backend (Backend.trains False) is held to spec.INFERENCE_NAMES only: every
   check marked `uses(...)` with a name outside Backend.required_names() is reported as a skip
   whose reason starts with "not applicable:", never as passed, and the summary counts them.
+* For a backend that compiles per shape (Backend.compiles_per_shape), the ci profile draws sizes
+  from small pools (profiles.py), and the backend's compiled programs are released
+  (Backend.clear_compiled) after any test that leaves the process holding more than half the
+  memory maps Linux allows it (vm.max_map_count, 65530 by default): the CPU code of each
+  program JAX keeps holds dozens of maps, and at the limit XLA's compiler crashes the process.
 * At the end, a summary per check: examples run, comparisons made, the largest error as a
   fraction of its tolerance, and the largest absolute error.
 
@@ -104,6 +109,9 @@ def pytest_configure(config: pytest.Config) -> None:
         pytest.exit(f"capsspec conformance: profile must be one of {sorted(profiles.PROFILES)}, got {profile!r}",
                     returncode=pytest.ExitCode.USAGE_ERROR)
     profiles.activate(profile)
+    from . import strategies
+
+    strategies.pool_shapes(profiles.pools_shapes(profile, selected.backend))
     from capsspec.registry import backend_names
 
     partners_opt = config.getoption("--interchange-with")
@@ -132,7 +140,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     a = b.availability()
     gaps = f"{st.gaps_file} ({len(st.gaps)} gap(s))" if st.gaps_file else "none"
     return [f"capsspec conformance: backend {st.selected.spec!r} (name {b.name!r}, {b.framework or 'numpy'} "
-            f"{a.version}, device {a.device}), dtypes {', '.join(b.dtypes)}, profile {st.profile}",
+            f"{a.version}, device {a.device}), dtypes {', '.join(b.dtypes)}, profile {st.profile}"
+            + (" (sizes from the shape pools: the backend compiles per shape)" if profiles.pools_shapes(st.profile, b)
+               else ""),
             f"capsspec conformance: known gaps: {gaps}"]
 
 
@@ -200,6 +210,32 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         return (yield)
     finally:
         compare.set_current_check(None)
+
+
+def _memory_maps() -> tuple[int, int]:
+    """(memory maps this process holds, the most it may hold); (0, 0) where Linux's /proc is not."""
+    try:
+        with open("/proc/self/maps", "rb") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return sum(1 for _ in maps), int(limit.read())
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def release_compiled_if_short(backend: Any) -> bool:
+    """Release a compiling backend's programs when the process holds more than half the memory maps
+    it may (see the module docstring); True if it did."""
+    if not getattr(backend, "compiles_per_shape", False):
+        return False
+    held, limit = _memory_maps()
+    if held <= limit // 2:
+        return False
+    backend.clear_compiled()
+    return True
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if _STATE in item.config.stash:
+        release_compiled_if_short(_state(item.config).selected.backend)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -2,7 +2,12 @@
 
 * ci   -- derandomised (the same examples on every run, so a failing draw is drawn again by
           every run: nothing to keep), no deadline, small budgets: one backend in a few minutes on
-          two CPU cores.
+          two CPU cores. For a backend that compiles per shape (Backend.compiles_per_shape: JAX),
+          the sizes of each example come from a pool of four per recipe (strategies.py says
+          which), while values, seeds and scales are drawn as for any backend, and `capsspec
+          conformance` adds the backend's Backend.ci_environment (JAX: cheaper XLA code
+          generation). Otherwise nearly every example is a new XLA compilation: JAX's run used
+          884 CPU seconds and then crashed, against ~200 CPU seconds with both, on two cores.
 * full -- random examples and budgets ~10x larger, for release checks. Every failing draw is kept
           in Hypothesis' example database (DATABASE_ENV_VAR, default ~/.cache/capsspec/
           conformance-examples) and replayed first by the next run; a draw worth keeping for
@@ -22,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["PROFILES", "ENV_VAR", "DATABASE_ENV_VAR", "database_path", "activate", "active", "budget"]
+__all__ = ["PROFILES", "ENV_VAR", "DATABASE_ENV_VAR", "database_path", "activate", "active", "budget", "pools_shapes"]
 
 ENV_VAR = "CAPSSPEC_CONFORMANCE_PROFILE"
 DATABASE_ENV_VAR = "CAPSSPEC_CONFORMANCE_DB"
@@ -81,6 +86,11 @@ def activate(name: str) -> None:
 
 def active() -> str:
     return _active
+
+
+def pools_shapes(profile: str, backend: Any) -> bool:
+    """Whether `profile` draws sizes from the pools for `backend` (see the module docstring)."""
+    return profile == "ci" and bool(getattr(backend, "compiles_per_shape", False))
 
 
 def budget(kind: str) -> Callable[[Any], Any]:

@@ -329,8 +329,10 @@ RECORDS: dict[str, OpRecord] = {rec.name: rec for rec in (
         batched=("v", "labels"), ranks={"v": 3}, finite=("v",), labels="labels"),
     OpRecord(
         "decoder",
-        recipes=lambda dt: S.recipe(S.seeds, S.values("decoder", dt), S.batch, st.fixed_dictionaries(
-            {"widths": st.lists(st.integers(1, 10), min_size=2, max_size=4)}), S.label_rows, _COT),
+        recipes=lambda dt: S.recipe(S.seeds, S.values("decoder", dt), S.batch, S.shapes(st.fixed_dictionaries(
+            {"widths": st.lists(st.integers(1, 10), min_size=2, max_size=4)}),
+            [{"widths": [5, 3, 7]}, {"widths": [1, 1]}, {"widths": [10, 10, 10, 10]}, {"widths": [10, 1, 10]}]),
+            S.label_rows, _COT),
         build=_build_decoder, levels=("contraction", "contraction"),
         example={"seed": 9, "B": 2, "widths": [4, 3, 5]},
         forward_magnitude=mag.decoder_forward, vjp_magnitude=mag.decoder_vjp,

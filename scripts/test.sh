@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 start=$(date +%s)
 . scripts/setup.sh
-capsspec_setup "test,torch,tensorflow,onnx" "torch==2.13.0" "tensorflow-cpu==2.21.*" "cupy-cuda12x"
+capsspec_setup "test,torch,tensorflow,onnx,jax" "torch==2.13.0" "tensorflow-cpu==2.21.*" "cupy-cuda12x" "jax==0.10.2"
 echo "setup took $(( $(date +%s) - start )) s"
 capsspec backends
 # Each command on its own line: under `set -e` a failure in an `a && b` list does not stop the

@@ -62,6 +62,20 @@ def test_train_step_traces_once_per_batch_shape(backend):
     assert jax_optim.TRACES["train_step"] == before + 2
 
 
+def test_clear_compiled_drops_the_compiled_train_step(backend):
+    # The conformance suite releases a compiling backend's programs when memory maps run short.
+    config = SMALL.replace(class_dim=5)  # a config no other test compiles
+    p = backend.params_from_numpy(init_params(config, 0), config)
+    s = backend.adam_init(p)
+    before = jax_optim.TRACES["train_step"]
+    p, s, _ = _step(backend, p, s, config, 2, seed=0)
+    p, s, _ = _step(backend, p, s, config, 2, seed=1)
+    assert jax_optim.TRACES["train_step"] == before + 1
+    backend.clear_compiled()
+    p, s, _ = _step(backend, p, s, config, 2, seed=2)  # the same shape compiles again
+    assert jax_optim.TRACES["train_step"] == before + 2
+
+
 def test_train_step_donates_params_and_moments_and_matches_reference(backend):
     params = init_params(SMALL, 1)
     p = backend.params_from_numpy(params, SMALL)

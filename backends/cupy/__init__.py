@@ -16,14 +16,12 @@ availability() and by the implementation modules, which load on first use.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from capsspec.backend import Availability, Backend
-from capsspec.backend_kit import dict_state_from_numpy, state_to_numpy
-from capsspec.config import CapsNetConfig
-from capsspec.validation import check_params
+from capsspec.backend_kit import DictParams
 
 _DEVICE = re.compile(r"^(?:cuda|gpu)(?::(\d+))?$")
 
@@ -42,7 +40,7 @@ def _device_index(device: str | int | None) -> int:
     return int(match.group(1) or 0)
 
 
-class CupyBackend(Backend):
+class CupyBackend(DictParams, Backend):
     name = "cupy"
     framework = "cupy"
     install_hint = "pip install 'capsspec[cupy]' (or the cupy-cudaXXx wheel matching your CUDA)"
@@ -106,7 +104,6 @@ class CupyBackend(Backend):
         return (rows[:, 1:] == rows[:, :-1]).any()
 
     # ------------------------------------------------------------------------- conversions
-
     def asarray(self, a: np.ndarray) -> Any:
         cupy = self._cupy()
         with cupy.cuda.Device(self.device_index):
@@ -114,19 +111,6 @@ class CupyBackend(Backend):
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return self._cupy().asnumpy(a)
-
-    def params_from_numpy(self, params: Mapping[str, np.ndarray], config: CapsNetConfig) -> dict[str, Any]:
-        check_params(params, config.param_shapes())
-        return {k: self.asarray(np.asarray(params[k])) for k in config.param_shapes()}
-
-    def params_to_numpy(self, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {k: self.to_numpy(v) for k, v in params.items()}
-
-    def state_from_numpy(self, state: Mapping[str, Any], params: Any) -> dict:
-        return dict_state_from_numpy(state, params, self.asarray, self.shape_of, self.dtype_name)
-
-    def state_to_numpy(self, state: Mapping[str, Any]) -> dict:
-        return state_to_numpy(state, self.to_numpy)
 
     def synchronize(self) -> None:
         """Wait for every queued kernel on the backend's device."""

@@ -1,21 +1,8 @@
-"""The spec's ops as pure JAX functions under jax.jit, with VJPs from jax.vjp.
+"""The spec's ops as pure JAX functions under jax.jit, and their VJPs from jax.vjp.
 
-Every op of capsspec.spec.OPS has the reference's name and signature (capsspec.ops) and the
-same arithmetic on jax.Arrays; static arguments (stride, axis, capsule_dim, iterations) are
-jit's static arguments. Each ``<op>_vjp(g, *args)`` is generated from the op by the backend
-kit's make_vjps around jax.vjp (at the end). Arguments are not checked here: the backend's
-door checks them before these functions run.
-
-Numerics the spec fixes (capsspec.ops states them) and how they are met under autodiff:
-* squash(s) = s |s| / (1 + |s|^2), value and gradient exactly 0 at s = 0: |s| is the sqrt of
-  where(|s|^2 > 0, |s|^2, 1) and the result is masked again (the "double where"), so jax.vjp
-  never meets sqrt'(0) = inf. |s| / (1 + |s|^2) is n / (1 + n^2) for n <= 1 and 1 / (n + 1/n)
-  for n > 1, each on a clamped n, so nothing overflows in either pass while |s|^2 is finite.
-* Routing: b starts at 0 per example, softmax over the parents j, nothing stopped from
-  gradients, and the coupling returned is the last iteration's.
-* Every function runs with 64-bit types enabled and float32 matmuls and convolutions at full
-  IEEE precision (``spec_precision``), whatever the caller's global JAX configuration; dtypes
-  come from the inputs, so float32 stays float32.
+Each op has the reference's name, signature and arithmetic on jax.Arrays; static arguments
+(stride, axis, capsule_dim, iterations) are jit's. Each ``<op>_vjp`` is generated from its op by
+the backend kit's make_vjps around jax.vjp. The door checks every argument before these run.
 
 What this module must never do: import the reference's implementation, or change its inputs.
 """
@@ -27,7 +14,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from capsspec.backend_kit import make_vjps
 from capsspec.spec import OPS
@@ -36,11 +22,8 @@ __all__ = [name for op in OPS for name in (op.name, op.vjp_name)] + ["spec_preci
 
 
 def spec_precision(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """fn run with jax_enable_x64 on (float64 and int64 exist) and full-precision float32 matmuls.
-
-    Both are JAX's thread-local context settings: the caller's global configuration is not
-    touched, and code outside these calls keeps its own.
-    """
+    """fn run with jax_enable_x64 on (float64 and int64 exist) and IEEE float32 matmuls, both in JAX's
+    thread-local context: the caller's global configuration is not touched. Dtypes come from the inputs."""
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         with jax.enable_x64(True), jax.default_matmul_precision("highest"):
@@ -56,23 +39,21 @@ def _spec_op(*static: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 @_spec_op("stride")
 def conv2d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1) -> jax.Array:
     """Cross-correlation with valid padding: x (B,C,H,W), weight (O,C,kh,kw), bias (O,) -> (B,O,Ho,Wo)."""
-    # A stride-s convolution is the sum of s*s stride-1 ones, one per phase (p, q) of the input
-    # and the kernel. Written so because XLA's CPU gradient of a strided convolution with respect
-    # to its input took ~20x the whole forward (PrimaryCaps at batch 32); stride-1 ones are fast.
-    o, c, kh, kw = weight.shape
+    # The sum of s*s stride-1 convolutions, one per phase (p, q) of input and kernel: XLA's CPU gradient
+    # of a strided one with respect to its input took ~20x the whole forward (PrimaryCaps, batch 32).
+    kh, kw = weight.shape[2:]
     ho, wo = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
-    y = bias[None, :, None, None]
-    for p in range(min(stride, kh)):
-        for q in range(min(stride, kw)):
-            part = lax.conv_general_dilated(x[:, :, p::stride, q::stride], weight[:, :, p::stride, q::stride], (1, 1),
-                                            "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
-            y = y + part[:, :, :ho, :wo]
-    return y
+    return bias[None, :, None, None] + sum(
+        jax.lax.conv_general_dilated(x[:, :, p::stride, q::stride], weight[:, :, p::stride, q::stride], (1, 1),
+                                     "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))[:, :, :ho, :wo]
+        for p in range(min(stride, kh)) for q in range(min(stride, kw)))
 
 
 @_spec_op("axis")
 def squash(s: jax.Array, axis: int = -1) -> jax.Array:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
+    # |s| = sqrt(where(|s|^2 > 0, |s|^2, 1)), masked again (the "double where"): no sqrt'(0) = inf in
+    # jax.vjp. |s| / (1 + |s|^2) is n / (1 + n^2) to n = 1, then 1 / (n + 1/n): nothing overflows.
     sq = jnp.sum(s * s, axis=axis, keepdims=True)
     nz = sq > 0
     n = jnp.sqrt(jnp.where(nz, sq, 1))
@@ -83,10 +64,8 @@ def squash(s: jax.Array, axis: int = -1) -> jax.Array:
 
 @_spec_op("capsule_dim", "stride")
 def primary_capsules(h: jax.Array, weight: jax.Array, bias: jax.Array, capsule_dim: int, stride: int) -> jax.Array:
-    """PrimaryCaps: conv (no ReLU), channels o = t*D + d regrouped into capsules, squashed.
-
-    h (B,C,H,W), weight (T*D,C,k,k) -> u (B, T*Gh*Gw, D) with capsule i = (t*Gh + y)*Gw + x.
-    """
+    """PrimaryCaps: conv (no ReLU), channels o = t*D + d regrouped into capsules, squashed:
+    h (B,C,H,W), weight (T*D,C,k,k) -> u (B, T*Gh*Gw, D) with capsule i = (t*Gh + y)*Gw + x."""
     a = conv2d(h, weight, bias, stride)
     b, ch, gh, gw = a.shape
     # Channels last before the reshape: one capsule is D channels at one grid position.
@@ -102,23 +81,18 @@ def predictions(u: jax.Array, weight: jax.Array) -> jax.Array:
 
 @_spec_op("iterations")
 def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
-    """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
-
-    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
-    """
+    """Procedure 1, routing by agreement: u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)), c the coupling
+    coefficients used in the last iteration (c[b, i] sums to 1 over j)."""
     def parents(c: jax.Array) -> jax.Array:  # v_j = squash(sum_i c_ij u_hat_j|i)
         return squash(jnp.einsum("bij,bije->bje", c, u_hat))
 
-    def update(_: Any, bc: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits = bc[0] + jnp.einsum("bije,bje->bij", u_hat, parents(bc[1]))  # b_ij += u_hat_j|i . v_j
-        return logits, jax.nn.softmax(logits, axis=2)  # over the parents j
-
     # b starts at 0 for each example, so the first c is softmax(0) = 1/J, written as such: XLA
     # would otherwise spend seconds constant-folding the softmax of a large array of zeros.
-    bc = (jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], 1 / u_hat.shape[2], u_hat.dtype))
-    for t in range(iterations - 1):  # unrolled, not lax.fori_loop: it compiles and runs faster (README)
-        bc = update(t, bc)
-    return parents(bc[1]), bc[1]
+    b, c = jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], 1 / u_hat.shape[2], u_hat.dtype)
+    for _ in range(iterations - 1):  # unrolled, not lax.fori_loop: it compiles and runs faster (README)
+        b = b + jnp.einsum("bije,bje->bij", u_hat, parents(c))  # b_ij += u_hat_j|i . v_j
+        c = jax.nn.softmax(b, axis=2)  # over the parents j
+    return parents(c), c
 
 
 @_spec_op()
@@ -142,11 +116,8 @@ def margin_loss(lengths: jax.Array, labels: jax.Array, m_plus: float = 0.9, m_mi
 
 @_spec_op()
 def mask(v: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-    """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
-
-    The kept capsule is the true class's when labels are given, else the longest (ties: the lowest index).
-    With (B, K) labels: (B, K, J*E), row k keeping class labels[:, k].
-    """
+    """Zero every class capsule but the true class's (labels given), else but the longest (ties: the
+    lowest index), and flatten class-major: v (B,J,E) -> (B, J*E); (B, K) labels give (B, K, J*E)."""
     if labels is None:
         labels = jnp.argmax(jnp.sum(v * v, axis=-1), axis=1)
     onehot = jax.nn.one_hot(labels, v.shape[1], dtype=v.dtype)
@@ -158,37 +129,27 @@ def mask(v: jax.Array, labels: jax.Array | None = None) -> jax.Array:
 @_spec_op()
 def decoder(x: jax.Array, weights: Sequence[jax.Array], biases: Sequence[jax.Array]) -> jax.Array:
     """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end."""
-    h = x
     for k, (w, b) in enumerate(zip(weights, biases)):
-        z = h @ w.T + b
-        h = jax.nn.sigmoid(z) if k == len(weights) - 1 else jax.nn.relu(z)
-    return h
+        x = x @ w.T + b
+        x = jax.nn.sigmoid(x) if k == len(weights) - 1 else jax.nn.relu(x)
+    return x
 
 
 @_spec_op()
 def reconstruction_loss(reconstruction: jax.Array, images: jax.Array, scale: float = 0.0005) -> jax.Array:
-    """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
-
-    images (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W).
-    """
+    """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch; images
+    (B, C, H, W) are flattened row-major from (C, H, W) to match reconstruction (B, C*H*W)."""
     d = reconstruction - images.reshape(reconstruction.shape)
     return jnp.mean(scale * jnp.sum(d * d, axis=tuple(range(1, d.ndim))))  # (B, K, C*H*W): K digits summed
 
 
 # ============================================================================== VJPs
 def _vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tuple[Any, ...]]]:
-    """jax.vjp, with the spec's cotangent conventions: a None cotangent (routing's g_c when only v
-    matters) counts as zeros, and each cotangent takes its output's dtype."""
+    """jax.vjp with the kit's cotangent conventions: None counts as zeros (routing's g_c when only
+    v matters), and each cotangent takes its output's dtype."""
     out, pullback = jax.vjp(f, *primals)
-
-    def spec_pullback(g: Any) -> tuple[Any, ...]:
-        if isinstance(out, tuple):
-            g = tuple(jnp.zeros_like(o) if gi is None else jnp.asarray(gi, o.dtype) for o, gi in zip(out, g))
-        else:
-            g = jnp.asarray(g, out.dtype)
-        return tuple(pullback(g))
-
-    return out, spec_pullback
+    return out, lambda g: tuple(pullback(jax.tree.map(
+        lambda o, gi: jnp.zeros_like(o) if gi is None else jnp.asarray(gi, o.dtype), out, g)))
 
 
 # Every <op>_vjp from the backend kit, around JAX's one VJP primitive.
