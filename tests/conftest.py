@@ -3,6 +3,8 @@ small stand-in MNIST files for the command-line tests."""
 
 import hashlib
 import os
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -42,3 +44,18 @@ def mnist_dir(tmp_path, monkeypatch):
         monkeypatch.setitem(data.MNIST_FILES, name, hashlib.sha256(raw).hexdigest())
         monkeypatch.setitem(data._EXPECTED_DIMS, name, a.shape)
     return d
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handled_as_in_a_terminal():
+    """Python's own SIGINT handler during each test, as in a terminal. A shell that starts the suite
+    in the background (`cmd &` without job control) hands it SIGINT ignored, and the trainer rightly
+    leaves an ignored signal ignored, so the interrupt tests would see no interrupt."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
