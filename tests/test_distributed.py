@@ -279,3 +279,22 @@ def test_a_process_that_dies_fails_the_job_clearly_and_keeps_the_last_checkpoint
     for key in ("loss", "margin", "reconstruction"):
         assert abs(resumed[key] - alone[key]) <= tolerance("float32", "gradients").rtol * abs(alone[key]), key
     assert resumed["train_accuracy"] == alone["train_accuracy"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_multimnist_as_one(tmp_path, mnist_dir, capsys, one_thread):
+    # MultiMNIST's generated pairs and their two target digits are sliced like MNIST batches: two
+    # steps of a global batch of 7 pairs on two processes are two steps of batch 7 in one.
+    args = [*[a for a in SMALL if a not in ("--train-subset", "21")], "--dataset", "multimnist",
+            "--images-per-epoch", "14", "--test-subset", "6", "--epochs", "1", "--data-dir", str(mnist_dir)]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = _torchrun(tmp_path, mnist_dir, ["train", *args, "--out", str(two)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert cli.main(["train", *args, "--out", str(one)]) == 0
+    capsys.readouterr()
+    _assert_close(_arrays(two / "final.safetensors"), _arrays(one / "final.safetensors"))
+    two_rows, one_rows = _rows(two), _rows(one)
+    assert two_rows[0]["step"] == one_rows[0]["step"] == 2
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert two_rows[0][key] == one_rows[0][key], key
+    assert json.loads((two / "summary.json").read_text())["dataset"] == "multimnist"
