@@ -26,7 +26,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -55,6 +55,24 @@ def model_flops(config: CapsNetConfig) -> dict[str, float]:
         decoder = sum(2 * a * b for a, b in zip(widths, widths[1:]))
     forward = conv1 + primary + preds + routing + decoder
     return {"forward": float(forward), "train": float(3 * forward)}
+
+
+def _time_training(backend: Any, holder: dict, x: Any, y: Any, config: CapsNetConfig, adam: AdamConfig,
+                   warmup: int, steps: int, say: Callable[[str], None], warming: str, timing: str) -> float:
+    """Median seconds of one train_step after `warmup` steps; holder carries params, state and the
+    last metrics from step to step (train_step consumes what it is given)."""
+    def train_once() -> None:
+        holder["params"], holder["state"], holder["metrics"] = backend.train_step(
+            holder["params"], holder["state"], x, y, config, adam)
+
+    say(f"warming up {warming}")
+    for _ in range(warmup):
+        train_once()
+    backend.synchronize()
+    say(f"timing {timing}")
+    seconds = _median_time(train_once, steps, backend.synchronize)
+    float(backend.to_numpy(holder["metrics"].total))  # the step really finished
+    return seconds
 
 
 def _median_time(fn, repeats: int, sync) -> float:
@@ -112,19 +130,8 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
     adam = AdamConfig()
 
     holder = {"params": params, "state": state}
-
-    def train_once():
-        holder["params"], holder["state"], metrics = backend.train_step(holder["params"], holder["state"], x, y,
-                                                                        config, adam)
-        holder["metrics"] = metrics
-
-    say(f"warming up {backend.name} ({warmup} training steps)")
-    for _ in range(warmup):
-        train_once()
-    backend.synchronize()
-    say(f"timing {steps} training steps at batch {batch_size}")
-    t_train = _median_time(train_once, steps, backend.synchronize)
-    float(backend.to_numpy(holder["metrics"].total))  # the step really finished
+    t_train = _time_training(backend, holder, x, y, config, adam, warmup, steps, say,
+                             f"{backend.name} ({warmup} training steps)", f"{steps} training steps at batch {batch_size}")
     infer = lambda: backend.predict(holder["params"], x, config)  # noqa: E731
     infer()
     backend.synchronize()
@@ -179,18 +186,9 @@ def run_distributed_benchmark(where: Any, *, device: str | None = None, config: 
         dist.attach(backend, holder["params"], holder["state"])
         backend.set_batch_share(holder["state"], hi - lo, batch_size)
         adam = AdamConfig()
-
-        def train_once():
-            holder["params"], holder["state"], holder["metrics"] = backend.train_step(
-                holder["params"], holder["state"], x, y, config, adam)
-
-        say(f"warming up {backend.name} on {dist.describe()} ({warmup} training steps)")
-        for _ in range(warmup):
-            train_once()
-        backend.synchronize()
-        say(f"timing {steps} distributed training steps at global batch {batch_size}")
-        t_own = _median_time(train_once, steps, backend.synchronize)
-        float(backend.to_numpy(holder["metrics"].total))  # the step really finished
+        t_own = _time_training(backend, holder, x, y, config, adam, warmup, steps, say,
+                               f"{backend.name} on {dist.describe()} ({warmup} training steps)",
+                               f"{steps} distributed training steps at global batch {batch_size}")
         # Every process's median, each in its own slot of the sum: the slowest one sets the pace.
         times = dist.sum([t_own if r == dist.rank else 0.0 for r in range(dist.world_size)])
         group = dist.group_backend
