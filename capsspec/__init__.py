@@ -33,7 +33,7 @@ from .registry import available_backends, backend_names, describe_backends, get_
 from .spec import OPS, SPEC_NAMES, CapsNetOutput, LossParts, StepMetrics
 from . import ops
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AdamConfig", "Availability", "Backend", "BackendUnavailable", "CapsNetConfig", "CapsNetOutput",

@@ -1,8 +1,8 @@
-"""`python -m capsspec ...`: the same command line as the `capsspec` script (capsspec.cli)."""
+"""`python -m capsspec ...`: the same command line as the `capsspec` script (capsspec.tools.cli)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

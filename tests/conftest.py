@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from capsspec import data
+from capsspec.training import mnist as data
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=25, deadline=None, database=None,

@@ -19,8 +19,8 @@ from capsspec import AdamConfig, get_backend, init_params  # noqa: E402
 from capsspec import model as ref_model  # noqa: E402
 from capsspec import optim as ref_optim  # noqa: E402
 from capsspec.backends.jax import optim as jax_optim  # noqa: E402
-from capsspec.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from capsspec.evaluate import evaluate  # noqa: E402
+from capsspec.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from capsspec.training.evaluate import evaluate  # noqa: E402
 from batches import SMALL, random_batch  # noqa: E402
 
 

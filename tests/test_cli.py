@@ -11,9 +11,9 @@ import types
 import numpy as np
 import pytest
 
-from capsspec import checkpoint as ckpt
-from capsspec.cli import main
-from capsspec.figures import PERTURBATION_OFFSETS, perturbed_capsules
+from capsspec.training import checkpoint as ckpt
+from capsspec.tools.cli import main
+from capsspec.tools.figures import PERTURBATION_OFFSETS, perturbed_capsules
 
 TINY_FLAGS = ["--backend", "numpy", "--conv1-channels", "2", "--primary-types", "2", "--primary-dim", "4",
               "--batch-size", "10", "--val-size", "5", "--quiet"]
@@ -28,7 +28,7 @@ def _one_line_error(capsys, rc, prefix):
 
 
 def test_importing_the_cli_imports_no_framework():
-    code = ("import sys, capsspec.cli, capsspec.__main__, capsspec.figures\n"
+    code = ("import sys, capsspec.tools.cli, capsspec.__main__, capsspec.tools.figures\n"
             "bad = [m for m in ('torch', 'tensorflow', 'cupy', 'jax', 'PIL', 'safetensors', 'matplotlib')\n"
             "       if m in sys.modules]\n"
             "assert not bad, bad\n")
@@ -153,7 +153,7 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path):
 
 
 def test_conformance_and_bench_get_their_arguments_untouched(monkeypatch):
-    import capsspec.bench
+    import capsspec.tools.bench
 
     seen = {}
 
@@ -163,7 +163,7 @@ def test_conformance_and_bench_get_their_arguments_untouched(monkeypatch):
             return 7
         return m
 
-    monkeypatch.setattr(capsspec.bench, "main", fake("bench"))
+    monkeypatch.setattr(capsspec.tools.bench, "main", fake("bench"))
     conformance_cli = types.ModuleType("capsspec.conformance.cli")
     conformance_cli.main = fake("conformance")
     monkeypatch.setitem(sys.modules, "capsspec.conformance.cli", conformance_cli)
@@ -269,8 +269,8 @@ def test_figures_say_why_training_curves_are_missing(capsys, tmp_path, mnist_dir
 
 _CLOSED_PIPE_SCRIPT = """
 import hashlib, sys
-from capsspec import data
-from capsspec.cli import main
+from capsspec.training import mnist as data
+from capsspec.tools.cli import main
 for name in data.MNIST_FILES:  # the stand-in MNIST files written by the test
     raw = open(sys.argv[1] + '/' + name, 'rb').read()
     data.MNIST_FILES[name] = hashlib.sha256(raw).hexdigest()
@@ -327,7 +327,7 @@ def test_a_config_mismatch_names_only_the_fields_that_differ():
 # ============================================================ figures: what each one shows
 def test_figures_have_titles_labelled_axes_and_a_colour_bar(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    from capsspec import figures
+    from capsspec.tools import figures
 
     drawn = {}
     save = figures._save

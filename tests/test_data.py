@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsspec import data
-from capsspec.augment import augment_batch, random_shifts, shift_images
+from capsspec.training import mnist as data
+from capsspec.training.augmentation import augment_batch, random_shifts, shift_images
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (capsspec.distributed), on the CPU with gloo and two processes.
+"""Data-parallel training under torchrun (capsspec.training.distributed), on the CPU with gloo and two processes.
 
 The two-process runs go through the command line (`python -m torch.distributed.run --nproc-per-node 2
 CHILD ... train ...`, CHILD being capsspec's command line with the stand-in MNIST files of conftest's
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsspec import checkpoint as ckpt
-from capsspec import cli
+from capsspec.training import checkpoint as ckpt
+from capsspec.tools import cli
 from capsspec.conformance.tolerances import tolerance
-from capsspec.distributed import Launch, launch, plan_device, shard
+from capsspec.training.distributed import Launch, launch, plan_device, shard
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -37,8 +37,9 @@ if not (dist.is_available() and dist.is_gloo_available()):
 CHILD = r'''
 import os, signal, sys
 import numpy as np
-from capsspec import cli, data
-import capsspec.train as T
+from capsspec.tools import cli
+from capsspec.training import mnist as data
+import capsspec.training.train as T
 
 folder = sys.argv[1]
 for name in data.MNIST_FILES:
@@ -154,7 +155,7 @@ def test_dist_timeout_outside_torchrun_is_refused(tmp_path, capsys):
 
 
 def test_importing_capsspec_distributed_imports_no_framework():
-    code = "import sys, capsspec.distributed, capsspec.train; print(sorted(m for m in sys.modules if m in " \
+    code = "import sys, capsspec.training.distributed, capsspec.training.train; print(sorted(m for m in sys.modules if m in " \
            "('torch', 'tensorflow', 'jax', 'cupy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -179,7 +180,7 @@ def test_a_share_of_the_batch_weights_the_gradient_by_it(one_process_group):
     """W n / B scales the loss: with W = 1 and 3 of 7 images, Adam's first moment after one step
     (1 - beta1) g is 3/7 of the plain step's."""
     from capsspec import AdamConfig, CapsNetConfig, get_backend, init_params
-    from capsspec.distributed import setup
+    from capsspec.training.distributed import setup
 
     config, adam = CapsNetConfig(**TINY), AdamConfig()
     rng = np.random.default_rng(0)
@@ -202,7 +203,7 @@ def test_a_share_of_the_batch_weights_the_gradient_by_it(one_process_group):
 
 
 def test_bench_times_the_distributed_step(one_process_group):
-    from capsspec.bench import _format, run_distributed_benchmark
+    from capsspec.tools.bench import _format, run_distributed_benchmark
     from capsspec.config import CapsNetConfig
 
     r = run_distributed_benchmark(one_process_group, device="cpu", config=CapsNetConfig(**TINY), batch_size=4,

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from capsspec import checkpoint as ckpt
-from capsspec.fileio import stale_temporaries
-from capsspec.train import BEST_VAL_NAME, METRICS_NAME, SUMMARY_NAME
+from capsspec.training import checkpoint as ckpt
+from capsspec.training.atomic_files import stale_temporaries
+from capsspec.training.checkpoint import BEST_VAL_NAME, METRICS_NAME, SUMMARY_NAME
 
 # The child: trains (or resumes) the small run in sys.argv[1], killing itself at the moment that
 # sys.argv[2:] name: PHASE K FRACTION.
@@ -33,10 +33,12 @@ CHILD = r'''
 import os, signal, sys
 import numpy as np
 import capsspec
-import capsspec.checkpoint as C
-import capsspec.train as T
+import capsspec.training.checkpoint as C
+import capsspec.training.train as T
+import capsspec.training.settings as S
+import capsspec.training.splits as P
 from capsspec.config import CapsNetConfig
-from capsspec.fileio import atomic_path
+from capsspec.training.atomic_files import atomic_path
 
 out, phase, k, fraction = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 calls = [0]
@@ -97,8 +99,8 @@ def make(n):
         x[y == c, :, 2 + 3 * c:5 + 3 * c, 3:9] += 0.8
     return np.clip(x, 0, 1), y.astype(np.int64)
 (x, y), (xt, yt) = make(80), make(24)
-s = T.TrainSettings(epochs=3, batch_size=8, val_size=16, seed=7, select="val", checkpoint_every=3, eval_batch_size=8)
-data = T.split_data(x, y, xt, yt, s)
+s = S.TrainSettings(epochs=3, batch_size=8, val_size=16, seed=7, select="val", checkpoint_every=3, eval_batch_size=8)
+data = P.split_data(x, y, xt, yt, s)
 resume = os.path.exists(os.path.join(out, C.CHECKPOINT_NAME))
 try:
     T.train(backend, TINY, data, out, settings=s, resume=resume, progress=None, log=lambda m: None)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from capsspec import gpucheck
+from capsspec.tools import gpucheck
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # ===================================================================================== the rehearsal
 @pytest.fixture(scope="module")
 def mnist_dir():
-    from capsspec.data import MnistUnavailable, fetch_mnist
+    from capsspec.training.mnist import MnistUnavailable, fetch_mnist
 
     try:
         return fetch_mnist()
@@ -44,7 +44,7 @@ def test_rehearsal_runs_every_step_from_a_checkout_within_its_budget(tmp_path, m
     env = _checkout_env()
     t0 = time.monotonic()
     # -S: no site processing, so no installed capsspec (editable or not): the device machine's situation.
-    proc = subprocess.run([sys.executable, "-S", "-m", "capsspec.gpucheck", "--rehearsal", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-S", "-m", "capsspec.tools.gpucheck", "--rehearsal", "--out", str(out),
                            "--budget-seconds", str(budget), "--data-dir", str(mnist_dir)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=budget + 60)
     wall = time.monotonic() - t0
@@ -248,7 +248,7 @@ def test_a_stopped_check_kills_its_step_and_leaves_a_report(tmp_path, stub):
     pids = tmp_path / "pids.txt"
     launcher = stub(sleep={"conformance:numpy": 600}, pidfile=str(pids))
     out = tmp_path / "out"
-    code = ("import sys, json\nfrom pathlib import Path\nfrom capsspec import gpucheck\n"
+    code = ("import sys, json\nfrom pathlib import Path\nfrom capsspec.tools import gpucheck\n"
             "sys.exit(gpucheck.run_check(Path(sys.argv[1]), budget_s=60, rehearsal=True, targets=['numpy'], "
             "phases=['conformance', 'bench'], launcher=json.loads(sys.argv[2])))\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out), json.dumps(launcher)], stderr=subprocess.PIPE)
@@ -294,7 +294,7 @@ def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailab
     for phase in ("conformance-cupy-float32", "bench-cupy", "train-cupy"):
         assert steps[phase]["status"] == "skipped" and "cupy is not available" in steps[phase]["reason"]
     fast = steps["conformance-torch-cuda-fast-float64"]["command"]
-    assert fast[fast.index("--backend") + 1] == "capsspec.gpucheck:torch_fast" and "cuda" in fast
+    assert fast[fast.index("--backend") + 1] == "capsspec.tools.gpucheck:torch_fast" and "cuda" in fast
     assert "--fast" in steps["bench-torch-cuda-fast"]["command"]
     assert "fast=true" in steps["train-torch-cuda-fast"]["command"]
     assert fast[fast.index("-k") + 1] == "(float64) and (test_optim or test_model or test_interchange)"
@@ -308,7 +308,7 @@ def test_gpu_mode_plans_the_gpu_targets_adds_jax_on_a_gpu_and_fails_an_unavailab
 
 
 def test_the_headline_resumes_the_run_of_the_previous_call(tmp_path):
-    from capsspec.checkpoint import save_checkpoint
+    from capsspec.training.checkpoint import save_checkpoint
     from capsspec.config import CapsNetConfig
     from capsspec.model import init_params
 
@@ -355,14 +355,14 @@ def test_a_long_log_is_cut_to_its_head_and_tail(tmp_path):
 
 
 def test_importing_gpucheck_imports_no_framework():
-    code = ("import sys, capsspec.gpucheck\n"
+    code = ("import sys, capsspec.tools.gpucheck\n"
             "bad = [m for m in ('torch', 'tensorflow', 'cupy', 'jax', 'safetensors') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_headline_parameters_come_back_in_parts_that_rebuild_a_checkpoint(tmp_path):
-    from capsspec.checkpoint import load_checkpoint, save_checkpoint
+    from capsspec.training.checkpoint import load_checkpoint, save_checkpoint
     from capsspec.config import CapsNetConfig
     from capsspec.model import init_params
     from capsspec.optim import adam_init

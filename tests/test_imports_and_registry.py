@@ -19,7 +19,7 @@ FRAMEWORKS = ("torch", "tensorflow", "cupy", "jax", "keras")
 
 def test_importing_capsspec_imports_no_framework():
     code = (
-        "import sys, capsspec, capsspec.cli, capsspec.registry;"
+        "import sys, capsspec, capsspec.tools.cli, capsspec.registry;"
         "b = capsspec.get_backend('numpy'); b.squash;"
         "[capsspec.get_backend(n, check=False) for n in capsspec.backend_names()];"
         f"bad = [m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}];"

@@ -1,4 +1,4 @@
-"""The MultiMNIST generator (capsspec.multimnist): the paper's construction, its statistics, determinism and
+"""The MultiMNIST generator (capsspec.training.multimnist): the paper's construction, its statistics, determinism and
 the separation of the splits. Small stand-in digits keep these tests fast; one test reads real MNIST."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capsspec.multimnist import (MAX_SHIFT, MEAN_FRAME_OVERLAP, PAD, DigitPool, PairGenerator, PairImages,
+from capsspec.training.multimnist import (MAX_SHIFT, MEAN_FRAME_OVERLAP, PAD, DigitPool, PairGenerator, PairImages,
                                  bounding_box_overlap, frame_overlap, multimnist_data)
-from capsspec.train import TrainSettings
+from capsspec.training.settings import TrainSettings
 
 
 def stand_in_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -121,11 +121,11 @@ def test_splits_never_mix_digits(monkeypatch):
     n_train, n_test = 700, 200
     images, labels = stand_in_digits(n_train, seed=1)
     test_images, test_labels = stand_in_digits(n_test, seed=2)
-    floats = lambda a: (a.astype(np.float32) / 255)[:, None]  # noqa: E731 (as capsspec.data loads MNIST)
+    floats = lambda a: (a.astype(np.float32) / 255)[:, None]  # noqa: E731 (as capsspec.training.mnist loads MNIST)
     s = TrainSettings(val_size=150, seed=3, train_subset=400)
     d = multimnist_data(floats(images), labels, floats(test_images), test_labels, s, images_per_epoch=1000,
                         test_pairs=500)
-    from capsspec.train import split_data
+    from capsspec.training.splits import split_data
     ref = split_data(np.arange(n_train), labels, np.arange(n_test), test_labels, s)  # an MNIST run's split
     val_digits, train_digits = set(ref.val_x.tolist()), set(ref.train_x.tolist())
     assert len(val_digits) == 150 and len(train_digits) == 400 and not val_digits & train_digits
@@ -166,9 +166,9 @@ def test_bad_arguments_are_refused():
 
 @pytest.mark.mnist
 def test_real_mnist_pairs_overlap_as_the_paper_says():
-    from capsspec.data import load_mnist
+    from capsspec.training.mnist import load_mnist
 
-    from capsspec.multimnist import test_generator
+    from capsspec.training.multimnist import test_generator
 
     m = load_mnist()
     b = test_generator(m.test_images, m.test_labels).batch(np.arange(5000))
@@ -197,7 +197,7 @@ class _Lengths:
 
 def test_evaluation_takes_the_two_longest_capsules_and_needs_both_right():
     from capsspec.config import CapsNetConfig
-    from capsspec.evaluate import accuracy, evaluate_multi, top_k
+    from capsspec.training.evaluate import accuracy, evaluate_multi, top_k
 
     lengths = np.full((5, 10), 0.1)
     lengths[0, [3, 7]] = [0.9, 0.8]  # labels (7, 3): right, order does not matter

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import capsspec
-from capsspec import checkpoint as ckpt
-from capsspec.cli import main
+from capsspec.training import checkpoint as ckpt
+from capsspec.tools.cli import main
 from capsspec.config import AdamConfig, CapsNetConfig
-from capsspec.multimnist import multimnist_data
-from capsspec.train import TrainSettings, train
+from capsspec.training.multimnist import multimnist_data
+from capsspec.training.settings import TrainSettings
+from capsspec.training.train import train
 
 NUMPY = capsspec.get_backend("numpy")
 # A 36x36 model small enough for milliseconds per step.
@@ -131,7 +132,7 @@ def test_a_small_model_learns_multimnist_on_the_cpu(tmp_path):
     about 50 s under a load of 7 (training 47 s; far less on an idle machine). The floor, 7%
     (35 right), is 7 standard deviations above chance and leaves room below the measured value.
     """
-    from capsspec.data import load_mnist
+    from capsspec.training.mnist import load_mnist
 
     m = load_mnist()
     config = CapsNetConfig(input_height=36, input_width=36, conv1_channels=8, primary_types=4, primary_dim=4,

@@ -24,11 +24,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import capsspec  # noqa: E402
-from capsspec import checkpoint as ckpt  # noqa: E402
-from capsspec import data  # noqa: E402
-from capsspec.cli import main  # noqa: E402
+from capsspec.training import checkpoint as ckpt  # noqa: E402
+from capsspec.training import mnist as data  # noqa: E402
+from capsspec.tools.cli import main  # noqa: E402
 from capsspec.conformance.tolerances import TOLERANCES  # noqa: E402
-from capsspec.onnx_export import build_model, export_onnx  # noqa: E402
+from capsspec.tools.onnx_export import build_model, export_onnx  # noqa: E402
 from capsspec.spec import INFERENCE_NAMES  # noqa: E402
 
 TOL = TOLERANCES["float32"]["model"]
@@ -72,7 +72,7 @@ def test_backend_is_inference_only_and_complete(backend):
     assert backend.trains is False and backend.dtypes == ("float32",)
     assert backend.required_names() == INFERENCE_NAMES and backend.missing_names() == []
     with pytest.raises(ValueError, match="inference-only"):
-        from capsspec.train import choose_backend
+        from capsspec.training.settings import choose_backend
 
         choose_backend("onnxruntime", None, {})
 
@@ -268,7 +268,7 @@ def test_float64_checkpoint_is_exported_as_float32_with_a_note(tmp_path, capsys)
 
 
 def test_bench_times_inference_and_skips_training_with_a_note(capsys):
-    from capsspec.bench import _format, run_benchmark
+    from capsspec.tools.bench import _format, run_benchmark
 
     r = run_benchmark("onnxruntime", config=SMALL, batch_size=4, steps=1, warmup=0)
     assert r["train_images_per_second"] is None and r["inference_images_per_second"] > 0

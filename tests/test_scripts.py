@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from capsspec.cli import build_parser
+from capsspec.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["scripts/quickstart.sh", "scripts/test.sh", "scripts/setup.sh"]

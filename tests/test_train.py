@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 import capsspec
-from capsspec import checkpoint as ckpt
+from capsspec.training import checkpoint as ckpt
 from capsspec.backend import BackendUnavailable
 from capsspec.config import AdamConfig, CapsNetConfig
 from capsspec.spec import StepMetrics
-from capsspec.train import (BEST_VAL_NAME, TrainingDiverged, TrainSettings, choose_backend, epoch_generators,
-                            split_data, train)
+from capsspec.training.checkpoint import BEST_VAL_NAME
+from capsspec.training.settings import TrainingDiverged, TrainSettings, choose_backend
+from capsspec.training.splits import epoch_generators, split_data
+from capsspec.training.train import train
 
 TINY = CapsNetConfig(input_height=12, input_width=12, conv1_channels=4, conv1_kernel=5, primary_types=2,
                      primary_dim=4, primary_kernel=3, primary_stride=2, num_classes=3, class_dim=4,
@@ -203,7 +205,7 @@ def test_metrics_are_read_back_only_every_log_every_steps(tmp_path):
 
 
 def test_test_and_validation_images_are_never_shifted(tmp_path, monkeypatch):
-    import capsspec.train as train_mod
+    import capsspec.training.train as train_mod
 
     s = TrainSettings(epochs=1, batch_size=16, val_size=10)
     data = splits(s, n_train=60)
@@ -402,7 +404,7 @@ def test_real_mnist_small_model_numpy(tmp_path):
     Measured on 2 shared CPU cores: test accuracy 95.2% on the first 1,000 test images with seed 0
     (94.4% with seed 1), about 30 s. The floor (91%) sits a few points below. Chance is 10%.
     """
-    from capsspec.data import load_mnist
+    from capsspec.training.mnist import load_mnist
 
     m = load_mnist()
     config = CapsNetConfig(conv1_channels=32, primary_types=8)
@@ -413,7 +415,7 @@ def test_real_mnist_small_model_numpy(tmp_path):
 
 
 # ===================================================================================== interrupts (issue 14)
-from capsspec.train import TrainingInterrupted, plan_resume  # noqa: E402
+from capsspec.training.settings import TrainingInterrupted, plan_resume  # noqa: E402
 
 TIMING = ("seconds", "images_per_second", "eval_seconds")
 

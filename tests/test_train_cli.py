@@ -10,10 +10,11 @@ import signal
 import numpy as np
 import pytest
 
-import capsspec.train as train_mod
-from capsspec import checkpoint as ckpt
+import capsspec.training.train as train_mod
+import capsspec.training.splits as splits_mod
+from capsspec.training import checkpoint as ckpt
 from capsspec.backend import BackendUnavailable
-from capsspec.cli import main
+from capsspec.tools.cli import main
 
 TINY_FLAGS = ["--conv1-channels", "2", "--primary-types", "2", "--primary-dim", "4", "--batch-size", "10",
               "--val-size", "5", "--quiet"]
@@ -96,7 +97,7 @@ def test_ctrl_c_before_training_starts_claims_no_checkpoint(capsys, tmp_path, mn
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "split_data", interrupted)  # Ctrl-C while the data loads
+    monkeypatch.setattr(splits_mod, "split_data", interrupted)  # Ctrl-C while the data loads
     out = tmp_path / "run"
     assert main(["train", "--backend", "numpy", *TINY_FLAGS, "--data-dir", str(mnist_dir), "--out", str(out)]) == 130
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ONNX Runtime backend: inference only, by running the exported graph of capsspec.onnx_export.
+"""The ONNX Runtime backend: inference only, by running the graph that graph.py builds.
 
 It implements the spec's forward and predict (spec.INFERENCE_NAMES) and nothing that trains
 (`trains = False`): the conformance suite reports every other check as not applicable to it.
@@ -6,7 +6,7 @@ Native params are a model.OnnxModel: the canonical arrays, the graph built from 
 onnx.helper (no framework round trip), and its onnxruntime.InferenceSession, created by
 params_from_numpy. Arrays are NumPy arrays (what ONNX Runtime takes and returns).
 
-float32 only: ONNX Runtime's CPU provider has no float64 Conv (see capsspec/onnx_export.py).
+float32 only: ONNX Runtime's CPU provider has no float64 Conv (see graph.py).
 The CPU only: the CUDA execution provider is not part of the `onnx` extra.
 
 What this module must never do: import onnx or onnxruntime at module level (the registry imports

@@ -1,4 +1,4 @@
-"""The spec's forward and predict, run by ONNX Runtime on the graph of capsspec.onnx_export.
+"""The spec's forward and predict, run by ONNX Runtime on the graph that graph.py builds.
 
 An OnnxModel holds the canonical parameters, the graph built from them and an InferenceSession
 of it; forward with labels (the decoder sees the true class) runs a second graph that takes the
@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime
 
 from capsspec.config import CapsNetConfig
-from capsspec.onnx_export import INPUT_NAME, LABELS_NAME, model_bytes
+from .graph import INPUT_NAME, LABELS_NAME, model_bytes
 from capsspec.spec import CapsNetOutput
 
 __all__ = ["OnnxModel", "forward", "predict"]

@@ -4,7 +4,7 @@ ops.py has every op of the spec on torch tensors (VJPs by torch.autograd.grad); 
 network as torch.nn.Modules (CapsNet, whose state_dict keys are the canonical parameter names)
 and the spec's model functions; optim.py the spec's Adam as a torch.optim.Optimizer (SpecAdam)
 and train_step; fast.py an optional compiled training step for CUDA; parallel.py the
-DistributedDataParallel wrapper of a data-parallel run (data_parallel, used by capsspec.distributed).
+DistributedDataParallel wrapper of a data-parallel run (data_parallel, used by capsspec.training.distributed).
 
 Native params are a model.CapsNet; optimizer state is an optim.AdamState (a Mapping view
 {"step", "m", "v"} over a SpecAdam). float32 and float64.
@@ -195,7 +195,7 @@ class TorchBackend(ModuleParams, Backend):
     def data_parallel(self, params: Any, state: Any, process_group: Any = None) -> None:
         """Make train_step on (params, state) data-parallel over torch.distributed's process group:
         the CapsNet goes through DistributedDataParallel (parallel.py). The group must be initialised
-        (capsspec.distributed does it for a torchrun launch)."""
+        (capsspec.training.distributed does it for a torchrun launch)."""
         self.check_native(params, state)
         from .parallel import DataParallel
 

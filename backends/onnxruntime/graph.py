@@ -1,4 +1,6 @@
-"""ONNX export: the model's inference graph, built from the canonical parameters with onnx.helper.
+"""The model's inference graph in ONNX, built from the canonical parameters with onnx.helper.
+
+The onnxruntime backend runs it; `capsspec export` (capsspec.tools.onnx_export) writes it to a file.
 
 The graph is written node by node from the spec (no framework's tracer in between), so every
 step below is the reference's arithmetic (capsspec/ops.py, model.py) spelled in ONNX operators:
@@ -41,17 +43,14 @@ has it. The onnx package is imported when a function here is called, never at im
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .config import CapsNetConfig
-from .fileio import atomic_path
+from capsspec.config import CapsNetConfig
+from capsspec.version import __version__
 
-__all__ = ["OPSET", "INPUT_NAME", "LABELS_NAME", "OUTPUT_NAMES", "build_model", "model_bytes", "export_onnx",
-           "export_checkpoint"]
+__all__ = ["OPSET", "INPUT_NAME", "LABELS_NAME", "OUTPUT_NAMES", "build_model", "model_bytes"]
 
 OPSET = 17  # every operator used here is unchanged since opset 13; 17 is widely supported by runtimes
 IR_VERSION = 8  # the lowest IR version that carries opset 17, so older runtimes can load the file
@@ -60,7 +59,7 @@ LABELS_NAME = "labels"
 OUTPUT_NAMES = ("lengths", "predicted", "reconstruction", "v", "coupling")
 
 
-def _onnx() -> Any:
+def load_onnx() -> Any:
     try:
         import onnx
     except ImportError as exc:
@@ -114,7 +113,7 @@ def build_model(params: Mapping[str, np.ndarray], config: CapsNetConfig, *, with
 
     params are assumed to match config (the caller checks them: capsspec.validation.check_params).
     """
-    onnx = _onnx()
+    onnx = load_onnx()
     helper, TP = onnx.helper, onnx.TensorProto
     c = config
     dt = np.float32
@@ -203,7 +202,6 @@ def build_model(params: Mapping[str, np.ndarray], config: CapsNetConfig, *, with
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="capsspec",
                               doc_string=doc)
     model.ir_version = IR_VERSION
-    from . import __version__
 
     meta = {"capsspec_version": __version__, "config": json.dumps(c.to_dict(), sort_keys=True),
             "routing": f"{c.routing_iterations} iterations, unrolled",
@@ -217,44 +215,3 @@ def model_bytes(params: Mapping[str, np.ndarray], config: CapsNetConfig, *, with
     return build_model(params, config, with_labels=with_labels).SerializeToString()
 
 
-def export_onnx(params: Mapping[str, np.ndarray], config: CapsNetConfig, out: str | os.PathLike, *,
-                doc: str = "") -> Path:
-    """Write the inference graph of (params, config) to `out`, whole or not at all; returns the path.
-
-    params: the canonical dict (float32 or float64 arrays; float64 are rounded to float32, see the
-    module docstring). The model is checked with onnx.checker before it is written.
-    """
-    from .validation import check_params
-
-    if not isinstance(config, CapsNetConfig):
-        raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")
-    check_params(params, config.param_shapes())
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"out: {out} is a folder; give the path of the .onnx file to write")
-    onnx = _onnx()
-    model = build_model(params, config, doc=doc)
-    onnx.checker.check_model(model)
-    try:
-        with atomic_path(out) as tmp:
-            tmp.write_bytes(model.SerializeToString())
-    except OSError as exc:  # a parent that is a file, no permission, a full disk: the user's input or machine
-        raise ValueError(f"out: cannot write {out}: {exc}") from exc
-    return out
-
-
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str = "onnx") -> tuple[Path, str]:
-    """Export a capsspec checkpoint; returns (the path written, a note for the user, possibly empty)."""
-    from .checkpoint import load_checkpoint
-
-    if format != "onnx":
-        raise ValueError(f"format must be 'onnx' (the only export format), got {format!r}")
-    ck = load_checkpoint(checkpoint)
-    note = ""
-    if ck.dtype != "float32":
-        note = (f"the checkpoint holds {ck.dtype} parameters; they were rounded to float32 (ONNX Runtime has no "
-                f"{ck.dtype} convolution on the CPU)")
-    doc = (f"Exported by capsspec from {Path(checkpoint).name} (epoch {ck.epoch}, step {ck.step}, written by "
-           f"{ck.backend or '?'}).")
-    params = {k: np.asarray(v, dtype=np.float32) for k, v in ck.params.items()}
-    return export_onnx(params, ck.config, out, doc=doc), note

@@ -129,7 +129,7 @@ class DigitPool:
 
     @classmethod
     def from_floats(cls, images: np.ndarray, labels: np.ndarray, sources: np.ndarray | None = None) -> "DigitPool":
-        """A pool from MNIST as capsspec.data loads it (float (N, 1, 28, 28) = bytes / 255): the bytes are recovered."""
+        """A pool from MNIST as capsspec.training.mnist loads it (float (N, 1, 28, 28) = bytes / 255): the bytes are recovered."""
         images = np.asarray(images)
         if images.ndim == 4 and images.shape[1] == 1:
             images = images[:, 0]
@@ -312,7 +312,7 @@ class MultiMnistData:
 def multimnist_data(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
                     test_labels: np.ndarray, settings: Any, *, images_per_epoch: int | None = None,
                     test_pairs: int | None = None) -> MultiMnistData:
-    """MultiMNIST for a run from MNIST as capsspec.data loads it and the run's TrainSettings.
+    """MultiMNIST for a run from MNIST as capsspec.training.mnist loads it and the run's TrainSettings.
 
     images_per_epoch: default settings.images_per_epoch, else DEFAULT_IMAGES_PER_EPOCH.
     The digits are split as an MNIST run with these settings splits them (train.split_data:
@@ -320,7 +320,7 @@ def multimnist_data(train_images: np.ndarray, train_labels: np.ndarray, test_ima
     per held-out digit) use only held-out digits. test_pairs (default settings.test_subset, else
     DEFAULT_TEST_PAIRS) test pairs are drawn from all 10,000 test digits with TEST_SEED.
     """
-    from .train import split_data
+    from .splits import split_data
 
     n_train, n_test = train_images.shape[0], test_images.shape[0]
     # split_data applied to the indices themselves gives the indices of each split: one definition of the split.

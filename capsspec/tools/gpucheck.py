@@ -1,6 +1,6 @@
 """`capsspec gpu-check`: one prepared command that turns a few minutes of a CUDA GPU into verified facts.
 
-    python -m capsspec.gpucheck --out DIR [--budget-seconds 540] [--data-dir MNIST] [--rehearsal]
+    python -m capsspec.tools.gpucheck --out DIR [--budget-seconds 540] [--data-dir MNIST] [--rehearsal]
     capsspec gpu-check --out DIR ...                                   (the same command)
 
 In order, each step a subprocess of the capsspec command line with its own timeout:
@@ -55,7 +55,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .fileio import atomic_path, atomic_write_text
+from ..version import __version__
+from ..training.atomic_files import atomic_path, atomic_write_text
 
 __all__ = ["Target", "GPU_TARGETS", "REHEARSAL_TARGETS", "Runner", "run_check", "torch_fast", "main",
            "REPORT_NAME", "LOGS_NAME", "DEFAULT_BUDGET_S"]
@@ -109,8 +110,8 @@ class Target:
 
 def torch_fast(device: str | None = None) -> Any:
     """The torch backend with its CUDA fast path: a factory for `capsspec conformance --backend
-    capsspec.gpucheck:torch_fast` (the suite selects backends by name or factory, not by option)."""
-    from .registry import get_backend
+    capsspec.tools.gpucheck:torch_fast` (the suite selects backends by name or factory, not by option)."""
+    from ..registry import get_backend
 
     return get_backend("torch", device=device or "cuda", check=False, fast=True)
 
@@ -121,7 +122,7 @@ GPU_TARGETS: tuple[Target, ...] = (
     # The fast path changes the model's layout (channels-last) and train_step (compiled); the ops are the
     # same functions on the same device as torch-cuda's, so its time goes to the model and optimizer checks
     # (pytest runs the files in order, and test_optim.py would come after the ops in a cut-short run).
-    Target("torch-cuda-fast", "torch", "cuda", {"fast": True}, conformance_backend="capsspec.gpucheck:torch_fast",
+    Target("torch-cuda-fast", "torch", "cuda", {"fast": True}, conformance_backend="capsspec.tools.gpucheck:torch_fast",
            conformance_focus="test_optim or test_model or test_interchange"),
 )
 JAX_GPU_TARGET = Target("jax-gpu", "jax")  # joins when `capsspec backends` lists jax on a GPU
@@ -464,7 +465,7 @@ def training_figures(run_dir: Path) -> dict[str, Any]:
 # ===================================================================================== probe
 def probe(specs: list[dict[str, Any]]) -> dict[str, Any]:
     """(Runs in a step's own process.) Each target's availability, and what torch and cupy see of CUDA."""
-    from .registry import get_backend
+    from ..registry import get_backend
 
     out: dict[str, Any] = {"targets": {}, "cuda": {}}
     for s in specs:
@@ -522,7 +523,7 @@ def _git_commit(root: Path) -> str | None:
 
 def _checkout_root() -> Path | None:
     """The repository holding this capsspec when it runs from a checkout (None when installed)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() and (root / "backends").is_dir() else None
 
 
@@ -633,7 +634,7 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
     try:
         _plan_and_run(runner, report, profile, launcher, chosen, phases, data_dir, paper, work, rehearsal)
         if keep_params:
-            from .checkpoint import CHECKPOINT_NAME
+            from ..training.checkpoint import CHECKPOINT_NAME
 
             if (paper / CHECKPOINT_NAME).is_file():
                 report["paper_params"] = bring_back_params(paper, out, work=work)
@@ -669,7 +670,6 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
 
 
 def _capsspec_version() -> str:
-    from . import __version__
 
     return __version__
 
@@ -864,7 +864,7 @@ def _short_training_flags(runner: Runner, profile: Profile, t: Target, allowed: 
 def _headline(runner: Runner, report: dict[str, Any], profile: Profile, launcher: list[str], targets: list[Target],
               data_flags: list[str], data_ok: bool, paper: Path, rehearsal: bool) -> None:
     """Continue (or start) the paper's run in `paper` for as many epochs as the time left allows."""
-    from .checkpoint import CHECKPOINT_NAME, read_metadata
+    from ..training.checkpoint import CHECKPOINT_NAME, read_metadata
 
     name = "headline"
     if not data_ok:
@@ -949,7 +949,7 @@ def bring_back_params(paper: Path, out: Path, part_bytes: int = PART_BYTES, work
     """The headline run's latest parameters, without the optimizer state, as parts of at most part_bytes
     in `out` (the device tool brings back files of up to 16 MiB): `cat NAME.part* > NAME` rebuilds a
     checkpoint that `capsspec eval` and `capsspec figures` read."""
-    from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+    from ..training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(paper / CHECKPOINT_NAME)
     with tempfile.TemporaryDirectory(prefix="capsspec-params-", dir=work) as tmpdir:

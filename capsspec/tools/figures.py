@@ -20,7 +20,7 @@ For a MultiMNIST checkpoint (two overlapping digits per image), also:
   once from the two longest capsules (the prediction); titles give the labels and predictions, a
   wrong prediction in red.
 
-Every PNG is written whole or not at all (capsspec.fileio.atomic_path). The model runs through a
+Every PNG is written whole or not at all (capsspec.training.atomic_files.atomic_path). The model runs through a
 backend (numpy by default: figures are small and the reference is exact).
 What this module must never do: import matplotlib or a framework at import time (matplotlib is
 imported when a figure is drawn; a backend imports its framework itself).
@@ -36,10 +36,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
-from .config import CapsNetConfig
-from .fileio import atomic_path
-from .train import METRICS_NAME  # the per-epoch metrics a training run writes beside its checkpoints
+from ..training.checkpoint import METRICS_NAME, load_checkpoint
+from ..config import CapsNetConfig
+from ..training.atomic_files import atomic_path
 
 __all__ = ["PERTURBATION_OFFSETS", "perturbed_capsules", "make_figures", "draw_reconstructions",
            "draw_perturbations", "draw_training_curves", "read_metrics_rows", "two_colour", "draw_multimnist_examples",
@@ -310,7 +309,7 @@ def _multimnist_figures(out: Path, backend: Any, params: Any, x: np.ndarray, ima
                         lengths: np.ndarray, targets: np.ndarray | None, overlaps: np.ndarray | None,
                         config: CapsNetConfig, pairs: int) -> list[Path]:
     """multimnist-examples.png and multimnist-reconstructions.png (Figure 5) for the first `pairs` test pairs."""
-    from .evaluate import top_k
+    from ..training.evaluate import top_k
 
     written = []
     k = min(pairs, images.shape[0])
@@ -341,7 +340,7 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
     of reconstructions.png. log, when given, is told about each figure
     that cannot be drawn and why (no decoder, no metrics.jsonl beside the checkpoint).
     """
-    from .registry import get_backend
+    from ..registry import get_backend
 
     say = log or (lambda _msg: None)
     ck = load_checkpoint(checkpoint)

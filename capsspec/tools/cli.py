@@ -3,13 +3,13 @@
     capsspec backends                     which backends run here, or why not
     capsspec data [--data-dir DIR]        fetch and verify MNIST, print where it is
     capsspec train [--backend NAME] ...   train with the paper's settings (flags change them); under
-                                          torchrun, data-parallel over its processes (capsspec.distributed)
+                                          torchrun, data-parallel over its processes (capsspec.training.distributed)
     capsspec eval [--backend NAME] CKPT   test accuracy, per-class accuracy, confusion matrix
     capsspec figures CKPT [--out DIR]     reconstructions, Figure 4, training curves (PNG)
-    capsspec export CKPT --out FILE       the inference graph as ONNX (capsspec.onnx_export)
+    capsspec export CKPT --out FILE       the inference graph as ONNX (capsspec.tools.onnx_export)
     capsspec conformance ...              the conformance suite's own command line
     capsspec bench ...                    the benchmark's own command line
-    capsspec gpu-check --out DIR ...      every GPU claim checked within a time budget (capsspec.gpucheck)
+    capsspec gpu-check --out DIR ...      every GPU claim checked within a time budget (capsspec.tools.gpucheck)
 
 Errors caused by the input (bad flags or files, values out of range, an unavailable backend,
 missing data) print one line to stderr, saying what was wrong and what to do, and exit with
@@ -112,20 +112,35 @@ def _add_backend_flags(p: argparse.ArgumentParser, default_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one function below per subcommand adds its flags."""
     parser = _Parser(
         prog="capsspec", description="The capsule network of 'Dynamic Routing Between Capsules' as a specification: "
                                      "a NumPy reference, framework backends held to it, and MNIST training on any of them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_backends_parser, _data_parser, _train_parser, _eval_parser, _figures_parser, _export_parser):
+        add(sub)
+    # Listed for --help; main() hands their arguments over before argparse sees them.
+    sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
+    sub.add_parser("bench", help="benchmark a backend (arguments go to its own parser)", add_help=False)
+    sub.add_parser("gpu-check", help="prove the GPU claims within a time budget (capsspec.tools.gpucheck)", add_help=False)
+    parser.set_defaults(commands=sub.choices)  # main() refuses a subcommand's unknown flags with its own parser
+    return parser
 
+
+def _backends_parser(sub: Any) -> None:
     p = sub.add_parser("backends", help="list the backends: available or why not, version, device")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _data_parser(sub: Any) -> None:
     p = sub.add_parser("data", help="fetch and verify MNIST, print where it is cached")
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: $CAPSSPEC_DATA, else "
                                                     "$XDG_CACHE_HOME/capsspec/mnist or ~/.cache/capsspec/mnist)")
     p.add_argument("--no-download", action="store_true", help="only check the cache; fetch nothing")
 
+
+def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train on MNIST or MultiMNIST (the paper's settings unless flags say otherwise)",
                        description="Train on MNIST. Flags left out take the paper's settings (or, with --resume, the "
                                    "resumed run's, its backend, device and dtype included). A resumed run refuses "
@@ -171,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others in a collective before the run "
                         "fails (default 600)")
+    _train_model_flags(p)
+
+
+def _train_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model's and the optimizer's flags of `capsspec train` (left out: the paper's values)."""
     g = p.add_argument_group("model (paper defaults)")
     g.add_argument("--routing-iterations", type=_positive_int, default=None, help="default 3")
     g.add_argument("--no-decoder", action="store_true", default=None, help="train without the reconstruction decoder")
@@ -184,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-steps", type=_positive_int, default=None, help="default 2000")
     g.add_argument("--lr-floor", type=_positive_float, default=None, help="default 1e-6")
 
+
+def _eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the MNIST test set (or MultiMNIST's test pairs)")
     p.add_argument("checkpoint", help="a .safetensors checkpoint")
     _add_backend_flags(p, "default: the fastest available one")
@@ -193,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
 
+
+def _figures_parser(sub: Any) -> None:
     p = sub.add_parser("figures", help="draw reconstructions, Figure 4 and training curves (PNG)")
     p.add_argument("checkpoint", help="a .safetensors checkpoint")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
@@ -201,22 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_nonnegative_int, default=3, help="Figure 4 panels to draw (default 3)")
     p.add_argument("--pairs", type=_positive_int, default=16, help="input/reconstruction pairs (default 16)")
 
+
+def _export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="export a checkpoint's inference graph (ONNX) for deployment")
     p.add_argument("checkpoint", help="a .safetensors checkpoint")
     p.add_argument("--format", default="onnx", choices=("onnx",), help="the export format (default onnx)")
     p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
 
-    # Listed for --help; main() hands their arguments over before argparse sees them.
-    sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
-    sub.add_parser("bench", help="benchmark a backend (arguments go to its own parser)", add_help=False)
-    sub.add_parser("gpu-check", help="prove the GPU claims within a time budget (capsspec.gpucheck)", add_help=False)
-    parser.set_defaults(commands=sub.choices)  # main() refuses a subcommand's unknown flags with its own parser
-    return parser
-
 
 # ===================================================================================== commands
 def _cmd_backends(args: argparse.Namespace) -> int:
-    from .registry import describe_backends
+    from ..registry import describe_backends
 
     rows = describe_backends()
     if args.json:
@@ -230,7 +249,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from .data import MNIST_FILES, fetch_mnist, load_mnist
+    from ..training.mnist import MNIST_FILES, fetch_mnist, load_mnist
 
     directory = fetch_mnist(args.data_dir, download=not args.no_download)
     m = load_mnist(directory, download=False)
@@ -290,8 +309,8 @@ def _check_train_flags(args: argparse.Namespace, config: Any, adam: Any, setting
 def _train_values(args: argparse.Namespace):
     """(config, adam, settings, backend, device, options, why) from the flags; with --resume, train.plan_resume
     fills what was left out from the run itself (its backend, device and dtype included)."""
-    from .config import AdamConfig, CapsNetConfig
-    from .train import TrainSettings, plan_resume
+    from ..config import AdamConfig, CapsNetConfig
+    from ..training.settings import TrainSettings, plan_resume
 
     config_flags = {"routing_iterations": args.routing_iterations, "conv1_channels": args.conv1_channels,
                     "primary_types": args.primary_types, "primary_dim": args.primary_dim,
@@ -327,11 +346,11 @@ def _train_values(args: argparse.Namespace):
 
 
 def _mnist_splits(data_dir: str | None, config: Any, settings: Any):
-    from .data import load_mnist
-    from .train import split_data
+    from ..training.mnist import load_mnist
+    from ..training.splits import split_data
 
     if settings.dataset == "multimnist":
-        from .multimnist import multimnist_data
+        from ..training.multimnist import multimnist_data
 
         if config.input_shape != (1, 36, 36):
             raise ValueError(f"MultiMNIST images are 1x36x36 but the model takes {config.input_shape}")
@@ -348,9 +367,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .backend import BackendUnavailable
-    from .distributed import DEFAULT_TIMEOUT_SECONDS, launch, plan_device, setup
-    from .train import TrainingInterrupted, choose_backend, train
+    from ..backend import BackendUnavailable
+    from ..training.distributed import DEFAULT_TIMEOUT_SECONDS, launch, plan_device, setup
+    from ..training.settings import TrainingInterrupted, choose_backend
+    from ..training.train import train
 
     def terminated(signum: int, frame: Any) -> None:  # before training starts; train() then handles it itself
         raise KeyboardInterrupt("SIGTERM")
@@ -416,9 +436,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_for_backend(args: argparse.Namespace, default: str | None):
-    from .checkpoint import load_checkpoint
-    from .registry import get_backend
-    from .train import choose_backend
+    from ..training.checkpoint import load_checkpoint
+    from ..registry import get_backend
+    from ..training.settings import choose_backend
 
     ck = load_checkpoint(args.checkpoint)
     name = args.backend if args.backend is not None else default
@@ -433,9 +453,9 @@ def _load_for_backend(args: argparse.Namespace, default: str | None):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_mnist
-    from .evaluate import evaluate
-    from .fileio import atomic_write_text
+    from ..training.mnist import load_mnist
+    from ..training.evaluate import evaluate
+    from ..training.atomic_files import atomic_write_text
 
     if args.json:
         _check_out_file(args.json, "--json")
@@ -465,10 +485,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_multimnist(args: argparse.Namespace, ck: Any, backend: Any, why: str) -> int:
     """A MultiMNIST checkpoint: the two longest capsules against the two labels of the first N test pairs."""
-    from .data import load_mnist
-    from .evaluate import evaluate_multi
-    from .fileio import atomic_write_text
-    from .multimnist import DEFAULT_TEST_PAIRS, PairImages, test_generator
+    from ..training.mnist import load_mnist
+    from ..training.evaluate import evaluate_multi
+    from ..training.atomic_files import atomic_write_text
+    from ..training.multimnist import DEFAULT_TEST_PAIRS, PairImages, test_generator
 
     import numpy as np
 
@@ -489,9 +509,9 @@ def _eval_multimnist(args: argparse.Namespace, ck: Any, backend: Any, why: str) 
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from .data import load_mnist
+    from ..training.mnist import load_mnist
     from .figures import make_figures, read_metrics_rows
-    from .train import METRICS_NAME
+    from ..training.checkpoint import METRICS_NAME
 
     if args.out is not None:
         _check_out_folder(args.out)
@@ -503,7 +523,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
                           f"curves): pass a checkpoint in a training run's --out folder")
     images = labels = targets = overlaps = None
     if ck.config.use_decoder and ck.training.get("dataset") == "multimnist":
-        from .multimnist import PairImages, frame_overlap, test_generator
+        from ..training.multimnist import PairImages, frame_overlap, test_generator
 
         m = load_mnist(args.data_dir)
         pairs = PairImages(test_generator(m.test_images, m.test_labels), max(args.pairs, args.samples, 12), 0,
@@ -552,10 +572,10 @@ def _reader_went_away() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    from .backend import BackendUnavailable
-    from .data import MnistUnavailable
-    from .distributed import PeerFailure
-    from .train import TrainingDiverged
+    from ..backend import BackendUnavailable
+    from ..training.mnist import MnistUnavailable
+    from ..training.distributed import PeerFailure
+    from ..training.settings import TrainingDiverged
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _PASSTHROUGH:
@@ -564,9 +584,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if command == "conformance":
                 from capsspec.conformance.cli import main as m
             elif command == "gpu-check":
-                from capsspec.gpucheck import main as m
+                from capsspec.tools.gpucheck import main as m
             else:
-                from capsspec.bench import main as m
+                from capsspec.tools.bench import main as m
             status = m(rest)
             sys.stdout.flush()
             return status

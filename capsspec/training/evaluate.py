@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import CapsNetConfig
+from ..config import CapsNetConfig
 
 __all__ = ["predict_all", "predict_top_k", "top_k", "accuracy", "confusion_matrix", "Evaluation", "evaluate",
            "MultiEvaluation", "evaluate_multi"]
@@ -57,7 +57,7 @@ def predict_top_k(backend: Any, params: Any, images: Any, config: CapsNetConfig,
                   dtype: str = "float32") -> np.ndarray:
     """The k predicted classes of every image, (N, k) int64 longest first, from forward's capsule lengths.
 
-    images: an array (N, C, H, W) or anything that slices like one (capsspec.multimnist.PairImages).
+    images: an array (N, C, H, W) or anything that slices like one (capsspec.training.multimnist.PairImages).
     """
     batch_size = _check_batch_size(batch_size)
     n = images.shape[0]

@@ -37,8 +37,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config import AdamConfig, CapsNetConfig
-from .fileio import atomic_write_bytes
+from ..config import AdamConfig, CapsNetConfig
+from ..version import __version__
+from .atomic_files import atomic_write_bytes
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CHECKPOINT_NAME", "FINAL_NAME", "Checkpoint", "save_checkpoint",
            "load_checkpoint", "read_metadata", "tensors_sha256"]
@@ -47,6 +48,9 @@ FORMAT_NAME = "capsspec-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.safetensors"  # written during and at the end of every epoch
 FINAL_NAME = "final.safetensors"  # the model at the end of a run
+BEST_VAL_NAME = "best-val.safetensors"  # the epoch with the best validation accuracy
+METRICS_NAME = "metrics.jsonl"  # the run's metrics, one JSON row each
+SUMMARY_NAME = "summary.json"  # what the run reports at its end
 M_PREFIX, V_PREFIX = "adam.m.", "adam.v."
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64"}
@@ -100,7 +104,6 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], c
     step defaults to state["step"] (0 without a state). Refuses non-finite parameters, so a
     diverged model can never replace a good checkpoint.
     """
-    from . import __version__
 
     if not isinstance(config, CapsNetConfig):
         raise ValueError(f"config must be a CapsNetConfig, got {type(config).__name__}")

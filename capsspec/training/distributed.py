@@ -117,7 +117,7 @@ def plan_device(backend: str | None, device: str | None, where: Launch) -> tuple
                          f"{where.world_size}) only the torch backend can (torch.distributed); pass --backend torch, "
                          "or run without torchrun")
     if device is None:
-        from .registry import get_backend
+        from ..registry import get_backend
 
         device = get_backend("torch", check=False).default_device() or "cpu"
     if str(device).startswith("cuda"):
