@@ -33,7 +33,7 @@ from capsspec.spec import CONSUMES, OPS
 
 from . import cases, magnitudes
 from .compare import CONDITIONING_FACTOR, Context, _stats, assert_all_close, assert_close, assert_true
-from .records import MODEL_ERRORS, RECORDS, ErrorInput, ModelErrorCase, record
+from .records import MODEL_ERRORS, RECORDS, ErrorInput, ModelErrorCase, op_case, record
 from .reproduce import current_line, reproducible
 from .selection import Selected
 from .tolerances import tolerance
@@ -159,7 +159,7 @@ def _check_choice(ctx: Context, got: np.ndarray, ref_scores: np.ndarray, what: s
 def op_forward(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) -> None:
     """backend.<op>(*args) against capsspec.ops.<op> in float64."""
     b, spec = sel.backend, OP_SPECS[name]
-    case = cases.op_case(name, recipe, dtype)
+    case = op_case(name, recipe, dtype)
     ctx = _ctx(f"{name} forward", sel, dtype, recipe, dict(zip(spec.array_args, case.args)))
     out = getattr(b, name)(*to_backend(b, case.args), **case.static)
     ref = getattr(ref_ops, name)(*case.ref_args, **case.static)
@@ -179,7 +179,7 @@ def op_forward(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) 
 def op_vjp(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) -> None:
     """backend.<op>_vjp(g, *args) against capsspec.ops.<op>_vjp with the same random cotangent."""
     b, spec = sel.backend, OP_SPECS[name]
-    case = cases.op_case(name, recipe, dtype)
+    case = op_case(name, recipe, dtype)
     inputs = dict(zip(spec.array_args, case.args))
     inputs["g"] = case.cot
     ctx = _ctx(f"{name} vjp", sel, dtype, recipe, inputs)
@@ -459,7 +459,7 @@ def trajectory(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
 def coupling_sums_to_one(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
     """routing's coupling coefficients are >= 0 and sum to 1 over the parents j, for every child."""
     b = sel.backend
-    case = cases.op_case("routing", recipe, dtype)
+    case = op_case("routing", recipe, dtype)
     ctx = _ctx("coupling sums to 1 over parents", sel, dtype, recipe, {"u_hat": case.args[0]})
     _, c = _outputs(ctx, b.routing(b.asarray(case.args[0]), **case.static), 2, "routing")
     c = b.to_numpy(c)
@@ -472,7 +472,7 @@ def coupling_sums_to_one(sel: Selected, recipe: Mapping[str, Any], dtype: str) -
 def child_permutation(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
     """Permuting the child capsules (u rows with their weights W_i) leaves v unchanged and permutes c."""
     b = sel.backend
-    case = cases.op_case("predictions", recipe, dtype)
+    case = op_case("predictions", recipe, dtype)
     u, w = case.args
     perm = np.random.default_rng(recipe["seed"] + 7).permutation(u.shape[1])
     it = int(recipe.get("iterations", 3))
@@ -490,7 +490,7 @@ def child_permutation(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> N
 def squash_direction_and_norm(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
     """squash keeps each vector's direction and maps its norm below 1 (to 1 only by rounding)."""
     b = sel.backend
-    case = cases.op_case("squash", recipe, dtype)
+    case = op_case("squash", recipe, dtype)
     s = case.args[0]
     ctx = _ctx("squash direction and norm", sel, dtype, recipe, {"s": s})
     v = b.to_numpy(b.squash(b.asarray(s), -1))
@@ -521,7 +521,7 @@ def zero_vectors(sel: Selected, recipe: Mapping[str, Any], dtype: str) -> None:
     """Zero capsule vectors: squash, lengths and routing give finite values and zero gradients there."""
     b = sel.backend
     r = dict(recipe, kind="zero_rows")
-    case = cases.op_case("squash", r, dtype)
+    case = op_case("squash", r, dtype)
     s = case.args[0]
     zero = np.all(s == 0, axis=-1)
     ctx = _ctx("zero capsule vectors", sel, dtype, r, {"s": s})
@@ -556,7 +556,7 @@ def margin_loss_satisfied(sel: Selected, recipe: Mapping[str, Any], dtype: str) 
     r = dict(recipe, kind="satisfied")
     r["m_minus"] = float(recipe["m_minus"]) * 0.99  # stay clear of the float32 rounding of the bounds
     r["m_plus"] = min(1.0, float(recipe["m_plus"]) / 0.99)
-    case = cases.op_case("margin_loss", r, dtype)
+    case = op_case("margin_loss", r, dtype)
     static = {"m_plus": recipe["m_plus"], "m_minus": recipe["m_minus"], "lambda_": recipe["lambda_"]}
     ctx = _ctx("margin loss zero when satisfied", sel, dtype, r, {"lengths": case.args[0], "labels": case.args[1]})
     lengths, labels = to_backend(b, case.args)
@@ -724,7 +724,7 @@ def error_contract(sel: Selected, name: str, error_id: str, dtype: str) -> None:
     if op is not None:
         rec = record(op)
         err = _find(rec.errors(), error_id)
-        case = cases.op_case(op, rec.example, dtype)
+        case = op_case(op, rec.example, dtype)
         err.change(case)
         inputs = dict(zip(rec.spec.array_args, case.args))
         ctx = _ctx(f"error contract: {name} with {error_id}", sel, dtype, rec.example, inputs)
@@ -796,7 +796,7 @@ def purity(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) -> N
     op = _op_of(name)
     ctx = _ctx(f"purity of {name}", sel, dtype, recipe)
     if op is not None:
-        case = cases.op_case(op, recipe, dtype)
+        case = op_case(op, recipe, dtype)
         names = record(op).spec.array_args
         args = to_backend(b, case.args)
         given = {n: ("array", a) for n, a in zip(names, args)}
