@@ -34,7 +34,7 @@ from capsspec.spec import CONSUMES, OPS
 from . import cases, magnitudes
 from .compare import CONDITIONING_FACTOR, Context, _stats, assert_all_close, assert_close, assert_true
 from .records import MODEL_ERRORS, RECORDS, ErrorInput, ModelErrorCase, op_case, record
-from .reproduce import current_line, reproducible
+from .repro_line import current_line, reproducible
 from .selection import Selected
 from .tolerances import tolerance
 
