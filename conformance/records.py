@@ -33,7 +33,7 @@ from . import magnitudes as mag
 from . import strategies as S
 from .cases import OpCase, cotangent, generator, labels_for, values, widen
 
-__all__ = ["ErrorInput", "OpRecord", "RECORDS", "MODEL_ERRORS", "error_ids", "record", "op_case"]
+__all__ = ["ErrorInput", "OpRecord", "RECORDS", "MODEL_ERRORS", "error_ids", "record", "op_of", "op_case"]
 
 Builder = Callable[[Mapping[str, Any], str, np.random.Generator], tuple[list[Any], dict[str, Any]]]
 
@@ -364,6 +364,16 @@ def record(name: str) -> OpRecord:
     if name not in RECORDS:
         raise ValueError(f"op must be one of {sorted(RECORDS)}, got {name!r}")
     return RECORDS[name]
+
+
+def op_of(name: str) -> str | None:
+    """The op whose forward or VJP spec name `name` is (squash for squash_vjp); None for the model's
+    and the optimizer's names."""
+    if name in RECORDS:
+        return name
+    if name.endswith("_vjp") and name[:-4] in RECORDS:
+        return name[:-4]
+    return None
 
 
 def op_case(name: str, r: Mapping[str, Any], dtype: str) -> OpCase:
