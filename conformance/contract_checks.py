@@ -54,6 +54,26 @@ def _find(errors: tuple[ErrorInput, ...], error_id: str) -> ErrorInput:
     raise ValueError(f"error_id must be one of {[e.id for e in errors]}, got {error_id!r}")
 
 
+def _op_call(b: Any, name: str, op: str, case: Any) -> tuple[Callable[[], Any], list[Any], Any]:
+    """The call of spec name `name` (op `op`'s forward or VJP) on the case's values as backend arrays,
+    with those arrays: (call, args, cotangent or None for the forward)."""
+    args = to_backend(b, case.args)
+    if name == op:
+        return (lambda: getattr(b, name)(*args, **case.static)), args, None
+    cot = to_backend(b, case.cot)
+    return (lambda: getattr(b, name)(cot, *args, **case.static)), args, cot
+
+
+def _model_calls(b: Any, p: Any, x: Any, y: Any, config: Any, t: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """The model functions called the same way by both contracts, on backend values (t: the targets keyword)."""
+    return {
+        "forward": lambda: b.forward(p, x, config, labels=y),
+        "loss": lambda: b.loss(p, x, y, config, **t),
+        "value_and_grad": lambda: b.value_and_grad(p, x, y, config, **t),
+        "predict": lambda: b.predict(p, x, config),
+    }
+
+
 def model_error_case(dtype: str) -> ModelErrorCase:
     """A small valid model call (a decoder, labels, an Adam state), the base of the model error inputs."""
     config = CapsNetConfig.from_dict(SMALL_CONFIG)
@@ -70,12 +90,9 @@ def _model_call(b: Any, name: str, mc: ModelErrorCase) -> Callable[[], Any]:
         return lambda: b.params_from_numpy(mc.params, config)
     p = b.params_from_numpy(mc.params, mc.config)
     x, y = b.asarray(mc.x), b.asarray(mc.labels)
-    t = {} if mc.targets is None else {"targets": b.asarray(mc.targets)}
-    calls: dict[str, Callable[[], Any]] = {
-        "forward": lambda: b.forward(p, x, config, labels=y),
-        "loss": lambda: b.loss(p, x, y, config, **t),
-        "value_and_grad": lambda: b.value_and_grad(p, x, y, config, **t),
-        "predict": lambda: b.predict(p, x, config),
+    t = target_kwargs(b, mc)
+    calls = {
+        **_model_calls(b, p, x, y, config, t),
         # A state that does not fit the params may be refused by state_from_numpy or by adam_update.
         "adam_update": lambda: b.adam_update(p, {k: b.asarray(g) for k, g in mc.grads.items()},
                                              b.state_from_numpy(mc.state, p)),
@@ -96,12 +113,7 @@ def error_contract(sel: Selected, name: str, error_id: str, dtype: str) -> None:
         err.change(case)
         inputs = dict(zip(rec.spec.array_args, case.args))
         ctx = context(f"error contract: {name} with {error_id}", sel, dtype, rec.example, inputs)
-        args = to_backend(b, case.args)
-        if name == op:
-            call = lambda: getattr(b, name)(*args, **case.static)  # noqa: E731
-        else:
-            cot = to_backend(b, case.cot)
-            call = lambda: getattr(b, name)(cot, *args, **case.static)  # noqa: E731
+        call, _, _ = _op_call(b, name, op, case)
     else:
         err = _find(MODEL_ERRORS[name], error_id)
         mc = model_error_case(dtype)
@@ -165,15 +177,11 @@ def purity(sel: Selected, name: str, recipe: Mapping[str, Any], dtype: str) -> N
     if op is not None:
         case = op_case(op, recipe, dtype)
         names = record(op).spec.array_args
-        args = to_backend(b, case.args)
+        call, args, cot = _op_call(b, name, op, case)
         given = {n: ("array", a) for n, a in zip(names, args)}
         caller = {n: a for n, a in zip(names, case.args)}
-        if name == op:
-            call = lambda: getattr(b, name)(*args, **case.static)  # noqa: E731
-        else:
-            cot = to_backend(b, case.cot)
+        if cot is not None:
             given["g"], caller["g"] = ("array", cot), case.cot
-            call = lambda: getattr(b, name)(cot, *args, **case.static)  # noqa: E731
         _check_unchanged(ctx, b, name, given, call, caller)
         return
     if name == "adam_update":
@@ -201,13 +209,7 @@ def _model_purity(ctx: Context, b: Any, name: str, case: Any) -> None:
     t = target_kwargs(b, case)
     if t and name != "forward":
         given["targets"], caller["targets"] = ("array", t["targets"]), case.targets
-    calls: dict[str, Callable[[], Any]] = {
-        "forward": lambda: b.forward(p, x, config, labels=y),
-        "loss": lambda: b.loss(p, x, y, config, **t),
-        "value_and_grad": lambda: b.value_and_grad(p, x, y, config, **t),
-        "predict": lambda: b.predict(p, x, config),
-        "adam_init": lambda: b.adam_init(p),
-    }
+    calls = {**_model_calls(b, p, x, y, config, t), "adam_init": lambda: b.adam_init(p)}
     if name == "train_step":
         s = b.adam_init(p)
         given["state"] = ("state", s)
