@@ -8,7 +8,7 @@ the line carries the recipe, not the arrays.
 Each case has the inputs in the dtype under test and the same values widened to float64 for
 the reference (widening is exact), so comparisons measure the backend's error alone.
 
-What this module must never do: call a backend (checks.py does), or draw randomness from
+What this module must never do: call a backend (the checks do), or draw randomness from
 anything but the recipe's seeds.
 """
 

@@ -3,8 +3,8 @@
 assert_close checks type, shape and dtype before values, then values against the tolerance
 table. A failure message carries the largest absolute and relative errors (with where and what
 the values were), a summary of the drawn inputs, and the one command line that reproduces the
-failing check (reproduce.py). Every comparison is also recorded (examples run, largest error) for the summary
-the pytest plugin prints at the end of a run.
+failing check (repro_line.py writes it, reproduce.py runs it). Every comparison is also recorded
+(examples run, largest error) for the summary the pytest plugin prints at the end of a run.
 
 What this module must never do: relax a tolerance, or swallow a backend's exception.
 """
@@ -90,7 +90,7 @@ class Context:
     backend: Any  # selection.Selected
     dtype: str
     recipe: Mapping[str, Any]
-    repro: str  # one shell line (reproduce.py) that runs the failing check again
+    repro: str  # one shell line (repro_line.py) that runs the failing check again
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ which have a fixed rank, which carry data that must be finite, which are labels)
 op-specific ones; each is a change applied to a valid case built from the record's `example`.
 The model and optimizer functions have their error inputs in MODEL_ERRORS, in the same form.
 
-What this module must never do: call a backend (checks.py does), or draw NaN or inf outside an
+What this module must never do: call a backend (the checks do), or draw NaN or inf outside an
 error input.
 """
 
