@@ -5,16 +5,18 @@ pytest: `python -m pytest --pyargs capsspec.conformance -p capsspec.conformance.
 (from a checkout, `python -m pytest conformance --backend NAME`). NAME is a registered backend,
 "module:attr" for one that is not registered yet, or (command line only) "all".
 
-Modules: records (one record per op: its recipes, how a case is built, its tolerance levels,
-its magnitude functions, its error inputs; and the model functions' error inputs), selection
-(choosing the backend, loudly), tolerances (the one tolerance table), strategies (named
-Hypothesis building blocks of recipes), cases (recipes to inputs), magnitudes (term sizes, so
-that tolerances follow conditioning), compare (comparisons, failure messages, statistics),
-checks (each check, including the error contract and purity), reproduce (the one line a failure
-prints, and what runs it), regressions (draws kept for good), plugin (pytest options, profiles,
-known gaps, inference-only backends, summary), profiles, cli, broken (deliberately broken
-backends for the tests of the tester), and the test_*.py modules. known_gaps/<backend>.txt lists
-what a backend is known not to meet yet.
+Modules, each importing only from those before it: tolerances (the one tolerance table),
+selection (choosing the backend, loudly), compare (comparisons, failure messages, statistics),
+repro_line (the one line a failure prints), cases (recipes to inputs), strategies (named
+Hypothesis building blocks of recipes), magnitudes (term sizes, so that tolerances follow
+conditioning), records (one record per op: its recipes, how its case is built, its tolerance
+levels, its magnitude functions, its error inputs; and the model functions' error inputs),
+check_kit (what the checks share), the checks by subject (op_checks, model_checks,
+optimizer_checks, property_checks, contract_checks: the error contract and purity), checks (every
+check by name), reproduce (runs a failure's line again), regressions (draws kept for good),
+profiles, plugin (pytest options, profiles, known gaps, inference-only backends, summary), cli,
+broken (deliberately broken backends for the tests of the tester), and the test_*.py modules.
+known_gaps/<backend>.txt lists what a backend is known not to meet yet.
 
 Importing this package imports nothing (no framework, no Hypothesis).
 """

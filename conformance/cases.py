@@ -1,14 +1,14 @@
 """Test cases from recipes: small JSON-like dicts that Hypothesis draws and a failure prints.
 
 A recipe holds only plain numbers, strings and lists (seeds, sizes, the kind and scale of the
-values); the functions here (and each op's builder in records.py) turn it into NumPy inputs
-deterministically. That is what makes every failure reproducible from the one line it prints:
+values); the functions here (and records.op_case, with each op's builder) turn it into NumPy
+inputs deterministically. That is what makes every failure reproducible from the one line it prints:
 the line carries the recipe, not the arrays.
 
 Each case has the inputs in the dtype under test and the same values widened to float64 for
 the reference (widening is exact), so comparisons measure the backend's error alone.
 
-What this module must never do: call a backend (checks.py does), or draw randomness from
+What this module must never do: call a backend (the checks do), or draw randomness from
 anything but the recipe's seeds.
 """
 
@@ -22,12 +22,9 @@ import numpy as np
 import capsspec
 from capsspec.config import AdamConfig, CapsNetConfig
 
-__all__ = ["OpCase", "ModelCase", "values", "labels_for", "distinct_labels", "two_digit_variant", "op_case",
-           "model_case", "digits_batch", "adam_case", "state_case", "widen", "SCALE_LIMITS"]
-
-# log10 of the largest / smallest magnitude of drawn values, per dtype, for ops whose domain is
-# "any finite |s|^2" (squash, lengths): |s|^2 of a capsule of up to 16 such values stays finite.
-SCALE_LIMITS = {"float32": (-15, 17), "float64": (-140, 150)}
+__all__ = ["OpCase", "ModelCase", "values", "generator", "cotangent", "labels_for", "distinct_labels",
+           "two_digit_variant", "model_case", "model_params", "batch", "digits_batch", "adam_case", "state_case",
+           "widen"]
 
 
 def widen(a: Any) -> Any:
@@ -69,7 +66,8 @@ def values(rng: np.random.Generator, shape: tuple[int, ...], kind: str, scale: i
     return np.ascontiguousarray(a.astype(dtype))
 
 
-def _rng(seed: int) -> np.random.Generator:
+def generator(seed: int) -> np.random.Generator:
+    """The generator of a recipe's seed: a case draws from nothing else."""
     return np.random.default_rng(int(seed))
 
 
@@ -102,11 +100,11 @@ class OpCase:
         self.ref_cot = widen(self.cot)
 
 
-def _cotangent(r: Mapping[str, Any], out: Any, dtype: str) -> Any:
+def cotangent(r: Mapping[str, Any], out: Any, dtype: str) -> Any:
     """A cotangent shaped like the reference output `out` (float64), drawn from r["cot"]: a scalar for
     a loss, (g_v, g_c or None) for routing, else an array like the output."""
     c = r.get("cot", {"seed": 0, "kind": "normal"})
-    rng = _rng(c["seed"])
+    rng = generator(c["seed"])
     if isinstance(out, tuple):  # routing: (v, c)
         g_v = values(rng, out[0].shape, c["kind"], 0, dtype)
         g_c = values(rng, out[1].shape, c["kind"], 0, dtype) if c.get("with_gc", False) else None
@@ -114,20 +112,6 @@ def _cotangent(r: Mapping[str, Any], out: Any, dtype: str) -> Any:
     if np.ndim(out) == 0:  # a loss
         return np.asarray(0.0 if c["kind"] == "zeros" else rng.standard_normal(), dtype=dtype)
     return values(rng, np.shape(out), c["kind"], 0, dtype)
-
-
-def op_case(name: str, r: Mapping[str, Any], dtype: str) -> OpCase:
-    """The inputs of op `name` described by recipe `r`, in `dtype`, with a cotangent for its VJP.
-
-    How the arrays are built is the op's record's business (records.py)."""
-    from .records import record  # records builds on this module
-
-    args, static = record(name).build(r, dtype, _rng(r["seed"]))
-    case = OpCase(name, args, static)
-    ref_out = getattr(capsspec.ops, name)(*case.ref_args, **static)
-    case.cot = _cotangent(r, ref_out, dtype)
-    case.ref_cot = widen(case.cot)
-    return case
 
 
 @dataclass
@@ -170,7 +154,7 @@ def digits_batch(config: CapsNetConfig, r: Mapping[str, Any], dtype: str) -> tup
 
     digits 1 (the default): labels (B,), targets None. digits K >= 2: labels (B, K) with K distinct
     classes and targets (B, K, C, H, W): unit images, one per digit, like MultiMNIST's digits."""
-    rng = _rng(r["seed"])
+    rng = generator(r["seed"])
     x = values(rng, (r["B"], *config.input_shape), r.get("kind", "unit"), int(r.get("scale", 0)), dtype)
     if r.get("kind", "unit") == "unit" and int(r.get("scale", 0)) != 0:
         x = np.ascontiguousarray((x.astype(np.float64) * 10.0 ** int(r["scale"])).astype(dtype))
@@ -195,7 +179,7 @@ def two_digit_variant(case: ModelCase) -> ModelCase:
     digit, drawn from a seed fixed by the batch size (the case itself where it has two digits already)."""
     if case.targets is not None:
         return case
-    rng = _rng(1000 + len(case.x))
+    rng = generator(1000 + len(case.x))
     labels = distinct_labels(rng, len(case.x), case.config.num_classes, 2)
     targets = values(rng, (*labels.shape, *case.config.input_shape), "unit", 0, case.x.dtype.name)
     return ModelCase(case.config, case.params, case.x, labels, targets)
@@ -205,7 +189,7 @@ def adam_case(r: Mapping[str, Any], dtype: str) -> tuple[CapsNetConfig, dict, di
     """(config, params, grads, state as NumPy dicts, AdamConfig) for one adam_update."""
     config = CapsNetConfig.from_dict(r["config"])
     params = model_params(config, r["seed"], 1.0, dtype)
-    rng = _rng(r["seed"] + 1)
+    rng = generator(r["seed"] + 1)
     grads = {k: values(rng, p.shape, r.get("grad_kind", "normal"), int(r.get("grad_scale", -2)), dtype)
              for k, p in params.items()}
     state = state_case(params, int(r["step"]), rng, dtype)

@@ -3,8 +3,8 @@
 assert_close checks type, shape and dtype before values, then values against the tolerance
 table. A failure message carries the largest absolute and relative errors (with where and what
 the values were), a summary of the drawn inputs, and the one command line that reproduces the
-failing check (reproduce.py). Every comparison is also recorded (examples run, largest error) for the summary
-the pytest plugin prints at the end of a run.
+failing check (repro_line.py writes it, reproduce.py runs it). Every comparison is also recorded
+(examples run, largest error) for the summary the pytest plugin prints at the end of a run.
 
 What this module must never do: relax a tolerance, or swallow a backend's exception.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from .tolerances import Tolerance, tolerance
 
 __all__ = ["ConformanceFailure", "Context", "assert_close", "assert_true", "summarize", "STATS", "reset_stats",
-           "current_check"]
+           "check_stats", "current_check"]
 
 
 class ConformanceFailure(AssertionError):
@@ -54,7 +54,8 @@ def reset_stats() -> None:
     STATS.clear()
 
 
-def _stats() -> CheckStats:
+def check_stats() -> CheckStats:
+    """The statistics of the check running now (examples, comparisons, the largest error), for the summary."""
     return STATS.setdefault(current_check(), CheckStats())
 
 
@@ -89,11 +90,11 @@ class Context:
     backend: Any  # selection.Selected
     dtype: str
     recipe: Mapping[str, Any]
-    repro: str  # one shell line (reproduce.py) that runs the failing check again
+    repro: str  # one shell line (repro_line.py) that runs the failing check again
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _stats().examples += 1
+        check_stats().examples += 1
 
     def describe(self) -> str:
         lines = [f"check: {self.check} on backend {self.backend.spec!r} ({self.dtype})",
@@ -123,7 +124,7 @@ def _scale(expected: np.ndarray, how: str) -> np.ndarray:
 
 
 def assert_true(ok: bool, message: str, ctx: Context) -> None:
-    _stats().comparisons += 1
+    check_stats().comparisons += 1
     if not ok:
         ctx.fail(message)
 
@@ -165,7 +166,7 @@ def assert_close(actual: Any, expected: Any, *, what: str, level: str, ctx: Cont
     """
     dtype = dtype or ctx.dtype
     tol = tol or tolerance(ctx.dtype, level)
-    st = _stats()
+    st = check_stats()
     st.comparisons += 1
     if not isinstance(actual, np.ndarray):
         ctx.fail(f"{what}: to_numpy returned {type(actual).__name__}, expected a numpy.ndarray")

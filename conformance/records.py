@@ -6,14 +6,14 @@ named strategies of strategies.py), how a case is built from a recipe, its toler
 (forward, VJP; tolerances.py says what each level means), its magnitude functions
 (magnitudes.py: how large the terms behind each value are), and its error inputs (what must
 raise ValueError naming the argument). Changing an op means editing the reference function and
-its one record here.
+its one record here. op_case builds an op's case from a recipe through its record.
 
 Error inputs are derived from what the record declares about its arguments (which are batched,
 which have a fixed rank, which carry data that must be finite, which are labels) plus a few
 op-specific ones; each is a change applied to a valid case built from the record's `example`.
 The model and optimizer functions have their error inputs in MODEL_ERRORS, in the same form.
 
-What this module must never do: call a backend (checks.py does), or draw NaN or inf outside an
+What this module must never do: call a backend (the checks do), or draw NaN or inf outside an
 error input.
 """
 
@@ -26,13 +26,14 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from hypothesis import strategies as st
 
+from capsspec import ops as ref_ops
 from capsspec.spec import OPS, OpSpec
 
 from . import magnitudes as mag
 from . import strategies as S
-from .cases import OpCase, labels_for, values
+from .cases import OpCase, cotangent, generator, labels_for, values, widen
 
-__all__ = ["ErrorInput", "OpRecord", "RECORDS", "MODEL_ERRORS", "error_ids", "record"]
+__all__ = ["ErrorInput", "OpRecord", "RECORDS", "MODEL_ERRORS", "error_ids", "record", "op_of", "op_case"]
 
 Builder = Callable[[Mapping[str, Any], str, np.random.Generator], tuple[list[Any], dict[str, Any]]]
 
@@ -363,6 +364,27 @@ def record(name: str) -> OpRecord:
     if name not in RECORDS:
         raise ValueError(f"op must be one of {sorted(RECORDS)}, got {name!r}")
     return RECORDS[name]
+
+
+def op_of(name: str) -> str | None:
+    """The op whose forward or VJP spec name `name` is (squash for squash_vjp); None for the model's
+    and the optimizer's names."""
+    if name in RECORDS:
+        return name
+    if name.endswith("_vjp") and name[:-4] in RECORDS:
+        return name[:-4]
+    return None
+
+
+def op_case(name: str, r: Mapping[str, Any], dtype: str) -> OpCase:
+    """The inputs of op `name` described by recipe `r`, in `dtype`, with a cotangent for its VJP
+    (shaped like the reference's output on those inputs)."""
+    args, static = record(name).build(r, dtype, generator(r["seed"]))
+    case = OpCase(name, args, static)
+    ref_out = getattr(ref_ops, name)(*case.ref_args, **static)
+    case.cot = cotangent(r, ref_out, dtype)
+    case.ref_cot = widen(case.cot)
+    return case
 
 
 # ---------------------------------------------------------------------------------------- model errors

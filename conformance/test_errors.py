@@ -3,7 +3,7 @@
 One test per (spec name, bad input): wrong rank or shape, wrong dtype, NaN and inf, labels out of
 range or of a float dtype, an empty batch, a parameter dict with a missing, extra or misshapen
 entry, a config that does not match the parameters. A value check that a device backend defers
-must have raised by the time the result is read on the host (checks._read_all)."""
+must have raised by the time the result is read on the host (check_kit.read_all)."""
 
 import pytest
 
