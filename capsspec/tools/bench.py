@@ -326,12 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"capsspec bench: {name}: {exc}", file=sys.stderr)
             status = 2
             continue
-        print(_format(r), flush=True)
-        if args.json == "-":
-            print(json.dumps(r))
-        elif args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        _report(r, args.json)
     return status
 
 
@@ -350,13 +345,18 @@ def _distributed_main(args: argparse.Namespace, where: Any) -> int:
         print(f"capsspec bench: rank {where.rank}: {exc}", file=sys.stderr)
         return 2
     if where.rank == 0:
-        print(_format(r), flush=True)
-        if args.json == "-":
-            print(json.dumps(r))
-        elif args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        _report(r, args.json)
     return 0
+
+
+def _report(r: dict[str, Any], json_to: str | None) -> None:
+    """The run's table, and with --json its JSON object: on stdout for '-', else appended to the file."""
+    print(_format(r), flush=True)
+    if json_to == "-":
+        print(json.dumps(r))
+    elif json_to:
+        with open(json_to, "a") as f:
+            f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

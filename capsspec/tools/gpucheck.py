@@ -29,6 +29,10 @@ outside (SIGTERM, SIGHUP, Ctrl-C), it kills the running step, writes the report 
 configs (the meta conformance profile on a few checks, a tiny bench, a few training steps on a
 subset), so that the plumbing, the report and the budget handling are proven without a GPU.
 
+This module plans the steps and runs the phases; capsspec.tools.step_runner runs each step (a
+subprocess within the budget), capsspec.tools.step_parsers reads the steps' outputs, and
+capsspec.tools.check_report writes what the check leaves in DIR.
+
 This module imports no framework: the frameworks are imported by the steps' own processes
 (`--probe`, the hidden mode that reports availability, runs in one of them).
 """
@@ -36,46 +40,29 @@ This module imports no framework: the frameworks are imported by the steps' own 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from ..version import __version__
-from ..training.atomic_files import atomic_path, atomic_write_text
+from ..training.atomic_files import atomic_write_text
+from .check_report import (LOGS_NAME, PARAMS_NAME, REPORT_NAME, bring_back_params, bundle_logs, clear_out,
+                           report_head, write_report)
+from .step_parsers import json_objects, parse_bench, parse_conformance, read_jsonl, training_figures
+from .step_runner import Interrupted, Runner, StepResult, raise_interrupted
 
-__all__ = ["Target", "GPU_TARGETS", "REHEARSAL_TARGETS", "Runner", "run_check", "torch_fast", "main",
-           "REPORT_NAME", "LOGS_NAME", "DEFAULT_BUDGET_S"]
+__all__ = ["Target", "GPU_TARGETS", "REHEARSAL_TARGETS", "run_check", "torch_fast", "main", "DEFAULT_BUDGET_S"]
 
-REPORT_NAME = "report.json"
-LOGS_NAME = "logs.tar.gz"
-REPORT_FORMAT = 1
 DEFAULT_BUDGET_S = 540.0
-LOG_LIMIT_BYTES = 2 * 2**20  # per step log: the head and tail are kept, so the bundle stays far under 16 MiB
-BUNDLE_LIMIT_BYTES = 15 * 2**20
-PARAMS_NAME = "paper-params.safetensors"
-PART_BYTES = 15 * 2**20
-KILL_GRACE_S = 3.0  # between SIGTERM and SIGKILL of a step that ran out of time
 PAPER_EPOCHS = 50  # the headline run's length (train's default)
-
-# Package versions recorded in the report (read from installed metadata; nothing is imported).
-VERSION_PACKAGES = ("numpy", "torch", "cupy-cuda13x", "cupy-cuda12x", "cupy", "jax", "jaxlib", "jax-cuda13-plugin",
-                    "jax-cuda12-plugin", "tensorflow", "tensorflow-cpu", "hypothesis", "pytest", "safetensors",
-                    "triton", "onnxruntime")
 
 
 # ===================================================================================== targets
@@ -127,6 +114,8 @@ GPU_TARGETS: tuple[Target, ...] = (
 )
 JAX_GPU_TARGET = Target("jax-gpu", "jax")  # joins when `capsspec backends` lists jax on a GPU
 REHEARSAL_TARGETS: tuple[Target, ...] = (Target("numpy", "numpy"), Target("torch-cpu", "torch", "cpu"))
+PHASES = ("backends", "data", "conformance", "bench", "train", "headline")  # in the order they run
+DTYPES = ("float32", "float64")  # of the conformance runs, in order
 # Headline backend preference when bench figures cannot decide.
 _HEADLINE_ORDER = ("torch-cuda-fast", "torch-cuda", "cupy", "jax-gpu", "torch-cpu", "numpy")
 
@@ -173,295 +162,6 @@ REHEARSAL_PROFILE = Profile(
     overhead_s=5.0, reserve_s=2.0, download=True)
 
 
-# ===================================================================================== running steps
-@dataclass
-class StepResult:
-    name: str
-    phase: str
-    status: str  # passed | failed | timed_out | skipped
-    reason: str = ""
-    target: str | None = None
-    dtype: str | None = None
-    command: list[str] | None = None
-    returncode: int | None = None
-    seconds: float = 0.0
-    timeout_s: float | None = None
-    log: str | None = None
-    figures: dict[str, Any] = field(default_factory=dict)
-
-
-class Interrupted(Exception):
-    """The check received SIGTERM or SIGHUP (a tool's timeout, a closed terminal)."""
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-class Runner:
-    """Runs steps as subprocesses within one time budget, logging each; on_step is called after each.
-
-    `pending` is every step still to come, in order, with its phase and the minimum seconds it needs
-    (see allowance): early steps cannot starve later ones of their minimum while the budget holds
-    them all, and when it does not, the earlier steps come first.
-    """
-
-    def __init__(self, out: Path, budget_s: float, reserve_s: float, *, env: dict[str, str] | None = None,
-                 cwd: Path | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.out, self.budget_s, self.reserve_s = out, float(budget_s), float(reserve_s)
-        self.logs = out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.env = env if env is not None else dict(os.environ)
-        self.cwd = cwd
-        self.clock = clock
-        self.start = clock()
-        self.results: list[StepResult] = []
-        self.pending: dict[str, tuple[str, float]] = {}  # planned step -> (its phase, its minimum seconds)
-        self.on_step: Callable[[], None] = lambda: None
-
-    def plan(self, name: str, min_s: float, phase: str = "") -> None:
-        self.pending[name] = (phase, float(min_s))
-
-    def elapsed(self) -> float:
-        return self.clock() - self.start
-
-    def left(self) -> float:
-        return self.budget_s - self.reserve_s - self.elapsed()
-
-    def allowance(self, name: str, cap: float) -> float:
-        """Seconds step `name` may run: at most its cap, never more than the time left less the minimums of
-        the later pending steps, and no more than its fair share of what its phase may use (the time left
-        less the later phases' minimums, split evenly over the phase's pending steps), so that the first
-        backend of a phase cannot take the time of the others."""
-        names = list(self.pending)
-        phase = self.pending[name][0] if name in self.pending else ""
-        later = names[names.index(name) + 1:] if name in self.pending else []
-        later_min = sum(self.pending[n][1] for n in later)
-        other_min = sum(self.pending[n][1] for n in later if self.pending[n][0] != phase)
-        same = 1 + sum(1 for n in later if self.pending[n][0] == phase)
-        share = (self.left() - other_min) / same
-        protected = min(float(cap), self.left() - later_min, share)
-        # Earlier steps come first: a step gets its own minimum while the time is there, even when the
-        # later minimums add up to more than is left.
-        floor = min(float(cap), self.left(), self.pending[name][1] if name in self.pending else 0.0)
-        return max(0.0, protected, floor)
-
-    def _finish(self, result: StepResult) -> StepResult:
-        self.pending.pop(result.name, None)
-        self.results.append(result)
-        mark = {"passed": "ok", "failed": "FAILED", "timed_out": "TIMED OUT", "skipped": "skipped"}[result.status]
-        note = f" ({result.reason})" if result.reason else ""
-        print(f"[gpu-check {self.elapsed():6.1f}s] {result.name}: {mark}{note}", file=sys.stderr, flush=True)
-        self.on_step()
-        return result
-
-    def skip(self, name: str, phase: str, reason: str, **kw: Any) -> StepResult:
-        return self._finish(StepResult(name, phase, "skipped", reason, **kw))
-
-    def fail(self, name: str, phase: str, reason: str, **kw: Any) -> StepResult:
-        return self._finish(StepResult(name, phase, "failed", reason, **kw))
-
-    def record(self, result: StepResult) -> StepResult:
-        return self._finish(result)
-
-    def run(self, name: str, phase: str, argv: Sequence[str], *, cap: float, min_s: float,
-            parse: Callable[[StepResult, str], None] | None = None, target: str | None = None,
-            dtype: str | None = None, cwd: Path | None = None) -> StepResult:
-        """Run argv with its output in logs/<name>.log; parse(result, log_text) adds figures and may
-        change the status. Skipped (with the reason) when its allowance is under min_s."""
-        allowed = self.allowance(name, cap)
-        if allowed < min_s:
-            return self.skip(name, phase, f"out of budget: {allowed:.0f}s could be given to it, it needs at least "
-                                          f"{min_s:.0f}s ({self.left():.0f}s left of {self.budget_s:.0f}s)",
-                             target=target, dtype=dtype, command=list(argv))
-        log_path = self.logs / f"{name}.log"
-        result = StepResult(name, phase, "passed", target=target, dtype=dtype, command=list(argv),
-                            timeout_s=round(allowed, 1), log=f"logs/{name}.log")
-        print(f"[gpu-check {self.elapsed():6.1f}s] {name}: running (up to {allowed:.0f}s): {' '.join(argv)}",
-              file=sys.stderr, flush=True)
-        t0 = self.clock()
-        with open(log_path, "wb") as logf:
-            logf.write(f"$ {' '.join(argv)}\n".encode())
-            logf.flush()
-            try:
-                proc = subprocess.Popen(list(argv), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=self.env, cwd=str(cwd or self.cwd or Path.cwd()), start_new_session=True)
-            except OSError as exc:
-                result.status, result.reason = "failed", f"could not start: {exc}"
-                result.seconds = round(self.clock() - t0, 2)
-                return self._finish(result)
-            grace = min(KILL_GRACE_S, 0.25 * allowed)
-            try:
-                result.returncode = proc.wait(timeout=max(0.1, allowed - grace))
-            except subprocess.TimeoutExpired:
-                _kill_group(proc, grace)
-                result.status = "timed_out"
-                result.reason = f"killed after {self.clock() - t0:.1f}s (its share of the budget)"
-                result.returncode = proc.returncode
-            except BaseException as exc:  # the check itself is being stopped: its step (a session of its own) too
-                _kill_group(proc, 1.0)
-                result.status, result.returncode = "skipped", proc.returncode
-                result.reason = f"stopped after {self.clock() - t0:.0f}s: gpu-check was stopped ({exc or type(exc).__name__})"
-                result.seconds = round(self.clock() - t0, 2)
-                self._finish(result)
-                raise
-        result.seconds = round(self.clock() - t0, 2)
-        _truncate_log(log_path, LOG_LIMIT_BYTES)
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-        if result.status == "passed" and result.returncode != 0:
-            result.status = "failed"
-            result.reason = f"exit status {result.returncode}: {_last_error_line(text)}"
-        if parse is not None:
-            try:
-                parse(result, text)
-            except Exception as exc:  # a parser bug must not hide the step's own outcome
-                result.figures["parse_error"] = f"{type(exc).__name__}: {exc}"
-        return self._finish(result)
-
-
-def _kill_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the step's process group (it started a session of its own), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=wait)
-            if sig == signal.SIGTERM:
-                try:  # children that ignored SIGTERM while the leader exited
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _truncate_log(path: Path, limit: int) -> None:
-    """Keep a log under `limit` bytes: its first quarter and its last three quarters, with a note between."""
-    size = path.stat().st_size
-    if size <= limit:
-        return
-    head_n, tail_n = limit // 4, limit - limit // 4 - 200
-    with open(path, "rb") as f:
-        head = f.read(head_n)
-        f.seek(size - tail_n)
-        tail = f.read()
-    note = f"\n[... gpu-check cut {size - head_n - tail_n} bytes of this log ...]\n".encode()
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(head + note + tail)
-
-
-def _last_error_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("$ ")]
-    for ln in reversed(lines):
-        if "error" in ln.lower() or "failed" in ln.lower() or "exception" in ln.lower():
-            return ln[:300]
-    return lines[-1][:300] if lines else "(no output)"
-
-
-# ===================================================================================== parsers
-_PYTEST_OUTCOME = re.compile(r"::(\S+) (PASSED|FAILED|SKIPPED|XFAIL|XPASS|ERROR)\b")
-_PYTEST_SUMMARY = re.compile(r"^=+ (.*\b(?:passed|failed|error|errors|skipped|deselected|xfailed)\b.*) in "
-                             r"([\d.]+)s", re.M)
-_CONFORMANCE_ROW = re.compile(r"^(\S+::\S+.*?)\s+(\d+)\s+(\d+)\s+([-+\d.eE]+|nan|inf)\s+([-+\d.eE]+|nan|inf)\b", re.M)
-
-
-def parse_conformance(result: StepResult, text: str) -> None:
-    """Counts per outcome (from the -v lines, so a killed run still reports what it got through), the
-    failing checks, pytest's summary line, and the largest error as a fraction of its tolerance."""
-    counts: dict[str, int] = {}
-    failed: list[str] = []
-    for test, outcome in _PYTEST_OUTCOME.findall(text):
-        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
-        if outcome in ("FAILED", "ERROR", "XPASS"):
-            failed.append(test)
-    summary = _PYTEST_SUMMARY.findall(text)
-    worst = None
-    for row in _CONFORMANCE_ROW.findall(text):
-        try:
-            ratio = float(row[3])
-        except ValueError:
-            continue
-        if worst is None or ratio > worst[0] or math.isnan(ratio):
-            worst = (ratio, row[0].strip())
-    result.figures.update({"tests": counts, "failed_tests": sorted(set(failed))[:50]})
-    if summary:
-        result.figures["pytest_summary"] = summary[-1][0]
-        result.figures["pytest_seconds"] = float(summary[-1][1])
-    if worst is not None:
-        result.figures["max_error_over_tolerance"] = worst[0]
-        result.figures["worst_check"] = worst[1]
-    if failed and result.status != "failed":
-        result.status = "failed"
-        result.reason = (result.reason + "; " if result.reason else "") + f"{len(set(failed))} check(s) failed"
-    if result.status == "passed" and not counts.get("passed"):
-        result.status = "failed"
-        result.reason = "no test passed (nothing selected, or the suite did not run)"
-
-
-def _json_objects(text: str) -> list[dict[str, Any]]:
-    objs = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                objs.append(obj)
-    return objs
-
-
-def parse_bench(result: StepResult, text: str) -> None:
-    """bench --json - prints one JSON object per backend: the figures, as they are."""
-    found = [o for o in _json_objects(text) if "train_images_per_second" in o]
-    if found:
-        result.figures.update(found[-1])
-    elif result.status == "passed":
-        result.status, result.reason = "failed", "bench printed no JSON figures"
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
-def training_figures(run_dir: Path) -> dict[str, Any]:
-    """Figures of a training run from its metrics.jsonl and summary.json (what completed, even if killed)."""
-    rows = _read_jsonl(run_dir / "metrics.jsonl")
-    figs: dict[str, Any] = {"epochs_completed": rows[-1]["epoch"] if rows else 0}
-    if rows:
-        last = rows[-1]
-        secs = [float(r["seconds"]) for r in rows]
-        figs.update({
-            "test_accuracy": last.get("test_accuracy"), "val_accuracy": last.get("val_accuracy"),
-            "train_accuracy": last.get("train_accuracy"), "loss": last.get("loss"),
-            "seconds_per_epoch": secs, "mean_seconds_per_epoch": sum(secs) / len(secs),
-            "eval_seconds_per_epoch": [float(r.get("eval_seconds", 0.0)) for r in rows],
-            "images_per_second": [r.get("images_per_second") for r in rows],
-            "steps": last.get("step"),
-        })
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        try:
-            s = json.loads(summary.read_text(encoding="utf-8"))
-            figs.update({k: s.get(k) for k in ("test_accuracy", "test_error_percent", "reported_model", "device",
-                                               "framework_version", "train_seconds", "parameters")})
-            figs["train_images"] = (s.get("settings") or {}).get("train_subset")
-        except (OSError, json.JSONDecodeError):
-            pass
-    return figs
-
-
 # ===================================================================================== probe
 def probe(specs: list[dict[str, Any]]) -> dict[str, Any]:
     """(Runs in a step's own process.) Each target's availability, and what torch and cupy see of CUDA."""
@@ -503,24 +203,6 @@ def probe(specs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ===================================================================================== the check
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in VERSION_PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def _git_commit(root: Path) -> str | None:
-    try:
-        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
 def _checkout_root() -> Path | None:
     """The repository holding this capsspec when it runs from a checkout (None when installed)."""
     root = Path(__file__).resolve().parents[2]
@@ -595,41 +277,20 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
     # The steps run in a folder of their own: every path they get is absolute.
     out = Path(out).absolute()
     data_dir = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / REPORT_NAME, out / LOGS_NAME, *out.glob(f"{PARAMS_NAME}.part*")):
-        stale.unlink(missing_ok=True)
-    shutil.rmtree(out / "logs", ignore_errors=True)
+    clear_out(out)
     launcher = list(launcher or default_launcher())
     # The short trainings' runs (checkpoints of ~99 MB for the paper model) live outside `out`, which
     # must hold only what comes back, and go at the end.
     work = Path(tempfile.mkdtemp(prefix="capsspec-gpucheck-"))
     paper = Path(paper_dir).expanduser().absolute() if paper_dir is not None else out / "paper"
-    phases = list(phases or ("backends", "data", "conformance", "bench", "train", "headline"))
+    phases = list(phases or PHASES)
     # The reserve covers the report, the logs bundle and, when asked, cutting the parameters into parts.
     runner = Runner(out, budget_s, profile.reserve_s + (10.0 if keep_params else 0.0), env=_child_env(), cwd=work)
-    root = _checkout_root()
-    report: dict[str, Any] = {
-        "format": REPORT_FORMAT, "command": "capsspec gpu-check", "mode": "rehearsal" if rehearsal else "gpu",
-        "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_seconds": budget_s,
-        "host": {"node": platform.node(), "machine": platform.machine(), "platform": platform.platform(),
-                 "python": platform.python_version(), "cpu_count": os.cpu_count()},
-        "capsspec": {"version": _capsspec_version(), "from_checkout": str(root) if root else None,
-                     "git_commit": _git_commit(root) if root else None},
-        "versions": _versions(), "data_dir": data_dir, "paper_dir": str(paper),
-    }
-
-    def write_report(final: bool = False) -> None:
-        report["elapsed_seconds"] = round(runner.elapsed(), 2)
-        report["steps"] = [dataclasses.asdict(r) for r in runner.results]
-        report["pending_steps"] = list(runner.pending)
-        report["summary"] = _summary(runner.results)
-        report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z") if final else None
-        atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2, default=str) + "\n")
-
-    runner.on_step = write_report
+    report = report_head(rehearsal, budget_s, data_dir, paper, _checkout_root())
+    runner.on_step = lambda: write_report(out, report, runner)
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-        handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     interrupted = None
     try:
         _plan_and_run(runner, report, profile, launcher, chosen, phases, data_dir, paper, work, rehearsal)
@@ -657,21 +318,16 @@ def run_check(out: Path, *, budget_s: float = DEFAULT_BUDGET_S, data_dir: str | 
             signal.signal(sig, handler)
         runner.pending.clear()
         shutil.rmtree(work, ignore_errors=True)
-        write_report(final=True)
-        _bundle_logs(out)
+        write_report(out, report, runner, final=True)
+        bundle_logs(out)
         report["logs"] = LOGS_NAME
-        write_report(final=True)
+        write_report(out, report, runner, final=True)
     s = report["summary"]
     print(f"[gpu-check] {s['passed']} passed, {s['failed']} failed, {s['timed_out']} timed out, {s['skipped']} skipped "
           f"in {report['elapsed_seconds']:.0f}s of {budget_s:.0f}s; report: {out / REPORT_NAME}", file=sys.stderr)
     if interrupted:
         return 130
     return 1 if s["failed"] else 0
-
-
-def _capsspec_version() -> str:
-
-    return __version__
 
 
 def _choose_targets(all_targets: list[Target], names: Sequence[str] | None, rehearsal: bool) -> list[Target]:
@@ -684,156 +340,176 @@ def _choose_targets(all_targets: list[Target], names: Sequence[str] | None, rehe
     return [known[n] for n in names]
 
 
-def _summary(results: list[StepResult]) -> dict[str, Any]:
-    by = {s: [r.name for r in results if r.status == s] for s in ("passed", "failed", "timed_out", "skipped")}
-    return {"passed": len(by["passed"]), "failed": len(by["failed"]), "timed_out": len(by["timed_out"]),
-            "skipped": len(by["skipped"]), "failed_steps": by["failed"], "timed_out_steps": by["timed_out"],
-            "skipped_steps": {r.name: r.reason for r in results if r.status == "skipped"}}
-
-
 def _plan_and_run(runner: Runner, report: dict[str, Any], profile: Profile, launcher: list[str],
                   targets: list[Target], phases: list[str], data_dir: str | None, paper: Path, work: Path,
                   rehearsal: bool) -> None:
-    caps, mins = profile.caps, profile.mins
+    """Every step planned, then the chosen phases in order (see the module docstring)."""
     data_flags = ["--data-dir", data_dir] if data_dir else []
-    dtypes = ("float32", "float64")
-
-    def plan(ts: list[Target]) -> None:
-        """Every step still to come, in order, with its minimum (steps already run are not planned again)."""
-        names: list[tuple[str, float, str]] = []
-        if "backends" in phases:
-            names += [(n, mins[n], n) for n in ("backends", "device", "probe")]
-            names += [(f"probe-{t.name}", 0.0, "availability") for t in ts]  # records of the probe's answer
-        if "data" in phases:
-            names.append(("data", mins["data"], "data"))
-        for phase in ("conformance", "bench", "train"):
-            if phase in phases:
-                for t in ts:
-                    for name in ([f"conformance-{t.name}-{d}" for d in dtypes] if phase == "conformance"
-                                 else [f"{phase}-{t.name}"]):
-                        names.append((name, mins[phase], phase))
-        if "headline" in phases:
-            names.append(("headline", 0.0, "headline"))  # "where budget remains": it holds back nothing
-        done = {r.name for r in runner.results}
-        runner.pending.clear()
-        for name, m, phase in names:
-            if name not in done:
-                runner.plan(name, m, phase)
-
-    plan(targets)
-
-    # 1. backends, the device, and the targets' availability ---------------------------------------
+    _plan(runner, profile, targets, phases)
     if "backends" in phases:
-        def parse_backends(result: StepResult, text: str) -> None:
-            body = text.split("\n", 1)[1] if text.startswith("$ ") else text
-            start = body.find("[")
-            rows = json.loads(body[start:body.rfind("]") + 1]) if start >= 0 else []
-            result.figures["backends"] = rows
-            report["backends"] = rows
-
-        runner.run("backends", "backends", [*launcher, "backends", "--json"], cap=caps["backends"],
-                   min_s=mins["backends"], parse=parse_backends)
-        _nvidia_smi(runner, report, profile, gpu=not rehearsal)
-        rows = {r["name"]: r for r in report.get("backends") or []}
-        jax = rows.get("jax")
-        if not rehearsal and JAX_GPU_TARGET not in targets and jax is not None:
-            on_gpu = jax.get("available") and re.search(r"gpu|cuda", str(jax.get("device")), re.I)
-            if on_gpu:
-                targets.append(JAX_GPU_TARGET)
-                plan(targets)
-            where = f"on {jax.get('device')}" if jax.get("available") else f"unavailable: {jax.get('reason')}"
-            report["jax"] = f"{'included' if on_gpu else 'not included'}: `capsspec backends` lists jax {where}"
-        elif not rehearsal and jax is None:
-            report["jax"] = "not included: `capsspec backends` lists no jax backend"
-
-        def parse_probe(result: StepResult, text: str) -> None:
-            objs = [o for o in _json_objects(text) if "targets" in o]
-            if not objs:
-                raise ValueError("the probe printed no JSON")
-            result.figures.update(objs[-1])
-            report["cuda"] = objs[-1].get("cuda")
-
-        specs = json.dumps([t.probe_spec() for t in targets])
-        pr = runner.run("probe", "backends", [*launcher, "gpu-check", "--probe", specs], cap=caps["probe"],
-                        min_s=mins["probe"], parse=parse_probe)
-        seen = pr.figures.get("targets", {})
-        for t in targets:
-            a = seen.get(t.name)
-            if a is None and pr.status in ("skipped", "timed_out"):
-                runner.skip(f"probe-{t.name}", "probe", f"not probed (the probe {pr.status.replace('_', ' ')}: "
-                                                         f"{pr.reason})", target=t.name)
-            elif a is None:
-                runner.fail(f"probe-{t.name}", "probe", f"the probe did not report it ({pr.status}: {pr.reason})",
-                            target=t.name)
-            elif a.get("available"):
-                runner.record(StepResult(f"probe-{t.name}", "probe", "passed", target=t.name, figures=a))
-            else:
-                runner.fail(f"probe-{t.name}", "probe", f"unavailable: {a.get('reason')}", target=t.name, figures=a)
+        _backends_phase(runner, report, profile, launcher, targets, phases, rehearsal)
     report["targets"] = [t.probe_spec() for t in targets]
-
-    # 2. MNIST ------------------------------------------------------------------------------------
     data_ok = True
     if "data" in phases:
-        r = runner.run("data", "data", [*launcher, "data", *data_flags, *([] if profile.download else ["--no-download"])],
-                       cap=caps["data"], min_s=mins["data"])
-        data_ok = r.status == "passed"
-
-    # 3. conformance, float32 then float64 ---------------------------------------------------------
+        data_ok = _data_phase(runner, profile, launcher, data_flags)
     if "conformance" in phases:
-        for t in targets:
-            for d in dtypes:
-                name = f"conformance-{t.name}-{d}"
-                why = _target_ok(runner, t.name)
-                if why:
-                    runner.skip(name, "conformance", why, target=t.name, dtype=d)
-                    continue
-                select = "not float64" if d == "float32" else "float64"  # float32 also takes the dtype-free checks
-                for focus in (t.conformance_focus, profile.conformance_filter):
-                    if focus:
-                        select = f"({select}) and ({focus})"
-                argv = [*launcher, "conformance", *t.conformance_flags(), "--profile", profile.conformance_profile,
-                        "--", "-v", "-rfE", "-k", select]
-                runner.run(name, "conformance", argv, cap=caps["conformance"], min_s=mins["conformance"],
-                           parse=parse_conformance, target=t.name, dtype=d)
-
-    # 4. bench --------------------------------------------------------------------------------------
+        _conformance_phase(runner, profile, launcher, targets)
     if "bench" in phases:
-        for t in targets:
-            name = f"bench-{t.name}"
-            why = _target_ok(runner, t.name)
-            if why:
-                runner.skip(name, "bench", why, target=t.name)
-                continue
-            runner.run(name, "bench", [*launcher, "bench", *t.bench_flags(), *profile.bench_flags, "--json", "-"],
-                       cap=caps["bench"], min_s=mins["bench"], parse=parse_bench, target=t.name)
-
-    # 5. short trainings ------------------------------------------------------------------------------
+        _bench_phase(runner, profile, launcher, targets)
     if "train" in phases:
-        for t in targets:
-            name = f"train-{t.name}"
-            why = _target_ok(runner, t.name) or (None if data_ok else "MNIST was not verified (see the data step)")
-            if why:
-                runner.skip(name, "train", why, target=t.name)
-                continue
-            allowed = runner.allowance(name, caps["train"])
-            flags, note = _short_training_flags(runner, profile, t, allowed)
-            if flags is None:
-                runner.skip(name, "train", note, target=t.name)
-                continue
-            run_dir = work / name
-            argv = [*launcher, "train", *t.train_flags(), *flags, *data_flags, "--out", str(run_dir), "--quiet"]
-
-            def parse_train(result: StepResult, text: str, run_dir: Path = run_dir, note: str = note) -> None:
-                result.figures.update(training_figures(run_dir))
-                result.figures["sizing"] = note
-                if result.status == "passed" and result.figures.get("test_accuracy") is None:
-                    result.status, result.reason = "failed", "the run reported no test accuracy"
-
-            runner.run(name, "train", argv, cap=caps["train"], min_s=mins["train"], parse=parse_train, target=t.name)
-
-    # 6. the headline run ---------------------------------------------------------------------------
+        _train_phase(runner, profile, launcher, targets, data_flags, data_ok, work)
     if "headline" in phases:
         _headline(runner, report, profile, launcher, targets, data_flags, data_ok, paper, rehearsal)
+
+
+def _plan(runner: Runner, profile: Profile, targets: list[Target], phases: list[str]) -> None:
+    """Every step still to come, in order, with its minimum (steps already run are not planned again)."""
+    mins = profile.mins
+    names: list[tuple[str, float, str]] = []
+    if "backends" in phases:
+        names += [(n, mins[n], n) for n in ("backends", "device", "probe")]
+        names += [(f"probe-{t.name}", 0.0, "availability") for t in targets]  # records of the probe's answer
+    if "data" in phases:
+        names.append(("data", mins["data"], "data"))
+    for phase in ("conformance", "bench", "train"):
+        if phase in phases:
+            for t in targets:
+                for name in ([f"conformance-{t.name}-{d}" for d in DTYPES] if phase == "conformance"
+                             else [f"{phase}-{t.name}"]):
+                    names.append((name, mins[phase], phase))
+    if "headline" in phases:
+        names.append(("headline", 0.0, "headline"))  # "where budget remains": it holds back nothing
+    done = {r.name for r in runner.results}
+    runner.pending.clear()
+    for name, m, phase in names:
+        if name not in done:
+            runner.plan(name, m, phase)
+
+
+def _backends_phase(runner: Runner, report: dict[str, Any], profile: Profile, launcher: list[str],
+                    targets: list[Target], phases: list[str], rehearsal: bool) -> None:
+    """1. `capsspec backends --json`, the device, jax when it is on a GPU, and the targets' availability."""
+    def parse_backends(result: StepResult, text: str) -> None:
+        body = text.split("\n", 1)[1] if text.startswith("$ ") else text
+        start = body.find("[")
+        rows = json.loads(body[start:body.rfind("]") + 1]) if start >= 0 else []
+        result.figures["backends"] = rows
+        report["backends"] = rows
+
+    runner.run("backends", "backends", [*launcher, "backends", "--json"], cap=profile.caps["backends"],
+               min_s=profile.mins["backends"], parse=parse_backends)
+    _nvidia_smi(runner, report, profile, gpu=not rehearsal)
+    if not rehearsal:
+        _jax_on_gpu(runner, report, profile, targets, phases)
+    _probe_targets(runner, report, profile, launcher, targets)
+
+
+def _jax_on_gpu(runner: Runner, report: dict[str, Any], profile: Profile, targets: list[Target],
+                phases: list[str]) -> None:
+    """jax joins the targets (and the plan) when `capsspec backends` lists it on a GPU; the report says why or why not."""
+    jax = {r["name"]: r for r in report.get("backends") or []}.get("jax")
+    if jax is None:
+        report["jax"] = "not included: `capsspec backends` lists no jax backend"
+    elif JAX_GPU_TARGET not in targets:
+        on_gpu = jax.get("available") and re.search(r"gpu|cuda", str(jax.get("device")), re.I)
+        if on_gpu:
+            targets.append(JAX_GPU_TARGET)
+            _plan(runner, profile, targets, phases)
+        where = f"on {jax.get('device')}" if jax.get("available") else f"unavailable: {jax.get('reason')}"
+        report["jax"] = f"{'included' if on_gpu else 'not included'}: `capsspec backends` lists jax {where}"
+
+
+def _probe_targets(runner: Runner, report: dict[str, Any], profile: Profile, launcher: list[str],
+                   targets: list[Target]) -> None:
+    """The probe (a step of its own process) and one probe-<target> record per target of what it saw."""
+    def parse_probe(result: StepResult, text: str) -> None:
+        objs = [o for o in json_objects(text) if "targets" in o]
+        if not objs:
+            raise ValueError("the probe printed no JSON")
+        result.figures.update(objs[-1])
+        report["cuda"] = objs[-1].get("cuda")
+
+    specs = json.dumps([t.probe_spec() for t in targets])
+    pr = runner.run("probe", "backends", [*launcher, "gpu-check", "--probe", specs], cap=profile.caps["probe"],
+                    min_s=profile.mins["probe"], parse=parse_probe)
+    seen = pr.figures.get("targets", {})
+    for t in targets:
+        a = seen.get(t.name)
+        if a is None and pr.status in ("skipped", "timed_out"):
+            runner.skip(f"probe-{t.name}", "probe", f"not probed (the probe {pr.status.replace('_', ' ')}: "
+                                                     f"{pr.reason})", target=t.name)
+        elif a is None:
+            runner.fail(f"probe-{t.name}", "probe", f"the probe did not report it ({pr.status}: {pr.reason})",
+                        target=t.name)
+        elif a.get("available"):
+            runner.record(StepResult(f"probe-{t.name}", "probe", "passed", target=t.name, figures=a))
+        else:
+            runner.fail(f"probe-{t.name}", "probe", f"unavailable: {a.get('reason')}", target=t.name, figures=a)
+
+
+def _data_phase(runner: Runner, profile: Profile, launcher: list[str], data_flags: list[str]) -> bool:
+    """2. `capsspec data`: whether MNIST is there and verified (the trainings need it)."""
+    r = runner.run("data", "data", [*launcher, "data", *data_flags, *([] if profile.download else ["--no-download"])],
+                   cap=profile.caps["data"], min_s=profile.mins["data"])
+    return r.status == "passed"
+
+
+def _conformance_phase(runner: Runner, profile: Profile, launcher: list[str], targets: list[Target]) -> None:
+    """3. The conformance suite on each target, float32 then float64."""
+    for t in targets:
+        for d in DTYPES:
+            name = f"conformance-{t.name}-{d}"
+            why = _target_ok(runner, t.name)
+            if why:
+                runner.skip(name, "conformance", why, target=t.name, dtype=d)
+                continue
+            select = "not float64" if d == "float32" else "float64"  # float32 also takes the dtype-free checks
+            for focus in (t.conformance_focus, profile.conformance_filter):
+                if focus:
+                    select = f"({select}) and ({focus})"
+            argv = [*launcher, "conformance", *t.conformance_flags(), "--profile", profile.conformance_profile,
+                    "--", "-v", "-rfE", "-k", select]
+            runner.run(name, "conformance", argv, cap=profile.caps["conformance"], min_s=profile.mins["conformance"],
+                       parse=parse_conformance, target=t.name, dtype=d)
+
+
+def _bench_phase(runner: Runner, profile: Profile, launcher: list[str], targets: list[Target]) -> None:
+    """4. `capsspec bench` on each target."""
+    for t in targets:
+        name = f"bench-{t.name}"
+        why = _target_ok(runner, t.name)
+        if why:
+            runner.skip(name, "bench", why, target=t.name)
+            continue
+        runner.run(name, "bench", [*launcher, "bench", *t.bench_flags(), *profile.bench_flags, "--json", "-"],
+                   cap=profile.caps["bench"], min_s=profile.mins["bench"], parse=parse_bench, target=t.name)
+
+
+def _train_phase(runner: Runner, profile: Profile, launcher: list[str], targets: list[Target], data_flags: list[str],
+                 data_ok: bool, work: Path) -> None:
+    """5. A short training on each target, sized to its share of the time from the bench figures."""
+    for t in targets:
+        name = f"train-{t.name}"
+        why = _target_ok(runner, t.name) or (None if data_ok else "MNIST was not verified (see the data step)")
+        if why:
+            runner.skip(name, "train", why, target=t.name)
+            continue
+        allowed = runner.allowance(name, profile.caps["train"])
+        flags, note = _short_training_flags(runner, profile, t, allowed)
+        if flags is None:
+            runner.skip(name, "train", note, target=t.name)
+            continue
+        run_dir = work / name
+        argv = [*launcher, "train", *t.train_flags(), *flags, *data_flags, "--out", str(run_dir), "--quiet"]
+
+        def parse_train(result: StepResult, text: str, run_dir: Path = run_dir, note: str = note) -> None:
+            result.figures.update(training_figures(run_dir))
+            result.figures["sizing"] = note
+            if result.status == "passed" and result.figures.get("test_accuracy") is None:
+                result.status, result.reason = "failed", "the run reported no test accuracy"
+
+        runner.run(name, "train", argv, cap=profile.caps["train"], min_s=profile.mins["train"], parse=parse_train,
+                   target=t.name)
 
 
 def _short_training_flags(runner: Runner, profile: Profile, t: Target, allowed: float) -> tuple[list[str] | None, str]:
@@ -863,7 +539,7 @@ def _short_training_flags(runner: Runner, profile: Profile, t: Target, allowed: 
 
 def _headline(runner: Runner, report: dict[str, Any], profile: Profile, launcher: list[str], targets: list[Target],
               data_flags: list[str], data_ok: bool, paper: Path, rehearsal: bool) -> None:
-    """Continue (or start) the paper's run in `paper` for as many epochs as the time left allows."""
+    """6. Continue (or start) the paper's run in `paper` for as many epochs as the time left allows."""
     from ..training.checkpoint import CHECKPOINT_NAME, read_metadata
 
     name = "headline"
@@ -879,44 +555,18 @@ def _headline(runner: Runner, report: dict[str, Any], profile: Profile, launcher
             runner.fail(name, "headline", f"cannot read {ckpt}: {exc}")
             return
     choice_file = paper / "gpucheck-target.txt"
-    usable = [t for t in targets if _target_ok(runner, t.name) is None
-              and all(r.status != "failed" for r in runner.results if r.target == t.name)]
-    if not usable:
+    target = _headline_target(runner, targets, choice_file, rehearsal)
+    if target is None:
         runner.skip(name, "headline", "no target passed its checks")
         return
-    previous = choice_file.read_text().strip() if choice_file.is_file() else None
-    # The fastest by the bench (on a GPU); in a rehearsal the first (numpy: no framework to start).
-    by_speed = usable if rehearsal else sorted(usable, key=lambda t: (
-        -(_figures(runner, f"bench-{t.name}").get("train_images_per_second") or 0),
-        _HEADLINE_ORDER.index(t.name) if t.name in _HEADLINE_ORDER else 99))
-    target = next((t for t in usable if t.name == previous), by_speed[0])
     total = PAPER_EPOCHS if not rehearsal else 10 ** 6
     if done >= total:
         runner.skip(name, "headline", f"the run in {paper} is complete ({done} epochs)", target=target.name,
                     figures=training_figures(paper))
         return
     allowed = runner.allowance(name, profile.caps["headline"])
-    bench = _figures(runner, f"bench-{target.name}")
-    short = _figures(runner, f"train-{target.name}")
     overhead = max(profile.overhead_s, _step_seconds(runner, f"bench-{target.name}") or 0.0)
-    # Seconds per epoch of the paper model on the whole training set, from the best source there is:
-    # the run's own epochs, the short training, the bench.
-    epoch_s, basis = None, ""
-    own = _read_jsonl(paper / "metrics.jsonl")
-    if own:
-        epoch_s = max(float(r["seconds"]) + float(r.get("eval_seconds", 0.0)) for r in own)
-        basis = f"the slowest of the run's {len(own)} epochs so far"
-    elif short.get("mean_seconds_per_epoch"):
-        n_short = short.get("train_images") or profile.full_train_images
-        eval_s = (short.get("eval_seconds_per_epoch") or [0.0])[-1]
-        epoch_s = short["mean_seconds_per_epoch"] * profile.full_train_images / n_short + eval_s
-        basis = f"the short training on {target.name} ({n_short} images)"
-    elif bench.get("epoch_seconds_60k"):
-        epoch_s = bench["epoch_seconds_60k"] * profile.full_train_images / 60_000 + \
-            15_000 / bench.get("inference_images_per_second", 1e9)
-        basis = f"the bench of {target.name}"
-    elif rehearsal:
-        epoch_s, basis = 0.0, "a rehearsal: one epoch per call"
+    epoch_s, basis = _epoch_seconds(runner, profile, target, paper, rehearsal)
     if epoch_s is None:
         runner.skip(name, "headline", f"no figure to size an epoch by (no bench, short training or earlier epoch of "
                                       f"{target.name}): add the bench phase", target=target.name)
@@ -945,46 +595,42 @@ def _headline(runner: Runner, report: dict[str, Any], profile: Profile, launcher
     runner.run(name, "headline", argv, cap=profile.caps["headline"], min_s=0, parse=parse, target=target.name)
 
 
-def bring_back_params(paper: Path, out: Path, part_bytes: int = PART_BYTES, work: Path | None = None) -> dict[str, Any]:
-    """The headline run's latest parameters, without the optimizer state, as parts of at most part_bytes
-    in `out` (the device tool brings back files of up to 16 MiB): `cat NAME.part* > NAME` rebuilds a
-    checkpoint that `capsspec eval` and `capsspec figures` read."""
-    from ..training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-
-    ck = load_checkpoint(paper / CHECKPOINT_NAME)
-    with tempfile.TemporaryDirectory(prefix="capsspec-params-", dir=work) as tmpdir:
-        whole = Path(tmpdir) / PARAMS_NAME
-        save_checkpoint(whole, ck.params, ck.config, adam=ck.adam, step=ck.step, epoch=ck.epoch, rng=ck.rng,
-                        training=ck.training, extra=ck.extra, backend=ck.backend)
-        data = whole.read_bytes()
-    parts = []
-    for i in range(0, len(data), part_bytes):
-        part = out / f"{PARAMS_NAME}.part{i // part_bytes:02d}"
-        with atomic_path(part) as tmp:
-            tmp.write_bytes(data[i:i + part_bytes])
-        parts.append(part.name)
-    import hashlib
-
-    return {"parts": parts, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "epoch": ck.epoch,
-            "rebuild": f"cat {PARAMS_NAME}.part* > {PARAMS_NAME}"}
+def _headline_target(runner: Runner, targets: list[Target], choice_file: Path, rehearsal: bool) -> Target | None:
+    """The target of the headline run: the one an earlier call chose, while it still passes its checks; else
+    the fastest by the bench (on a GPU), in a rehearsal the first (numpy: no framework to start). None when
+    no target passed."""
+    usable = [t for t in targets if _target_ok(runner, t.name) is None
+              and all(r.status != "failed" for r in runner.results if r.target == t.name)]
+    if not usable:
+        return None
+    previous = choice_file.read_text().strip() if choice_file.is_file() else None
+    by_speed = usable if rehearsal else sorted(usable, key=lambda t: (
+        -(_figures(runner, f"bench-{t.name}").get("train_images_per_second") or 0),
+        _HEADLINE_ORDER.index(t.name) if t.name in _HEADLINE_ORDER else 99))
+    return next((t for t in usable if t.name == previous), by_speed[0])
 
 
-def _bundle_logs(out: Path) -> None:
-    """logs/*.log -> logs.tar.gz (under 16 MiB, cutting the logs harder if need be), then remove logs/."""
-    logs = out / "logs"
-    files = sorted(logs.glob("*.log")) if logs.is_dir() else []
-    limit = LOG_LIMIT_BYTES
-    while True:
-        with atomic_path(out / LOGS_NAME) as tmp:
-            with tarfile.open(tmp, "w:gz") as tar:
-                for f in files:
-                    tar.add(f, arcname=f"logs/{f.name}")
-        if (out / LOGS_NAME).stat().st_size <= BUNDLE_LIMIT_BYTES or limit < 4096:
-            break
-        limit //= 4
-        for f in files:
-            _truncate_log(f, limit)
-    shutil.rmtree(logs, ignore_errors=True)
+def _epoch_seconds(runner: Runner, profile: Profile, target: Target, paper: Path,
+                   rehearsal: bool) -> tuple[float | None, str]:
+    """Seconds per epoch of the paper model on the whole training set, and what says so, from the best source
+    there is: the run's own epochs, the short training, the bench. (None, "") when there is none."""
+    bench = _figures(runner, f"bench-{target.name}")
+    short = _figures(runner, f"train-{target.name}")
+    own = read_jsonl(paper / "metrics.jsonl")
+    if own:
+        return (max(float(r["seconds"]) + float(r.get("eval_seconds", 0.0)) for r in own),
+                f"the slowest of the run's {len(own)} epochs so far")
+    if short.get("mean_seconds_per_epoch"):
+        n_short = short.get("train_images") or profile.full_train_images
+        eval_s = (short.get("eval_seconds_per_epoch") or [0.0])[-1]
+        return (short["mean_seconds_per_epoch"] * profile.full_train_images / n_short + eval_s,
+                f"the short training on {target.name} ({n_short} images)")
+    if bench.get("epoch_seconds_60k"):
+        return (bench["epoch_seconds_60k"] * profile.full_train_images / 60_000
+                + 15_000 / bench.get("inference_images_per_second", 1e9), f"the bench of {target.name}")
+    if rehearsal:
+        return 0.0, "a rehearsal: one epoch per call"
+    return None, ""
 
 
 # ===================================================================================== command line
