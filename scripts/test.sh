@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The tests on a fresh machine: set up (the CPU builds of torch and TensorFlow, the project with
-# its test extras), then the test suite and the conformance suite against every backend that runs
-# here. This is what CI runs (.ci/run calls it).
+# its test and docs extras), then the test suite, the documentation site built in strict mode (a
+# broken link or a page missing from mkdocs.yml's nav fails), and the conformance suite against
+# every backend that runs here. This is what CI runs (.ci/run calls it).
 #
 #   scripts/test.sh                  (or: make test)
 #
-# Extra arguments go to pytest (e.g. scripts/test.sh -x -k cli; the conformance suite then does
-# not run). CAPSSPEC_VENV and PYTHON choose the environment (see scripts/setup.sh).
+# Extra arguments go to pytest (e.g. scripts/test.sh -x -k cli; the docs build and the conformance
+# suite then do not run). CAPSSPEC_VENV and PYTHON choose the environment (see scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 start=$(date +%s)
 . scripts/setup.sh
-capsspec_setup "test,torch,tensorflow,onnx,jax" "torch==2.13.0" "tensorflow-cpu==2.21.*" "cupy-cuda12x" "jax==0.10.2"
+capsspec_setup "test,torch,tensorflow,onnx,jax,docs" "torch==2.13.0" "tensorflow-cpu==2.21.*" "cupy-cuda12x" "jax==0.10.2"
 echo "setup took $(( $(date +%s) - start )) s"
 capsspec backends
 # Each command on its own line: under `set -e` a failure in an `a && b` list does not stop the
@@ -21,6 +22,10 @@ if [ "$#" -gt 0 ]; then
     python -m pytest "$@"
 else
     python -m pytest -q
+    # The site goes to a temporary folder: the build is a check here, nothing to keep.
+    site_dir="$(mktemp -d)"
+    trap 'rm -rf "$site_dir"' EXIT
+    NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet --site-dir "$site_dir"
     capsspec conformance --backend all
 fi
 echo "tests took $(( $(date +%s) - start )) s"

@@ -59,10 +59,10 @@ def test_ci_runs_the_test_script_and_the_readme_leads_with_both():
     assert "\tscripts/quickstart.sh" in makefile and "\tscripts/test.sh" in makefile
 
 
-@pytest.mark.parametrize("failing", ["pytest", "conformance"])
+@pytest.mark.parametrize("failing", ["pytest", "docs", "conformance"])
 def test_the_test_script_fails_when_the_tests_fail(tmp_path, failing):
-    """scripts/test.sh against a stand-in environment whose pytest or conformance run fails: the
-    script's exit status must say so (CI reads nothing else)."""
+    """scripts/test.sh against a stand-in environment whose pytest run, docs build or conformance run
+    fails: the script's exit status must say so (CI reads nothing else)."""
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash on this machine")
@@ -70,10 +70,12 @@ def test_the_test_script_fails_when_the_tests_fail(tmp_path, failing):
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
     fail_pytest = "1" if failing == "pytest" else "0"
+    fail_docs = "1" if failing == "docs" else "0"
     fail_conf = "1" if failing == "conformance" else "0"
     stubs = {
-        # pip and the version check succeed; pytest exits with the chosen status.
-        "python": f'case "$*" in *"-m pytest"*) exit {fail_pytest};; *) exit 0;; esac\n',
+        # pip and the version check succeed; pytest and mkdocs exit with the chosen status.
+        "python": f'case "$*" in *"-m pytest"*) exit {fail_pytest};; *"-m mkdocs build --strict"*) exit {fail_docs};; '
+                  f'*) exit 0;; esac\n',
         "capsspec": f'case "$1" in conformance) exit {fail_conf};; *) exit 0;; esac\n',
     }
     for name, body in stubs.items():
