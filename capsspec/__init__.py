@@ -1,7 +1,7 @@
 """capsspec: the capsule network of "Dynamic Routing Between Capsules" as a specification.
 
 The reference is plain NumPy (capsspec.ops, capsspec.model, capsspec.optim). Backends for
-PyTorch, TensorFlow and CuPy implement the same names and are found by name through
+PyTorch, TensorFlow, CuPy, JAX and onnxruntime implement the same names and are found by name through
 get_backend. Importing capsspec imports no framework: a framework is imported only when its
 backend is used.
 """

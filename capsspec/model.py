@@ -35,7 +35,7 @@ Params = Mapping[str, np.ndarray]
 def init_params(config: CapsNetConfig | None = None, seed: int = 0, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Fresh parameters under the canonical names.
 
-    Initialisation (the spec's, documented here and in the README): every weight and bias of
+    Initialisation (the spec's, documented here and in docs/spec.md): every weight and bias of
     a convolution or fully connected layer is uniform in +-1/sqrt(fan_in) (fan_in = inputs
     per output unit; PyTorch's default for these layers); digit.weight is normal with std
     0.01, so that the initial class capsules are short and routing starts undecided. Values

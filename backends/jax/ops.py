@@ -89,7 +89,7 @@ def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
     # b starts at 0 for each example, so the first c is softmax(0) = 1/J, written as such: XLA
     # would otherwise spend seconds constant-folding the softmax of a large array of zeros.
     b, c = jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], 1 / u_hat.shape[2], u_hat.dtype)
-    for _ in range(iterations - 1):  # unrolled, not lax.fori_loop: it compiles and runs faster (README)
+    for _ in range(iterations - 1):  # unrolled, not lax.fori_loop: it compiles and runs faster (docs/backends.md)
         b = b + jnp.einsum("bije,bje->bij", u_hat, parents(c))  # b_ij += u_hat_j|i . v_j
         c = jax.nn.softmax(b, axis=2)  # over the parents j
     return parents(c), c

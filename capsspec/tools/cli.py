@@ -157,7 +157,7 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--data-dir", default=None, help="MNIST folder (see `capsspec data`)")
     g.add_argument("--dataset", choices=("mnist", "multimnist"), default=None,
                    help="mnist (default), or multimnist: pairs of overlapping digits on 36x36, generated on the fly "
-                        "(the model's input becomes 36x36; README, MultiMNIST)")
+                        "(the model's input becomes 36x36; docs/multimnist.md)")
     g.add_argument("--images-per-epoch", type=_positive_int, default=None,
                    help="multimnist: fresh pairs per epoch (default 60000)")
     g.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default 50)")
@@ -382,7 +382,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         if where is None and args.dist_timeout is not None:
             raise _UsageError("--dist-timeout applies to runs on several processes started by torchrun only (see the "
-                              "README's \"Training on several GPUs or machines\"); leave it out here")
+                              "docs/distributed.md); leave it out here")
         config, adam, settings, name, device, options, why_resumed = _train_values(args)
         _check_train_flags(args, config, adam, settings)
         if where is not None:

@@ -636,7 +636,7 @@ def _epoch_seconds(runner: Runner, profile: Profile, target: Target, paper: Path
 # ===================================================================================== command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="capsspec gpu-check", description=__doc__.split("\n\n")[0],
-                                epilog="See the README section 'Checking a GPU'.")
+                                epilog="See docs/gpu-check.md.")
     p.add_argument("--out", required=False, help="folder for report.json and logs.tar.gz (emptied of the old ones)")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help=f"the whole check's time limit, never exceeded (default {DEFAULT_BUDGET_S:.0f}; 120 with "

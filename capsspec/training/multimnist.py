@@ -64,7 +64,7 @@ SIZE = 28 + 2 * PAD
 TEST_SEED = 0  # the test pairs are the same for every run
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # part of every key, so the splits' streams differ
 # An epoch of the training stream: as many pairs as MNIST has training images. The paper's 60
-# million pairs are 1,000 such epochs; a GPU run uses far fewer (README, MultiMNIST).
+# million pairs are 1,000 such epochs; a GPU run uses far fewer (docs/multimnist.md).
 DEFAULT_IMAGES_PER_EPOCH = 60_000
 DEFAULT_TEST_PAIRS = 10_000  # each test digit the base of one pair
 
