@@ -4,9 +4,19 @@ a frozen machine or a wrong number. The catalogue is docs/hostile-inputs.md."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 
+from capsspec.config import AdamConfig, CapsNetConfig
+from capsspec.model import init_params
 from capsspec.tools.cli import main
+from capsspec.training import checkpoint as ckpt
+from capsspec.training.settings import plan_resume
 
 
 def _one_line(capsys, status: int, *needles: str) -> str:
@@ -61,3 +71,119 @@ def test_absurd_sizes_are_refused_with_the_estimate_and_the_limit(capsys, tmp_pa
     _one_line(capsys, main(["train", "--conv1-channels", "4096", "--primary-types", "1024", "--primary-dim", "256",
                             "--out", str(tmp_path / "r")]), "parameters", "--conv1-channels 4096")
     _one_line(capsys, main(["bench", "--backend", "numpy", "--batch-size", "100000000"]), "--batch-size", "GiB")
+
+
+# ===================================================================================== hostile checkpoints
+TINY = CapsNetConfig(conv1_channels=2, primary_types=2, primary_dim=4, class_dim=4, decoder_widths=(8,))
+
+
+def _good_checkpoint(path, dtype="float32"):
+    params = init_params(TINY, 0, dtype)
+    state = {"step": 3, "m": {k: np.zeros_like(a) for k, a in params.items()},
+             "v": {k: np.full_like(a, 1e-4) for k, a in params.items()}}
+    return ckpt.save_checkpoint(path, params, TINY, state=state, adam=AdamConfig(), epoch=1,
+                                training={"epochs": 2}, extra={"device": None})
+
+
+def _rewrite(path, mutate):
+    """Rewrite a checkpoint's safetensors header through mutate(header) (the body kept as it is)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    mutate(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    return path
+
+
+def _set_meta(key, value):
+    def mutate(header):
+        header["__metadata__"][key] = value
+    return mutate
+
+
+HOSTILE_METADATA = [
+    ("metadata a JSON list", lambda h: h.__setitem__("__metadata__", ["a", "b"]), "__metadata__"),
+    ("training a list", _set_meta("training", "[1, 2]"), "training"),
+    ("extra a list", _set_meta("extra", "[]"), "extra"),
+    ("extra.progress a number", _set_meta("extra", '{"progress": 3}'), "extra.progress"),
+    ("extra.history of numbers", _set_meta("extra", '{"history": [1]}'), "extra.history"),
+    ("step negative", _set_meta("step", "-1"), "step"),
+    ("step a float", _set_meta("step", "1.5"), "step"),
+    ("config a string", _set_meta("config", '"x"'), "config"),
+    ("config routing 1e9", _set_meta("config", json.dumps({**TINY.to_dict(), "routing_iterations": 10**9})),
+     "routing_iterations"),
+    ("dtype float16", _set_meta("dtype", "float16"), "dtype"),
+    ("adam a list", _set_meta("adam", "[0.1]"), "adam"),
+    ("a tensor's offsets past the end", lambda h: h["conv1.bias"].__setitem__("data_offsets", [0, 10**12]),
+     "conv1.bias"),
+]
+
+
+@pytest.mark.parametrize("what, mutate, needle", HOSTILE_METADATA, ids=[c[0] for c in HOSTILE_METADATA])
+def test_a_hostile_checkpoint_is_one_line_naming_the_field(tmp_path, capsys, what, mutate, needle):
+    path = _rewrite(_good_checkpoint(tmp_path / "c.safetensors"), mutate)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ckpt.load_checkpoint(path)
+    for argv in (["eval", str(path)], ["export", str(path), "--out", str(tmp_path / "m.onnx")],
+                 ["figures", str(path), "--out", str(tmp_path / "f")]):
+        _one_line(capsys, main(argv), "error", str(path))
+
+
+@pytest.mark.parametrize("moment, value", [("m", np.nan), ("v", np.nan), ("v", -1.0), ("m", np.inf)])
+def test_a_corrupt_optimizer_state_is_refused_on_load_and_on_save(tmp_path, capsys, moment, value):
+    path = _good_checkpoint(tmp_path / ckpt.CHECKPOINT_NAME)
+    ck = ckpt.load_checkpoint(path)
+    state = {"step": ck.state["step"], "m": dict(ck.state["m"]), "v": dict(ck.state["v"])}
+    state[moment]["conv1.bias"] = np.full_like(state[moment]["conv1.bias"], value)
+    with pytest.raises(ValueError, match=f"adam.{moment}.conv1.bias"):
+        ckpt.save_checkpoint(tmp_path / "x.safetensors", ck.params, TINY, state=state, adam=ck.adam)
+    # The same values written into the file's body, its hash updated: only the values are wrong.
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    start, stop = json.loads(data[8:8 + n])[f"adam.{moment}.conv1.bias"]["data_offsets"]
+    body = bytearray(data[8 + n:])
+    body[start:stop] = state[moment]["conv1.bias"].tobytes()
+    path.write_bytes(data[:8 + n] + bytes(body))
+    tensors = {**ck.params, **{f"adam.{p}.{k}": a for p in "mv" for k, a in state[p].items()}}
+    _rewrite(path, _set_meta("tensors_sha256", ckpt.tensors_sha256(tensors)))
+    with pytest.raises(ValueError, match=f"optimizer .* moment adam.{moment}.conv1.bias"):
+        ckpt.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int32"])
+def test_resume_refuses_the_dtypes_saving_never_writes(tmp_path, dtype):
+    path = _good_checkpoint(tmp_path / ckpt.CHECKPOINT_NAME)
+    _rewrite(path, _set_meta("dtype", dtype))
+    with pytest.raises(ValueError, match="dtype.*float32 or float64"):
+        plan_resume(tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        ckpt.load_checkpoint(path)
+    with pytest.raises(ValueError, match="float32 or all float64"):
+        ckpt.save_checkpoint(tmp_path / "x.safetensors", init_params(TINY, 0, "float32") | {
+            "conv1.bias": np.zeros(2, dtype)}, TINY)
+
+
+_PEAK_RSS_OF_LOAD = """
+import resource, sys
+from capsspec.training.checkpoint import load_checkpoint
+try:
+    load_checkpoint(sys.argv[1])
+except ValueError as exc:
+    print("refused:", exc, file=sys.stderr)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.parametrize("header", [b"", b"{}", b'{"__metadata__": {"format": "capsspec-checkpoint"}}'])
+def test_a_huge_file_is_refused_from_its_header_without_reading_its_body(tmp_path, header):
+    """A 3 GiB (sparse) file given as a checkpoint: its header is checked against its size first."""
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write((len(header) if header else 1 << 40).to_bytes(8, "little") + header)
+        f.truncate(3 << 30)
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_LOAD, str(path)], capture_output=True, text=True,
+                       check=True)
+    assert "refused:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert int(r.stdout) < 400 * 2**20, f"peak RSS {int(r.stdout) / 2**20:.0f} MiB"  # numpy's import alone: ~40 MiB

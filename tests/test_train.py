@@ -250,6 +250,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert c.epoch == 1 and c.step == 4
     assert all(np.all(np.isfinite(a)) for a in c.params.values())
     assert not (tmp_path / "final.safetensors").exists()
+    # Resumed, it diverges again before any new checkpoint: that checkpoint is not called good.
+    Diverging.calls = 5
+    with pytest.raises(TrainingDiverged, match=r"none known: .*checkpoint.safetensors \(step 4: the end of epoch 1\) "
+                                               r"is the one this run resumed from"):
+        quiet_train(Diverging(), TINY, data, tmp_path, settings=s, resume=True)
 
 
 # ===================================================================================== checkpoints

@@ -94,8 +94,6 @@ _ROW_KEYS = ("epoch", "step", "loss", "margin", "reconstruction", "train_accurac
              "lr", "seconds", "images_per_second", "eval_seconds")  # a metrics.jsonl row, in order
 
 
-
-
 @dataclass
 class _Run:
     """Everything a run carries from step to step: what a checkpoint saves and a resume restores."""
@@ -123,6 +121,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     lr: float = 0.0
     saved: tuple[int, int, int] | None = None  # (epoch, batch, step) of checkpoint.safetensors; None: none
+    resumed: tuple[int, int, int] | None = None  # (epoch, batch, step) of the checkpoint this run resumed from
     clock: float = 0.0  # perf_counter at the last time accounting
     fingerprint: str = ""
     dist: Any = None  # a capsspec.training.distributed.Distributed in a run on several processes, else None
@@ -152,6 +151,9 @@ class _Run:
     def last_good(self) -> str:
         if self.saved is None:
             return "none: no checkpoint was written"
+        if self.saved == self.resumed:  # no step trained from it reached a checkpoint: it may be the cause itself
+            return (f"none known: {self.checkpoint} ({self.position(*self.saved)}) is the one this run resumed from, "
+                    f"and it led here within {self.step - self.saved[2]} step(s)")
         return f"{self.checkpoint} ({self.position(*self.saved)})"
 
     def position(self, epoch: int, batch: int, step: int) -> str:
@@ -225,7 +227,7 @@ def _stopped_at_once(run: _Run, stop: StopSignals) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped at once by {what} at step {run.step}, before any checkpoint was written: "
                                    "there is nothing to resume", None, None, name)
     return TrainingInterrupted(f"stopped at once by {what} at step {run.step}; the last checkpoint written is "
-                               f"{run.last_good()}", run.checkpoint, run.saved[2], name)
+                               f"{run.checkpoint} ({run.position(*run.saved)})", run.checkpoint, run.saved[2], name)
 
 
 # ===================================================================================== start or resume
@@ -280,7 +282,7 @@ def _resume(run: _Run) -> None:
     # The history went through JSON with sorted keys: put each row's fields back in the order a run writes them.
     run.history = [{k: r[k] for k in _ROW_KEYS if k in r} for r in ck.extra.get("history", [])]
     run.lr = float(progress.get("lr", run.adam.learning_rate(max(ck.step - 1, 0))))  # the last step's, as it reported
-    run.saved = (run.epoch, run.batch, run.step)
+    run.saved = run.resumed = (run.epoch, run.batch, run.step)
     # Epochs logged after this checkpoint (before a crash) are redone: the metrics file follows the checkpoint.
     _write_metrics(run)
     started = describe_where(ck.backend, ck.extra.get("device"), ck.extra.get("backend_options") or {}, ck.dtype)
