@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -187,3 +188,50 @@ def test_a_huge_file_is_refused_from_its_header_without_reading_its_body(tmp_pat
                        check=True)
     assert "refused:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert int(r.stdout) < 400 * 2**20, f"peak RSS {int(r.stdout) / 2**20:.0f} MiB"  # numpy's import alone: ~40 MiB
+
+
+# ===================================================================================== the MNIST cache
+def test_a_gzip_bomb_in_the_mnist_cache_is_stopped_at_the_expected_size(mnist_dir, monkeypatch):
+    """A megabyte of zeros in a kilobyte of gzip, where a 48-byte labels file belongs: decompression
+    stops at 49 bytes (the expected size plus one) and the file is set aside. (The 9 MB bomb that
+    expanded to 4.25 GB: docs/hostile-inputs.md.)"""
+    from capsspec.training import mnist
+
+    name = "train-labels-idx1-ubyte"
+    (mnist_dir / name).unlink()
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    bomb = squeeze.compress(bytes(1_000_000)) + squeeze.flush()
+    (mnist_dir / (name + ".gz")).write_bytes(bomb)
+    pulled = []
+    real = zlib.decompressobj
+
+    class Counting:  # how many bytes decompression produced in all
+        def __init__(self, *a):
+            self.d = real(*a)
+
+        def decompress(self, data, max_length=0):
+            out = self.d.decompress(data, max_length)
+            pulled.append(len(out))
+            return out
+
+        def __getattr__(self, attr):
+            return getattr(self.d, attr)
+    monkeypatch.setattr(mnist.zlib, "decompressobj", Counting)
+    said = []
+    with pytest.raises(mnist.MnistUnavailable):
+        mnist.fetch_mnist(mnist_dir, download=False, log=said.append)
+    assert sum(pulled) <= mnist._expected_bytes(name) + 1, pulled
+    assert (mnist_dir / (name + ".gz.rejected")).exists() and any("more than" in s for s in said), said
+    with pytest.raises(ValueError, match="decompresses to more than"):
+        mnist._gunzip_bounded(bomb, 1000, "bomb")
+    big = squeeze_all(bytes(1 << 26))  # 64 MiB in 64 KiB: too large a .gz to be the file, not even read
+    (mnist_dir / (name + ".gz")).write_bytes(big)
+    pulled.clear()
+    with pytest.raises(mnist.MnistUnavailable):
+        mnist.fetch_mnist(mnist_dir, download=False, log=said.append)
+    assert pulled == [] and "larger than the 48 bytes" in said[-1], said
+
+
+def squeeze_all(data):
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return squeeze.compress(data) + squeeze.flush()
