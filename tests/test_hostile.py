@@ -235,3 +235,16 @@ def test_a_gzip_bomb_in_the_mnist_cache_is_stopped_at_the_expected_size(mnist_di
 def squeeze_all(data):
     squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     return squeeze.compress(data) + squeeze.flush()
+
+
+def test_eval_estimates_its_batch_before_any_work(tmp_path, capsys):
+    path = _good_checkpoint(tmp_path / "c.safetensors")
+    _one_line(capsys, main(["eval", str(path), "--batch-size", "1000000000"]), "--batch-size 1000000000", "GiB",
+              "inference")
+
+
+@pytest.mark.parametrize("field, value", [("routing_iterations", 10**9), ("primary_types", 10**6),
+                                          ("decoder_widths", (10**9,)), ("num_classes", 10**5)])
+def test_config_bounds_hold_wherever_a_config_comes_from(field, value):
+    with pytest.raises(ValueError, match=f"CapsNetConfig.{field}.*(bound|at most)"):
+        CapsNetConfig(**{field: value})

@@ -406,7 +406,8 @@ def _load_for_backend(args: argparse.Namespace, default: str | None):
     from ..registry import get_backend
     from ..training.settings import choose_backend
 
-    ck = load_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.checkpoint)  # its config within CapsNetConfig's bounds; now the batch's memory
+    _check_affordable(ck.config, getattr(args, "batch_size", 1), ck.dtype, "--batch-size", training=False)
     name = args.backend if args.backend is not None else default
     # An inference-only backend (onnxruntime) can evaluate; choose_backend refuses it for training.
     if name is not None and args.command == "eval" and not get_backend(name, check=False).trains:
