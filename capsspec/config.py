@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 __all__ = ["CapsNetConfig", "AdamConfig", "PAPER_PARAMETER_COUNT", "from_fields", "MAX_ROUTING_ITERATIONS",
            "FIELD_LIMITS", "MAX_PARAMETERS", "MAX_ROUTING_ENTRIES", "Cost", "estimate_cost", "check_affordable",
-           "available_memory_bytes"]
+           "available_memory_bytes", "check_loss_constants"]
 
 # The paper's model has 8,215,568 parameters, 6,804,224 without the decoder (docs/spec.md, section 1).
 PAPER_PARAMETER_COUNT = 8_215_568
@@ -47,6 +47,25 @@ def from_fields(cls: type, d: Mapping[str, Any]) -> Any:
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
+
+
+def check_loss_constants(prefix: str = "", **values: Any) -> None:
+    """The rule for the losses' constants, wherever they come from (a CapsNetConfig, or the spec's
+    margin_loss and reconstruction_loss called directly): finite, non-negative, m_minus below m_plus,
+    m_plus reachable. prefix: how the caller's user names them (e.g. "CapsNetConfig.")."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{prefix}{name} must be a finite number, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{prefix}{name} must be non-negative, got {value}")
+    m_plus, m_minus = values.get("m_plus"), values.get("m_minus")
+    if m_plus is not None and m_minus is not None and not m_minus < m_plus:
+        raise ValueError(
+            f"{prefix}m_minus ({m_minus}) must be below m_plus ({m_plus}): "
+            "otherwise no length satisfies the margin loss for both present and absent classes"
+        )
+    if m_plus is not None and m_plus > 1:
+        raise ValueError(f"{prefix}m_plus={m_plus} is unreachable: squash keeps every length below 1")
 
 
 @dataclass(frozen=True)
@@ -121,21 +140,8 @@ class CapsNetConfig:
                 f"CapsNetConfig.primary_kernel={self.primary_kernel} is larger than conv1's output "
                 f"({h1}x{w1}): there would be zero primary capsules"
             )
-        for name in ("m_plus", "m_minus", "lambda_", "reconstruction_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"CapsNetConfig.{name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise ValueError(f"CapsNetConfig.{name} must be non-negative, got {value}")
-        if not self.m_minus < self.m_plus:
-            raise ValueError(
-                f"CapsNetConfig.m_minus ({self.m_minus}) must be below m_plus ({self.m_plus}): "
-                "otherwise no length satisfies the margin loss for both present and absent classes"
-            )
-        if self.m_plus > 1:
-            raise ValueError(
-                f"CapsNetConfig.m_plus={self.m_plus} is unreachable: squash keeps every length below 1"
-            )
+        check_loss_constants("CapsNetConfig.", m_plus=self.m_plus, m_minus=self.m_minus, lambda_=self.lambda_,
+                             reconstruction_scale=self.reconstruction_scale)
         self._validate_size()
 
     def _validate_size(self) -> None:

@@ -248,3 +248,30 @@ def test_eval_estimates_its_batch_before_any_work(tmp_path, capsys):
 def test_config_bounds_hold_wherever_a_config_comes_from(field, value):
     with pytest.raises(ValueError, match=f"CapsNetConfig.{field}.*(bound|at most)"):
         CapsNetConfig(**{field: value})
+
+
+# ===================================================================================== the reference API
+API_REFUSALS = [
+    ("margin_loss", dict(m_plus=0.1, m_minus=0.9), "m_minus"),
+    ("margin_loss", dict(m_plus=1.5), "m_plus"),
+    ("margin_loss", dict(lambda_=-1.0), "lambda_"),
+    ("margin_loss", dict(m_minus=float("nan")), "m_minus"),
+    ("reconstruction_loss", dict(scale=-1.0), "scale"),
+    ("reconstruction_loss", dict(scale=float("inf")), "scale"),
+    ("routing", dict(iterations=10**9), "iterations"),
+]
+
+
+@pytest.mark.parametrize("op, kwargs, needle", API_REFUSALS, ids=[f"{o}-{k}" for o, k, _ in API_REFUSALS])
+def test_the_reference_api_refuses_what_capsnetconfig_refuses(op, kwargs, needle):
+    import capsspec.ops as ops
+
+    args = {"margin_loss": (np.full((2, 3), 0.5), np.array([0, 2])),
+            "reconstruction_loss": (np.zeros((2, 4)), np.zeros((2, 1, 2, 2))),
+            "routing": (np.zeros((1, 2, 3, 2)),)}[op]
+    with pytest.raises(ValueError, match=needle):
+        getattr(ops, op)(*args, **kwargs)
+    config_field = {"scale": "reconstruction_scale", "iterations": "routing_iterations"}
+    fields = {config_field.get(k, k): v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match="CapsNetConfig"):  # the same values, refused there too
+        CapsNetConfig(**fields)
