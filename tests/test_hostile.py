@@ -275,3 +275,32 @@ def test_the_reference_api_refuses_what_capsnetconfig_refuses(op, kwargs, needle
     fields = {config_field.get(k, k): v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match="CapsNetConfig"):  # the same values, refused there too
         CapsNetConfig(**fields)
+
+
+# ===================================================================================== no wrong number
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_model_whose_outputs_overflow_reports_no_accuracy(tmp_path, capsys, mnist_dir, backend):
+    """Every weight 3e38: finite, so the checkpoint loads, but every capsule length is NaN or inf. An argmax
+    would still pick classes (and report, say, 18.75%); eval and figures say how many images failed instead."""
+    path = ckpt.save_checkpoint(tmp_path / "c.safetensors",
+                                {k: np.full_like(a, 3e38) for k, a in init_params(TINY, 0, "float32").items()}, TINY)
+    line = _one_line(capsys, main(["eval", str(path), "--backend", backend, "--data-dir", str(mnist_dir)]),
+                     "12 of 12 images gave non-finite capsule lengths", "no accuracy")
+    assert "%" not in line
+    _one_line(capsys, main(["figures", str(path), "--backend", backend, "--data-dir", str(mnist_dir),
+                            "--out", str(tmp_path / "f")]), "non-finite capsule lengths")
+    assert capsys.readouterr().out == ""
+
+
+def test_the_trainers_evaluation_and_predict_all_refuse_non_finite_outputs():
+    from capsspec.registry import get_backend
+    from capsspec.training.evaluate import NonFiniteOutputs, check_finite_lengths, predict_all
+
+    numpy_backend = get_backend("numpy")
+    params = {k: np.full_like(a, 3e38) for k, a in init_params(TINY, 0, "float32").items()}
+    with pytest.raises(NonFiniteOutputs, match="3 of 3 images"):
+        predict_all(numpy_backend, params, np.ones((3, 1, 28, 28), np.float32), TINY)
+    lengths = np.array([[0.1, 0.9], [np.nan, 0.2], [np.inf, 0.0], [0.3, 0.3]])
+    with pytest.raises(NonFiniteOutputs, match=r"2 of 4 images .*\(1 NaN, 1 inf\)"):
+        check_finite_lengths(lengths)
+    check_finite_lengths(lengths[[0, 3]])  # finite: no complaint
