@@ -304,3 +304,110 @@ def test_the_trainers_evaluation_and_predict_all_refuse_non_finite_outputs():
     with pytest.raises(NonFiniteOutputs, match=r"2 of 4 images .*\(1 NaN, 1 inf\)"):
         check_finite_lengths(lengths)
     check_finite_lengths(lengths[[0, 3]])  # finite: no complaint
+
+
+# ===================================================================================== fuzzing
+# Hypothesis draws hostile checkpoints and command lines; each must end in one line (a ValueError from
+# the API, exit status 2 from the command line) or a correct result, quickly. The example counts are
+# bounded (the ci profile: 25 each) so the whole section runs in seconds.
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+_CAPSYS_OK = [HealthCheck.function_scoped_fixture]  # capsys is read and cleared in every example
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+META_KEYS = sorted(ckpt._META_SCHEMA)
+EXTRA_FIELDS = sorted(ckpt._EXTRA_SCHEMA)
+
+
+def _encode(value):
+    return json.dumps(value, allow_nan=True) if not isinstance(value, str) else value
+
+
+@st.composite
+def hostile_headers(draw):
+    """A good checkpoint's header with one thing made hostile: a metadata field of any JSON type, a
+    config or extra field of any JSON type, a tensor entry, or the whole metadata."""
+    kind = draw(st.sampled_from(["meta", "config", "extra", "tensor", "whole"]))
+    value = draw(JSON_VALUES)
+    if kind == "meta":
+        key = draw(st.sampled_from(META_KEYS))
+        return kind, key, lambda h: h["__metadata__"].__setitem__(key, _encode(value))
+    if kind == "config":
+        key = draw(st.sampled_from(sorted(TINY.to_dict())))
+        return kind, key, _set_meta("config", json.dumps({**TINY.to_dict(), key: value}, allow_nan=True))
+    if kind == "extra":
+        key = draw(st.sampled_from(EXTRA_FIELDS))
+        return kind, key, _set_meta("extra", json.dumps({"device": None, key: value}, allow_nan=True))
+    if kind == "tensor":
+        name = draw(st.sampled_from(["conv1.bias", "adam.v.conv1.bias", "digit.weight"]))
+        part = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        return kind, name, lambda h: h[name].__setitem__(part, value)
+    return kind, "__metadata__", lambda h: h.__setitem__("__metadata__", value)
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(case=hostile_headers())
+def test_fuzz_hostile_checkpoints_load_or_refuse_in_one_line(tmp_path_factory, case):
+    kind, where, mutate = case
+    path = _rewrite(_good_checkpoint(tmp_path_factory.mktemp("c") / "c.safetensors"), mutate)
+    try:
+        ck = ckpt.load_checkpoint(path)
+    except ValueError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc) and len(str(exc)) < 600, str(exc)
+        return
+    # Accepted: then it is what saving writes (a value that happens to be valid, e.g. an unused key).
+    assert ck.config.routing_iterations <= 100 and ck.dtype in ("float32", "float64")
+    assert isinstance(ck.training, dict) and isinstance(ck.extra, dict)
+
+
+@hsettings(max_examples=25, deadline=None)
+@given(cut=st.integers(0, 4000), junk=st.binary(max_size=64))
+def test_fuzz_truncated_and_garbled_checkpoints(tmp_path_factory, cut, junk):
+    path = _good_checkpoint(tmp_path_factory.mktemp("c") / "c.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[:min(cut, len(data) - 1)] + junk)
+    with pytest.raises(ValueError):
+        ckpt.load_checkpoint(path)
+
+
+FLAG_VALUES = st.sampled_from(["0", "-1", "1e309", "nan", "inf", "-inf", "", "x", "1000000000", "99999999999999999999",
+                               "0.5", "--", "/", "/dev/null"])
+TRAIN_VALUE_FLAGS = ["--epochs", "--batch-size", "--seed", "--val-size", "--routing-iterations", "--conv1-channels",
+                     "--primary-types", "--primary-dim", "--reconstruction-scale", "--lr", "--lr-decay-rate",
+                     "--lr-decay-steps", "--lr-floor", "--max-shift", "--eval-batch-size", "--dtype", "--dataset",
+                     "--epoch", "--batch", "--lr-f"]
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=_CAPSYS_OK)
+@given(flag=st.sampled_from(TRAIN_VALUE_FLAGS), value=FLAG_VALUES)
+def test_fuzz_hostile_train_command_lines(tmp_path_factory, capsys, flag, value):
+    """A hostile value for one flag of a run that would otherwise be refused before any work (its --out is a
+    file): every outcome is one line and exit status 2, never a traceback, never a started run."""
+    blocker = tmp_path_factory.mktemp("o") / "file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    _one_line(capsys, main(["train", flag, value, "--out", str(blocker)]))
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=_CAPSYS_OK)
+@given(command=st.sampled_from(["bench", "gpu-check", "conformance"]),
+       flag=st.sampled_from(["--batch-size", "--steps", "--routing-iterations", "--budget-seconds", "--bogus",
+                             "--json", "--out", "--profile", "--b", "--st"]), value=FLAG_VALUES)
+def test_fuzz_hostile_tool_command_lines(capsys, command, flag, value):
+    """bench, gpu-check and conformance with a hostile flag and value: one line and status 2 unless the
+    command line is actually valid for that tool, which this draw then does not run (--help)."""
+    capsys.readouterr()
+    argv = [command, flag, value] + (["--backend", "numpy"] if command == "conformance" else [])
+    parser = {"bench": "capsspec.tools.bench", "gpu-check": "capsspec.tools.gpucheck",
+              "conformance": "capsspec.conformance.cli"}[command]
+    import importlib
+
+    try:
+        importlib.import_module(parser).build_parser().parse_args(argv[1:])
+    except SystemExit:
+        capsys.readouterr()  # the parser's own line, printed by this check
+        _one_line(capsys, main(argv))

@@ -309,13 +309,13 @@ def _tensor_layout(header: Mapping[str, Any], body_size: int, shapes: Mapping[st
         base = name.removeprefix(M_PREFIX).removeprefix(V_PREFIX)
         if base not in shapes:
             raise ValueError(f"{where} does not match its config: unexpected tensor {name[:60]!r}")
-        if not isinstance(entry, dict) or _SAFETENSORS_DTYPES.get(entry.get("dtype")) != dtype:
+        if not isinstance(entry, dict) or _SAFETENSORS_DTYPES.get(str(entry.get("dtype"))) != dtype:
             got = entry.get("dtype") if isinstance(entry, dict) else entry
             raise ValueError(f"{where}: tensor {name!r} has dtype {str(got)[:20]}, the metadata says {dtype}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(shape, list) or tuple(shape) != shapes[base]:
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape) or tuple(shape) != shapes[base]:
             raise ValueError(f"{where}: tensor {name!r} has shape {str(shape)[:60]}, its config expects {shapes[base]}")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
                 or offsets[1] - offsets[0] != math.prod(shapes[base]) * item):
             raise ValueError(f"{where} is corrupt: tensor {name!r} has data offsets {str(offsets)[:60]}")
         layout[name] = (offsets[0], shapes[base])
