@@ -66,7 +66,7 @@ def _norm_parts(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Arra
     a, b = e // 2, e - e // 2
     r = (x * jnp.ldexp(one, -a)) * jnp.ldexp(one, -b)  # exact: powers of two
     rsq = jnp.sum(r * r, axis=axis, keepdims=True)  # in [1/4, dim] unless x = 0
-    nz = rsq > 0
+    nz = rsq != 0  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
     rn = jnp.sqrt(jnp.where(nz, rsq, 1))
     return jnp.where(ordinary, n_plain, (rn * jnp.ldexp(one, a)) * jnp.ldexp(one, b)), nz, r / rn
 

@@ -104,7 +104,9 @@ def _norm_parts(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tenso
     n_plain, _ = _safe_norm(tf.where(ordinary, sq, tf.ones_like(sq)))
     m = tf.stop_gradient(tf.reduce_max(tf.abs(x), axis=axis, keepdims=True))
     r = x / tf.where(m > 0, m, tf.ones_like(m))
-    rn, nz = _safe_norm(tf.reduce_sum(r * r, axis=axis, keepdims=True))  # in [1, sqrt(dim)] unless x = 0
+    rsq = tf.reduce_sum(r * r, axis=axis, keepdims=True)  # in [1, dim] unless x = 0
+    nz = tf.not_equal(rsq, 0)  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
+    rn = tf.sqrt(tf.where(nz, rsq, tf.ones_like(rsq)))
     return tf.where(ordinary, n_plain, m * rn), nz, r / rn
 
 

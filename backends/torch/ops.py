@@ -73,7 +73,9 @@ def _norm_parts(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, 
     n_plain, _ = _safe_norm(torch.where(ordinary, sq, torch.ones_like(sq)))
     m = torch.amax(torch.abs(x), dim=dim, keepdim=True).detach()
     r = x / torch.where(m > 0, m, torch.ones_like(m))
-    rn, nz = _safe_norm(torch.sum(r * r, dim=dim, keepdim=True))  # in [1, sqrt(dim)] unless x = 0
+    rsq = torch.sum(r * r, dim=dim, keepdim=True)  # in [1, dim] unless x = 0
+    nz = rsq != 0  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
+    rn = torch.sqrt(torch.where(nz, rsq, torch.ones_like(rsq)))
     return torch.where(ordinary, n_plain, m * rn), nz, r / rn
 
 
