@@ -327,9 +327,8 @@ def capsule_lengths(v: np.ndarray) -> np.ndarray:
 
 
 def _lengths_bwd(v, g):
-    n = _norm(v, -1)
-    nz = n > 0
-    return np.where(nz, v / np.where(nz, n, 1), 0) * g[..., None]
+    _, unit, _ = _norm_terms(v, -1)  # v / |v|, 0 at v = 0, also where |v| itself overflows
+    return unit * g[..., None]
 
 
 def capsule_lengths_vjp(g: np.ndarray, v: np.ndarray):

@@ -15,6 +15,7 @@ import pytest
 
 from capsspec.config import AdamConfig, CapsNetConfig
 from capsspec.model import init_params
+from capsspec.registry import get_backend
 from capsspec.tools.cli import main
 from capsspec.training import checkpoint as ckpt
 from capsspec.training.settings import plan_resume
@@ -411,3 +412,32 @@ def test_fuzz_hostile_tool_command_lines(capsys, command, flag, value):
     except SystemExit:
         capsys.readouterr()  # the parser's own line, printed by this check
         _one_line(capsys, main(argv))
+
+
+@pytest.mark.parametrize("dtype, top", [("float32", 3e38), ("float64", 1.7e308)])
+@pytest.mark.parametrize("backend", ["numpy", "cupy-fallback", "torch", "jax", "tensorflow"])
+def test_squash_and_lengths_hold_over_the_whole_finite_range(backend, dtype, top):
+    """|s| near 4e19 in float32 squares to inf, and near 1e-20 to a subnormal: squash is then the unit vector
+    (length 1 to the last bit), or |s|^2 s; lengths are |s| itself (inf only where |s| is beyond the range)."""
+    import capsspec.ops as ref
+
+    rows = np.array([[m, m, 0.0, -m] for m in (1e-20, 4e19, 1e30, top)] + [[0.3, 0.2, 0.1, 0.5]], dtype=dtype)
+    if backend == "cupy-fallback":  # the cupy backend's array code, on NumPy (no GPU here)
+        from capsspec.backends.cupy import kernels
+        from capsspec.backends.cupy import ops as cops
+
+        v = kernels.squash_forward(np, rows)
+        lengths = getattr(cops.capsule_lengths, "__wrapped__", cops.capsule_lengths)(np, rows)
+    else:
+        b = get_backend(backend) if backend == "numpy" else get_backend(backend, check=False)
+        if not b.is_available():
+            pytest.skip(f"{backend} is not available")
+        v = np.asarray(b.to_numpy(b.squash(b.asarray(rows))))
+        lengths = np.asarray(b.to_numpy(b.capsule_lengths(b.asarray(rows))))
+    exact = np.sqrt(3.0) * np.array([1e-20, 4e19, 1e30, top], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(lengths[:4], exact.astype(dtype), rtol=1e-6)  # inf for the top row only
+    np.testing.assert_allclose(np.linalg.norm(v[1:4].astype(np.float64), axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(v[0].astype(np.float64), 3e-40 / np.sqrt(3) * np.array([1, 1, 0, -1]), rtol=1e-5,
+                               atol=np.finfo(dtype).tiny)  # a subnormal result may be flushed (XLA)
+    np.testing.assert_allclose(v[4], ref.squash(rows[4:])[0], rtol=1e-6)
