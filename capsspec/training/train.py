@@ -1,7 +1,7 @@
 """Training the capsule network on any backend, through the protocol only.
 
 The trainer speaks to a backend exclusively through the spec: params_from_numpy / adam_init,
-asarray for batches, train_step(params, state, x, labels, config, adam), predict for evaluation,
+asarray for batches, train_step(params, state, x, labels, config, adam), forward for evaluation,
 params_to_numpy / state_to_numpy for checkpoints. Parameters start from capsspec.init_params,
 so every backend starts from the same model for a given seed. It imports no framework: the
 backend names its own default device.
