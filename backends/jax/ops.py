@@ -68,7 +68,10 @@ def _norm_parts(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Arra
     rsq = jnp.sum(r * r, axis=axis, keepdims=True)  # in [1/4, dim] unless x = 0
     nz = rsq != 0  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
     rn = jnp.sqrt(jnp.where(nz, rsq, 1))
-    return jnp.where(ordinary, n_plain, (rn * jnp.ldexp(one, a)) * jnp.ldexp(one, b)), nz, r / rn
+    # |x| = x . (r / |r|) with r / |r| a constant to jax.vjp: the value m |r|, and the gradient the unit
+    # vector itself (scaling |r| back would pass a cotangent times a tiny 2^e through the vjp, flushed to 0).
+    n_scaled = jnp.sum(x * jax.lax.stop_gradient(r / rn), axis=axis, keepdims=True)
+    return jnp.where(ordinary, n_plain, n_scaled), nz, r / rn
 
 
 @_spec_op("axis")

@@ -107,7 +107,10 @@ def _norm_parts(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tenso
     rsq = tf.reduce_sum(r * r, axis=axis, keepdims=True)  # in [1, dim] unless x = 0
     nz = tf.not_equal(rsq, 0)  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
     rn = tf.sqrt(tf.where(nz, rsq, tf.ones_like(rsq)))
-    return tf.where(ordinary, n_plain, m * rn), nz, r / rn
+    # |x| = x . (r / |r|) with r / |r| a constant to the tape: the value m |r|, and the gradient the unit
+    # vector itself (m * |r| would pass a cotangent times a tiny m through the tape, flushed to 0).
+    n_scaled = tf.reduce_sum(x * tf.stop_gradient(r / rn), axis=axis, keepdims=True)
+    return tf.where(ordinary, n_plain, n_scaled), nz, r / rn
 
 
 def squash(s: tf.Tensor, axis: int = -1) -> tf.Tensor:

@@ -76,7 +76,10 @@ def _norm_parts(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, 
     rsq = torch.sum(r * r, dim=dim, keepdim=True)  # in [1, dim] unless x = 0
     nz = rsq != 0  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
     rn = torch.sqrt(torch.where(nz, rsq, torch.ones_like(rsq)))
-    return torch.where(ordinary, n_plain, m * rn), nz, r / rn
+    # |x| = x . (r / |r|) with r / |r| a constant to autograd: the value m |r|, and the gradient the unit
+    # vector itself (m * |r| would pass a cotangent times a tiny m through autograd, flushed to 0).
+    n_scaled = torch.sum(x * (r / rn).detach(), dim=dim, keepdim=True)
+    return torch.where(ordinary, n_plain, n_scaled), nz, r / rn
 
 
 def squash(s: torch.Tensor, axis: int = -1) -> torch.Tensor:
