@@ -10,13 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["CapsNetConfig", "AdamConfig", "PAPER_PARAMETER_COUNT", "from_fields"]
+__all__ = ["CapsNetConfig", "AdamConfig", "PAPER_PARAMETER_COUNT", "from_fields", "MAX_ROUTING_ITERATIONS",
+           "FIELD_LIMITS", "MAX_PARAMETERS", "MAX_ROUTING_ENTRIES", "Cost", "estimate_cost", "check_affordable",
+           "available_memory_bytes", "check_loss_constants"]
 
 # The paper's model has 8,215,568 parameters, 6,804,224 without the decoder (docs/spec.md, section 1).
 PAPER_PARAMETER_COUNT = 8_215_568
+
+# Documented bounds (docs/hostile-inputs.md): far above any model the paper or its follow-ups use,
+# far below what would take a machine's memory or days of arithmetic. A config beyond one is refused
+# at construction, so a checkpoint's config and an ONNX export (which unrolls the routing loop) get
+# the same bound as the command line.
+MAX_ROUTING_ITERATIONS = 100  # the paper uses 3; routing converges in a handful
+FIELD_LIMITS = {
+    "input_channels": 64, "input_height": 1024, "input_width": 1024, "conv1_channels": 4096, "conv1_kernel": 64,
+    "conv1_stride": 64, "primary_types": 1024, "primary_dim": 256, "primary_kernel": 64, "primary_stride": 64,
+    "num_classes": 10_000, "class_dim": 256, "routing_iterations": MAX_ROUTING_ITERATIONS,
+}
+MAX_DECODER_WIDTH = 65_536
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 parameters, 16 GB with Adam's moments and the gradients
+MAX_ROUTING_ENTRIES = 50_000_000  # primary capsules x classes x class_dim: the u_hat one image routes
 
 
 def from_fields(cls: type, d: Mapping[str, Any]) -> Any:
@@ -30,6 +47,25 @@ def from_fields(cls: type, d: Mapping[str, Any]) -> Any:
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
+
+
+def check_loss_constants(prefix: str = "", **values: Any) -> None:
+    """The rule for the losses' constants, wherever they come from (a CapsNetConfig, or the spec's
+    margin_loss and reconstruction_loss called directly): finite, non-negative, m_minus below m_plus,
+    m_plus reachable. prefix: how the caller's user names them (e.g. "CapsNetConfig.")."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{prefix}{name} must be a finite number, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{prefix}{name} must be non-negative, got {value}")
+    m_plus, m_minus = values.get("m_plus"), values.get("m_minus")
+    if m_plus is not None and m_minus is not None and not m_minus < m_plus:
+        raise ValueError(
+            f"{prefix}m_minus ({m_minus}) must be below m_plus ({m_plus}): "
+            "otherwise no length satisfies the margin loss for both present and absent classes"
+        )
+    if m_plus is not None and m_plus > 1:
+        raise ValueError(f"{prefix}m_plus={m_plus} is unreachable: squash keeps every length below 1")
 
 
 @dataclass(frozen=True)
@@ -76,6 +112,9 @@ class CapsNetConfig:
                 raise ValueError(f"CapsNetConfig.{name} must be an int, got {value!r} ({type(value).__name__})")
             if value < 1:
                 raise ValueError(f"CapsNetConfig.{name} must be at least 1, got {value}")
+            if value > FIELD_LIMITS[name]:
+                raise ValueError(f"CapsNetConfig.{name}={value} is beyond the documented bound of {FIELD_LIMITS[name]} "
+                                 f"(docs/hostile-inputs.md)")
         if self.num_classes < 2:
             raise ValueError(
                 f"CapsNetConfig.num_classes must be at least 2 (routing needs a choice of parents), "
@@ -84,10 +123,11 @@ class CapsNetConfig:
         if not isinstance(self.use_decoder, bool):
             raise ValueError(f"CapsNetConfig.use_decoder must be a bool, got {self.use_decoder!r}")
         if not isinstance(self.decoder_widths, tuple) or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.decoder_widths
-        ):
+            isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_DECODER_WIDTH for w in self.decoder_widths
+        ) or len(self.decoder_widths) > 16:
             raise ValueError(
-                f"CapsNetConfig.decoder_widths must be a tuple of positive ints, got {self.decoder_widths!r}"
+                f"CapsNetConfig.decoder_widths must be a tuple of at most 16 positive ints of at most "
+                f"{MAX_DECODER_WIDTH}, got {self.decoder_widths!r}"
             )
         if self.conv1_kernel > self.input_height or self.conv1_kernel > self.input_width:
             raise ValueError(
@@ -100,21 +140,23 @@ class CapsNetConfig:
                 f"CapsNetConfig.primary_kernel={self.primary_kernel} is larger than conv1's output "
                 f"({h1}x{w1}): there would be zero primary capsules"
             )
-        for name in ("m_plus", "m_minus", "lambda_", "reconstruction_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"CapsNetConfig.{name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise ValueError(f"CapsNetConfig.{name} must be non-negative, got {value}")
-        if not self.m_minus < self.m_plus:
+        check_loss_constants("CapsNetConfig.", m_plus=self.m_plus, m_minus=self.m_minus, lambda_=self.lambda_,
+                             reconstruction_scale=self.reconstruction_scale)
+        self._validate_size()
+
+    def _validate_size(self) -> None:
+        """Bounds on what the fields make together: parameters, and the predictions one image routes."""
+        entries = self.num_primary * self.num_classes * self.class_dim
+        if entries > MAX_ROUTING_ENTRIES:
             raise ValueError(
-                f"CapsNetConfig.m_minus ({self.m_minus}) must be below m_plus ({self.m_plus}): "
-                "otherwise no length satisfies the margin loss for both present and absent classes"
+                f"CapsNetConfig routes {self.num_primary} primary capsules to {self.num_classes} classes of "
+                f"{self.class_dim} dims ({entries:,} predictions per image), beyond the documented bound of "
+                f"{MAX_ROUTING_ENTRIES:,} (docs/hostile-inputs.md)"
             )
-        if self.m_plus > 1:
-            raise ValueError(
-                f"CapsNetConfig.m_plus={self.m_plus} is unreachable: squash keeps every length below 1"
-            )
+        count = self.parameter_count()
+        if count > MAX_PARAMETERS:
+            raise ValueError(f"CapsNetConfig has {count:,} parameters, beyond the documented bound of "
+                             f"{MAX_PARAMETERS:,} (docs/hostile-inputs.md)")
 
     # ---------------------------------------------------------------------------- derived sizes
     @property
@@ -242,3 +284,75 @@ class AdamConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AdamConfig":
         return from_fields(cls, d)
+
+
+# ===================================================================================== what a run costs
+@dataclass(frozen=True)
+class Cost:
+    """What one batch of a configuration costs, estimated before any work (estimate_cost)."""
+
+    memory_bytes: int  # parameters (with gradients and Adam's moments when training) and one batch's activations
+    flops_per_image: float  # multiply-adds counted as 2, forward (x3 when training: forward and backward)
+
+    def describe(self) -> str:
+        return f"about {self.memory_bytes / 2**30:.2f} GiB and {self.flops_per_image / 1e9:.2f} GFLOP per image"
+
+
+def forward_flops(c: CapsNetConfig) -> float:
+    """Multiply-adds counted as 2 FLOPs, per image, of one forward pass."""
+    h1, w1 = c.conv1_output_hw
+    gh, gw = c.primary_grid
+    conv1 = 2 * h1 * w1 * c.conv1_channels * c.input_channels * c.conv1_kernel ** 2
+    primary = 2 * gh * gw * c.primary_channels * c.conv1_channels * c.primary_kernel ** 2
+    preds = 2 * c.num_primary * c.num_classes * c.class_dim * c.primary_dim
+    # Each iteration: s = sum_i c u_hat, and (but the last) the agreement u_hat . v.
+    routing = 2 * c.num_primary * c.num_classes * c.class_dim * (2 * c.routing_iterations - 1)
+    decoder = 0
+    if c.use_decoder:
+        widths = [c.num_classes * c.class_dim, *c.decoder_widths, c.image_size]
+        decoder = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+    return float(conv1 + primary + preds + routing + decoder)
+
+
+def estimate_cost(config: CapsNetConfig, batch_size: int, *, dtype: str = "float32", training: bool = True) -> Cost:
+    """A lower estimate of a batch's memory and arithmetic: if this does not fit, the run cannot.
+
+    Activations per image: the input, conv1's and PrimaryCaps' outputs, the predictions u_hat
+    (kept, with one temporary of their size per routing iteration) and the routing logits of each
+    iteration; training keeps their gradients too (x2) and the parameters' gradients and moments (x4).
+    """
+    c = config
+    item = 8 if dtype == "float64" else 4
+    h1, w1 = c.conv1_output_hw
+    u_hat = c.num_primary * c.num_classes * c.class_dim
+    per_image = (c.image_size + 2 * h1 * w1 * c.conv1_channels + 2 * c.num_primary * c.primary_dim
+                 + u_hat * (2 + c.routing_iterations) + 2 * c.routing_iterations * c.num_primary * c.num_classes)
+    per_image *= 2 if training else 1
+    params = c.parameter_count() * (4 if training else 1)
+    flops = forward_flops(c) * (3 if training else 1)
+    return Cost(memory_bytes=int((params + batch_size * per_image) * item), flops_per_image=flops)
+
+
+def available_memory_bytes() -> int:
+    """This machine's physical memory (what no run can exceed, whatever else is running)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit known
+        return 1 << 62
+
+
+def check_affordable(config: CapsNetConfig, batch_size: int, *, dtype: str = "float32", training: bool = True,
+                     flags: Mapping[str, str] | None = None) -> Cost:
+    """Refuse (ValueError, one line with the estimate and the limit) a batch that cannot fit in memory.
+
+    flags: how the caller's user spells batch_size (e.g. {"batch_size": "--batch-size"}), for the message.
+    """
+    cost = estimate_cost(config, batch_size, dtype=dtype, training=training)
+    limit = available_memory_bytes()
+    if cost.memory_bytes > limit:
+        name = (flags or {}).get("batch_size", "batch_size")
+        raise ValueError(f"{name} {batch_size} with this model ({config.parameter_count():,} parameters, "
+                         f"{config.routing_iterations} routing iterations) needs {cost.describe()} for "
+                         f"{'training' if training else 'inference'}, more than this machine's "
+                         f"{limit / 2**30:.1f} GiB of memory: use a smaller {name}")
+    return cost

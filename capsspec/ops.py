@@ -130,20 +130,41 @@ def conv2d_vjp(g: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarra
 
 
 # ============================================================================== squash
+def _norm(x: np.ndarray, axis: int) -> np.ndarray:
+    """|x| along axis (kept): sqrt(sum x^2) where that sum neither overflows nor underflows, else
+    scaled first by the largest |x_i| (so every finite x has its accurate, finite norm)."""
+    with np.errstate(over="ignore", under="ignore"):
+        sq = np.sum(x * x, axis=axis, keepdims=True)
+        n = np.sqrt(sq)
+        risky = ~(sq >= np.finfo(x.dtype).tiny) | np.isinf(sq)  # under- or overflowed (0 and NaN too)
+        if np.any(risky):
+            m = np.max(np.abs(x), axis=axis, keepdims=True)
+            m = np.where(m > 0, m, 1)
+            n = np.where(risky, m * np.sqrt(np.sum((x / m) * (x / m), axis=axis, keepdims=True)), n)
+    return n
+
+
 def _norm_terms(s: np.ndarray, axis: int):
     """|s|, the unit direction (0 where s = 0) and f(|s|) = |s| / (1 + |s|^2), overflow-safe."""
-    n = np.sqrt(np.sum(s * s, axis=axis, keepdims=True))
+    n = _norm(s, axis)
     nz = n > 0
     safe_n = np.where(nz, n, 1)
     unit = np.where(nz, s / safe_n, 0)
     # n / (1 + n^2) written as 1 / (n + 1/n) so that a huge n gives ~1/n instead of inf/inf.
     f = np.where(nz, 1 / (safe_n + 1 / safe_n), 0).astype(s.dtype, copy=False)
+    if np.any(np.isinf(n)):  # |s| beyond the float range though every s_i is finite: from s / max|s_i|
+        m = np.max(np.abs(s), axis=axis, keepdims=True)
+        r = np.sqrt(np.sum((s / m) * (s / m), axis=axis, keepdims=True))  # |s| / m, in [1, sqrt(dim)]
+        unit = np.where(np.isinf(n), (s / m) / r, unit)
+        f = np.where(np.isinf(n), (1 / m) / r, f).astype(s.dtype, copy=False)  # 1/|s|, as 1/(n + 1/n) is there
     return n, unit, f
 
 
 def _squash_fwd(s, axis=-1):
     n, unit, f = _norm_terms(s, axis)
-    return f * s, (s, axis)
+    # Beyond sqrt(max) (|s|^2 would overflow), |s|^2 / (1 + |s|^2) is 1 to the last bit: v is the unit
+    # direction (f * s would lose bits to a subnormal f near the top of the range).
+    return np.where(n > np.sqrt(np.finfo(s.dtype).max), unit, f * s).astype(s.dtype, copy=False), (s, axis)
 
 
 def _squash_bwd(cache, g):
@@ -314,13 +335,12 @@ def routing_vjp(g: tuple[np.ndarray, np.ndarray | None], u_hat: np.ndarray, iter
 @checked
 def capsule_lengths(v: np.ndarray) -> np.ndarray:
     """|v_j| along the last axis: (..., E) -> (...)."""
-    return np.sqrt(np.sum(v * v, axis=-1))
+    return _norm(v, -1)[..., 0]  # scaled where the squares would over- or underflow
 
 
 def _lengths_bwd(v, g):
-    n = np.sqrt(np.sum(v * v, axis=-1, keepdims=True))
-    nz = n > 0
-    return np.where(nz, v / np.where(nz, n, 1), 0) * g[..., None]
+    _, unit, _ = _norm_terms(v, -1)  # v / |v|, 0 at v = 0, also where |v| itself overflows
+    return unit * g[..., None]
 
 
 @checked

@@ -53,7 +53,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .config import AdamConfig, CapsNetConfig
+from .config import MAX_ROUTING_ITERATIONS, AdamConfig, CapsNetConfig, check_loss_constants
 
 FLOAT_DTYPES = ("float32", "float64")
 REPEATS = "distinct classes per row"  # the door's value check of (B, K) labels (a marker, compared by identity)
@@ -335,7 +335,10 @@ def predictions_vjp(d: Door, g, u, weight):
 
 def routing(d: Door, u_hat, iterations):
     d.array("u_hat", u_hat, ndim=4, batch=True)
-    return {"iterations": d.integer("iterations", iterations)}
+    fixed = {"iterations": d.integer("iterations", iterations)}
+    if fixed["iterations"] > MAX_ROUTING_ITERATIONS:
+        raise ValueError(f"iterations must be at most {MAX_ROUTING_ITERATIONS} (CapsNetConfig's bound), got {iterations}")
+    return fixed
 
 
 def routing_vjp(d: Door, g, u_hat, iterations):
@@ -362,8 +365,10 @@ def _margin(d: Door, lengths, labels, m_plus, m_minus, lambda_):
     b, j = d.array("lengths", lengths, ndim=2, batch=True)
     d.labels("labels", labels, b, j)
     d.same_device(lengths=lengths, labels=labels)
-    return {"m_plus": d.number("m_plus", m_plus), "m_minus": d.number("m_minus", m_minus),
-            "lambda_": d.number("lambda_", lambda_)}
+    fixed = {"m_plus": d.number("m_plus", m_plus), "m_minus": d.number("m_minus", m_minus),
+             "lambda_": d.number("lambda_", lambda_)}
+    check_loss_constants(**fixed)  # CapsNetConfig's own rule: what it refuses, the spec's ops refuse
+    return fixed
 
 
 def margin_loss(d: Door, lengths, labels, m_plus=0.9, m_minus=0.1, lambda_=0.5):
@@ -426,7 +431,9 @@ def _reconstruction(d: Door, reconstruction, images, scale):
         raise ValueError(f"images {ims} do not match reconstruction {rs}: each image must flatten to one "
                          "reconstruction row")
     d.same(reconstruction=reconstruction, images=images)
-    return {"scale": d.number("scale", scale)}
+    fixed = {"scale": d.number("scale", scale)}
+    check_loss_constants(**fixed)
+    return fixed
 
 
 def reconstruction_loss(d: Door, reconstruction, images, scale=0.0005):

@@ -21,7 +21,7 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from .profiles import PROFILES
 from .selection import SelectionError, resolve_backend, skipped_backends
@@ -29,8 +29,18 @@ from .selection import SelectionError, resolve_backend, skipped_backends
 __all__ = ["main", "build_parser", "pytest_args", "environment"]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line naming the flag (exit 2), never the whole usage; no abbreviated flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="capsspec conformance",
         description="Hold a backend to the capsspec reference, forward and backward, within stated tolerances.",
         epilog="Arguments after `--` are passed to pytest unchanged.")

@@ -100,9 +100,21 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "float64": {level: _FLOAT64_OVERRIDES.get(level) or _for_float64(t) for level, t in _FLOAT32.items()},
 }
 
+# float32 with TF32 matrix products and convolutions (a backend's float32_precision "tf32", a speed mode
+# asked for by name, e.g. the tensorflow backend's tf32=True): their inputs keep 10 mantissa bits
+# (unit roundoff 2^-11), so every level from "contraction" on is in units of TF32's epsilon 2^-10.
+EPS_TF32 = 2.0 ** -10
+TOLERANCES["tf32"] = {**TOLERANCES["float32"],
+                      "contraction": Tolerance(rtol=8 * EPS_TF32, atol=1e-37),
+                      "routing": Tolerance(rtol=16 * EPS_TF32, atol=1e-36, scale="block"),
+                      "model": Tolerance(rtol=32 * EPS_TF32, atol=1e-30, scale="tensor"),
+                      "gradients": Tolerance(rtol=64 * EPS_TF32, atol=1e-30, scale="tensor"),
+                      "trajectory": Tolerance(rtol=5e-2, atol=0.0, scale="tensor")}
+
 
 def tolerance(dtype: str, level: str) -> Tolerance:
-    """The table's entry for a dtype and level; ValueError naming what exists otherwise."""
+    """The table's entry for a dtype ("tf32": float32 on a backend whose float32_precision is "tf32") and
+    level; ValueError naming what exists otherwise."""
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype must be one of {sorted(TOLERANCES)}, got {dtype!r}")
     if level not in TOLERANCES[dtype]:

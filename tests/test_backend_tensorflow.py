@@ -382,3 +382,38 @@ def test_ties_go_to_the_lowest_class():
     v[0, 1] = v[0, 3] = [0.3, 0.4, 0.0]  # classes 1 and 3 tie
     _close(tops.mask(tf.constant(v)), ref_ops.mask(v))
     assert tops._first_argmax(tf.constant([[0.5, 0.7, 0.7]])).numpy().tolist() == [1]
+
+
+_TF32_SCRIPT = """
+import sys, numpy as np, tensorflow as tf
+from capsspec import get_backend
+first = sys.argv[1] == "true"
+assert tf.config.experimental.tensor_float_32_execution_enabled()  # TensorFlow's own default: on
+b = get_backend("tensorflow", tf32=first)
+b.squash(b.asarray(np.ones((2, 3), np.float32)))
+assert tf.config.experimental.tensor_float_32_execution_enabled() == first, "TF32 not as asked"
+assert b.float32_precision == ("tf32" if first else "ieee")
+other = get_backend("tensorflow", tf32=not first)
+try:
+    other.squash(other.asarray(np.ones((2, 3), np.float32)))
+except ValueError as exc:
+    assert "process-wide" in str(exc), exc
+else:
+    raise AssertionError("a second backend switched TF32 under the first")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("tf32", ["false", "true"])
+def test_tf32_is_off_unless_asked_for_whenever_the_backend_is_used(tf32):
+    """TensorFlow runs float32 products in TF32 on Ampere and newer GPUs by default; the backend's first use
+    sets the process-wide switch to its tf32 option (off by default), and refuses to flip it later."""
+    r = subprocess.run([sys.executable, "-c", _TF32_SCRIPT, tf32], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_tf32_has_its_own_conformance_tolerance():
+    from capsspec.conformance.tolerances import tolerance
+
+    assert tolerance("tf32", "contraction").rtol > 100 * tolerance("float32", "contraction").rtol
+    assert tolerance("tf32", "elementwise") == tolerance("float32", "elementwise")  # no product: no TF32

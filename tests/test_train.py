@@ -219,9 +219,9 @@ def test_test_and_validation_images_are_never_shifted(tmp_path, monkeypatch):
     seen = []
 
     class Spy(type(NUMPY)):
-        def predict(self, params, x, config):
+        def forward(self, params, x, config, labels=None):  # evaluation reads forward's capsule lengths
             seen.append(np.array(x))
-            return capsspec.predict(params, x, config)
+            return capsspec.forward(params, x, config, labels)
 
     monkeypatch.setattr(train_mod, "augment_batch", spy)
     quiet_train(Spy(), TINY, data, tmp_path, settings=s)
@@ -250,6 +250,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert c.epoch == 1 and c.step == 4
     assert all(np.all(np.isfinite(a)) for a in c.params.values())
     assert not (tmp_path / "final.safetensors").exists()
+    # Resumed, it diverges again before any new checkpoint: that checkpoint is not called good.
+    Diverging.calls = 5
+    with pytest.raises(TrainingDiverged, match=r"none known: .*checkpoint.safetensors \(step 4: the end of epoch 1\) "
+                                               r"is the one this run resumed from"):
+        quiet_train(Diverging(), TINY, data, tmp_path, settings=s, resume=True)
 
 
 # ===================================================================================== checkpoints
@@ -586,15 +591,15 @@ def test_a_signal_during_evaluation_checkpoints_the_trained_epoch_and_resumes_ex
     data = splits(s, n_train=90)
     quiet_train(NUMPY, TINY, data, tmp_path / "full", settings=s)
     backend, calls = capsspec.get_backend("numpy"), [0]
-    real_predict = backend.predict
+    real_forward = backend.forward  # evaluation reads forward's capsule lengths
 
-    def predict(*args):
+    def forward(*args):
         calls[0] += 1
         if calls[0] == 3:  # the last validation batch of epoch 1
             os.kill(os.getpid(), signal.SIGINT)
-        return real_predict(*args)
+        return real_forward(*args)
 
-    backend.predict = predict
+    backend.forward = forward
     with pytest.raises(TrainingInterrupted) as err:
         quiet_train(backend, TINY, data, tmp_path / "cut", settings=s)
     assert "at step 5: epoch 1 trained, its evaluation not yet done" in str(err.value)

@@ -300,40 +300,73 @@ def _errstate(xp: Any):
 
 
 # ============================================================================== squash
+def extreme_norms(xp: Any, s: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """For rows (last axis) whose |s|^2 over- or underflows, what the plain formulas get wrong, computed on
+    s / max|s_i|: (the mask of those rows, |s|, s != 0, the unit vector, f = |s| / (1 + |s|^2)). Plain
+    array code (no data-dependent branch, so no device sync); the kernels' results stand elsewhere."""
+    with _errstate(xp):
+        sq = xp.sum(s * s, axis=-1, keepdims=True)
+        info = np.finfo(s.dtype)
+        risky = ~((sq >= info.tiny) & (sq <= info.max))
+        m = xp.max(xp.abs(s), axis=-1, keepdims=True)
+        m = xp.where(m > 0, m, 1).astype(s.dtype, copy=False)
+        r = s / m
+        rsq = xp.sum(r * r, axis=-1, keepdims=True)  # in [1, dim] unless s = 0
+        nz = rsq != 0  # NaN counts as non-zero: NaN in, NaN out
+        rn = xp.sqrt(xp.where(nz, rsq, 1))
+        n = m * rn
+        # f = 1 / (n + 1/n); where n itself overflows, 1/|s| = (1/m) / rn.
+        f = xp.where(nz, xp.where(xp.isinf(n), (1 / m) / rn, 1 / (n + 1 / n)), 0).astype(s.dtype, copy=False)
+    return risky, n, nz, (r / rn).astype(s.dtype, copy=False), f
+
+
 def squash_forward(xp: Any, s: Any) -> Any:
-    """squash along the last axis: s |s| / (1 + |s|^2), 0 at s = 0. Returns a new contiguous array."""
+    """squash along the last axis: s |s| / (1 + |s|^2), 0 at s = 0, over the whole finite range (rows whose
+    |s|^2 over- or underflows are recomputed scaled; beyond sqrt(max) v is the unit vector). A new array."""
     if not uses_kernels(xp):
-        n = xp.sqrt(xp.sum(s * s, axis=-1, keepdims=True))
+        with _errstate(xp):  # an extreme row's plain result is replaced below
+            n = xp.sqrt(xp.sum(s * s, axis=-1, keepdims=True))
         nz = n > 0
         safe_n = xp.where(nz, n, 1)
         f = xp.where(nz, 1 / (safe_n + 1 / safe_n), 0).astype(s.dtype, copy=False)
-        return f * s
-    s = xp.ascontiguousarray(s)
-    out = xp.empty_like(s)
-    dim = s.shape[-1]
-    rows = s.size // dim if dim else 0
-    _launch("squash_forward", s.dtype, rows, (s, out, _ll(rows), _ll(dim)))
-    return out
+        out = f * s
+    else:
+        s = xp.ascontiguousarray(s)
+        out = xp.empty_like(s)
+        dim = s.shape[-1]
+        rows = s.size // dim if dim else 0
+        _launch("squash_forward", s.dtype, rows, (s, out, _ll(rows), _ll(dim)))
+    risky, n, nz, unit, f = extreme_norms(xp, s)
+    with _errstate(xp):
+        safe = xp.where(n > np.sqrt(np.finfo(s.dtype).max), unit, f * s)
+    return xp.where(risky, safe, out).astype(s.dtype, copy=False)
 
 
 def squash_backward(xp: Any, s: Any, g: Any) -> Any:
-    """VJP of squash along the last axis: f g + f q unit (unit . g); 0 at s = 0."""
+    """VJP of squash along the last axis: f g + f q unit (unit . g); 0 at s = 0 (extreme rows as in
+    squash_forward)."""
     if not uses_kernels(xp):
-        n = xp.sqrt(xp.sum(s * s, axis=-1, keepdims=True))
+        with _errstate(xp):  # an extreme row's plain result is replaced below
+            n = xp.sqrt(xp.sum(s * s, axis=-1, keepdims=True))
         nz = n > 0
         safe_n = xp.where(nz, n, 1)
         unit = xp.where(nz, s / safe_n, 0)
         f = xp.where(nz, 1 / (safe_n + 1 / safe_n), 0).astype(s.dtype, copy=False)
         with _errstate(xp):
             q = 2 / (1 + n * n) - 1
-        return f * (g + q * unit * xp.sum(unit * g, axis=-1, keepdims=True))
-    s = xp.ascontiguousarray(s)
-    g = xp.ascontiguousarray(g)
-    out = xp.empty_like(s)
-    dim = s.shape[-1]
-    rows = s.size // dim if dim else 0
-    _launch("squash_backward", s.dtype, rows, (s, g, out, _ll(rows), _ll(dim)))
-    return out
+        out = f * (g + q * unit * xp.sum(unit * g, axis=-1, keepdims=True))
+    else:
+        s = xp.ascontiguousarray(s)
+        g = xp.ascontiguousarray(g)
+        out = xp.empty_like(s)
+        dim = s.shape[-1]
+        rows = s.size // dim if dim else 0
+        _launch("squash_backward", s.dtype, rows, (s, g, out, _ll(rows), _ll(dim)))
+    risky, n, nz, unit, f = extreme_norms(xp, s)
+    with _errstate(xp):
+        q = 2 / (1 + n * n) - 1
+        safe = f * (g + q * unit * xp.sum(unit * g, axis=-1, keepdims=True))
+    return xp.where(risky, safe, out).astype(s.dtype, copy=False)
 
 
 # ============================================================================== routing

@@ -276,16 +276,22 @@ def routing_vjp(xp: Any, g: tuple[Array, Array | None], u_hat: Array, iterations
 # ============================================================================== lengths
 @on_device
 def capsule_lengths(xp: Any, v: Array) -> Array:
-    """|v_j| along the last axis: (..., E) -> (...)."""
-    return xp.sqrt(xp.sum(v * v, axis=-1))
+    """|v_j| along the last axis: (..., E) -> (...); scaled where the squares would over- or underflow."""
+    risky, n, nz, _, _ = kernels.extreme_norms(xp, v)
+    with kernels._errstate(xp):  # an extreme row's plain norm is replaced by its scaled one
+        plain = xp.sqrt(xp.sum(v * v, axis=-1, keepdims=True))
+    return xp.where(risky, xp.where(nz, n, 0), plain)[..., 0]
 
 
 @on_device
 def capsule_lengths_vjp(xp: Any, g: Array, v: Array):
     """Gradient of capsule_lengths with respect to (v,): g v / |v|, and 0 where v = 0."""
-    n = xp.sqrt(xp.sum(v * v, axis=-1, keepdims=True))
+    with kernels._errstate(xp):
+        n = xp.sqrt(xp.sum(v * v, axis=-1, keepdims=True))
     nz = n > 0
-    return (xp.where(nz, v / xp.where(nz, n, 1), 0) * g[..., None],)
+    risky, _, nz_scaled, unit, _ = kernels.extreme_norms(xp, v)
+    plain = xp.where(nz, v / xp.where(nz, n, 1), 0)
+    return (xp.where(risky, xp.where(nz_scaled, unit, 0), plain) * g[..., None],)
 
 
 # ============================================================================== margin loss

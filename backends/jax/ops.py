@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from capsspec.backend_kit import make_vjps
 from capsspec.spec import OPS
@@ -49,17 +50,42 @@ def conv2d(x: jax.Array, weight: jax.Array, bias: jax.Array, stride: int = 1) ->
         for p in range(min(stride, kh)) for q in range(min(stride, kw)))
 
 
+def _norm_parts(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(|x|, the mask x != 0, x / |x|) along axis (kept), for every finite x: the plain sqrt(sum x^2) where
+    that sum is a normal number (the spec's arithmetic, unchanged), else the same on x / max|x_i| (the
+    scale (a power of two) is a constant to jax.vjp: the results depend on x alone). |.| = sqrt(where(.. > 0, .., 1)),
+    masked again by the caller (the "double where"): no sqrt'(0) = inf in jax.vjp."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    info = jnp.finfo(x.dtype)
+    ordinary = (sq >= info.tiny) & (sq <= info.max)
+    n_plain = jnp.sqrt(jnp.where(ordinary, sq, 1))
+    # Scaled by 2^-e, e the exponent of max|x_i|, as two normal powers of two 2^-a 2^-b: XLA turns x / m
+    # into x * (1/m), and 1/m (or 2^-e) is subnormal near the top of the range, which XLA flushes to 0.
+    _, e = jnp.frexp(jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True)))
+    one = jnp.ones_like(e, dtype=x.dtype)
+    a, b = e // 2, e - e // 2
+    r = (x * jnp.ldexp(one, -a)) * jnp.ldexp(one, -b)  # exact: powers of two
+    rsq = jnp.sum(r * r, axis=axis, keepdims=True)  # in [1/4, dim] unless x = 0
+    nz = rsq != 0  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
+    rn = jnp.sqrt(jnp.where(nz, rsq, 1))
+    # |x| = x . (r / |r|) with r / |r| a constant to jax.vjp: the value m |r|, and the gradient the unit
+    # vector itself (scaling |r| back would pass a cotangent times a tiny 2^e through the vjp, flushed to 0).
+    n_scaled = jnp.sum(x * jax.lax.stop_gradient(r / rn), axis=axis, keepdims=True)
+    return jnp.where(ordinary, n_plain, n_scaled), nz, r / rn
+
+
 @_spec_op("axis")
 def squash(s: jax.Array, axis: int = -1) -> jax.Array:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
-    # |s| = sqrt(where(|s|^2 > 0, |s|^2, 1)), masked again (the "double where"): no sqrt'(0) = inf in
-    # jax.vjp. |s| / (1 + |s|^2) is n / (1 + n^2) to n = 1, then 1 / (n + 1/n): nothing overflows.
-    sq = jnp.sum(s * s, axis=axis, keepdims=True)
-    nz = sq > 0
-    n = jnp.sqrt(jnp.where(nz, sq, 1))
+    # |s| / (1 + |s|^2) is n / (1 + n^2) to n = 1, then 1 / (n + 1/n): nothing overflows.
+    n, nz, unit = _norm_parts(s, axis)
+    # Beyond sqrt(max), |s|^2 / (1 + |s|^2) is 1 to the last bit: v is the unit vector (f may underflow
+    # there, and n be inf: f sees 1 instead, so that no inf meets a zero cotangent in jax.vjp).
+    big = n > float(np.sqrt(np.finfo(s.dtype).max))
+    n = jnp.where(big, 1, n)
     small, large = jnp.minimum(n, 1), jnp.maximum(n, 1)
     f = jnp.where(n <= 1, small / (1 + small * small), 1 / (large + 1 / large))
-    return jnp.where(nz, f, 0) * s
+    return jnp.where(big, unit, jnp.where(nz, f, 0) * s)
 
 
 @_spec_op("capsule_dim", "stride")
@@ -98,9 +124,8 @@ def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
 @_spec_op()
 def capsule_lengths(v: jax.Array) -> jax.Array:
     """|v_j| along the last axis: (..., E) -> (...); gradient 0 where v = 0."""
-    sq = jnp.sum(v * v, axis=-1)
-    nz = sq > 0
-    return jnp.where(nz, jnp.sqrt(jnp.where(nz, sq, 1)), 0)
+    n, nz, _ = _norm_parts(v, -1)  # scaled where the squares would over- or underflow
+    return jnp.where(nz, n, 0)[..., 0]
 
 
 @_spec_op()

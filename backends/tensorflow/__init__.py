@@ -9,7 +9,12 @@ rounds beta1/beta2 to float32; optim.py says why that matters) and the compiled 
 Native params are a model.CapsNet; optimizer state is an optim.AdamState (a Mapping view
 {"step", "m", "v"} over tf.Variables). float32 and float64.
 
-TensorFlowBackend(device=None):
+TensorFlowBackend(device=None, tf32=False):
+* tf32: whether float32 matrix products and convolutions may run in TF32 on a GPU that has it.
+  TensorFlow's own default is yes on every Ampere or newer GPU (an H100 too), which the spec's
+  float32 is not: the backend turns it off on its first use unless tf32=True (`--backend-option
+  tf32=true`), a speed mode held to its own tolerances ("tf32" in conformance/tolerances.py). The
+  switch is process-wide, so a second backend asking for the other setting is refused.
 * device: None or "cpu" (the default: a GPU is never picked silently) runs on "/CPU:0";
   "gpu", "cuda", "gpu:N" or "cuda:N" runs on "/GPU:N" when TensorFlow sees that GPU
   (availability() says why not otherwise). Variables are created on that device and every
@@ -62,6 +67,19 @@ def _import_tensorflow() -> Any:
     return importlib.import_module("tensorflow")
 
 
+_TF32_IN_FORCE: list[bool] = []  # the process-wide TF32 switch as this module set it (empty: not yet)
+
+
+def _set_tf32(tf: Any, on: bool) -> None:
+    """Set TensorFlow's process-wide TF32 switch, or refuse a second backend asking for the other setting
+    (the first one's results would silently change)."""
+    if _TF32_IN_FORCE and _TF32_IN_FORCE[0] != on:
+        raise ValueError(f"a tensorflow backend with tf32={_TF32_IN_FORCE[0]} is already in use in this process, "
+                         f"and TF32 is a process-wide switch: use tf32={_TF32_IN_FORCE[0]} here too, or another process")
+    tf.config.experimental.enable_tensor_float_32_execution(on)
+    _TF32_IN_FORCE[:] = [on]
+
+
 class TensorFlowBackend(ModuleParams, Backend):
     name = "tensorflow"
     framework = "tensorflow"
@@ -70,10 +88,20 @@ class TensorFlowBackend(ModuleParams, Backend):
                     "capsspec.backends.tensorflow.optim")
     speed_rank = 10
 
-    def __init__(self, device: Any = None, **options: Any) -> None:
+    def __init__(self, device: Any = None, tf32: bool = False, **options: Any) -> None:
         name, tf_device = _parse_device(device)
+        if not isinstance(tf32, bool):
+            raise ValueError(f"the tensorflow backend's tf32 option must be true or false, got {tf32!r}")
         super().__init__(device=name, **options)
         self.tf_device = tf_device
+        self.tf32 = tf32
+        # What float32 matmuls and convolutions compute: IEEE float32, or TF32 (10-bit mantissa) when
+        # asked for; the conformance suite holds "tf32" to its own tolerances (conformance/tolerances.py).
+        self.float32_precision = "tf32" if tf32 else "ieee"
+
+    def _implementations(self) -> list[Mapping[str, Any]]:
+        _set_tf32(self._tf(), self.tf32)  # before any op runs: TensorFlow's default is TF32 on Ampere and newer
+        return super()._implementations()
 
     # ------------------------------------------------------------------------- availability
     def import_framework(self) -> tuple[Any, Availability | None]:

@@ -20,6 +20,8 @@ Numerics the spec fixes (docs/spec.md) and how they are met under autodiff:
   |s| / (1 + |s|^2) is n / (1 + n^2) for n <= 1 and 1 / (n + 1/n) for n > 1, each branch on a
   clamped n, so neither value nor gradient overflows for any s whose |s|^2 is finite.
 * capsule_lengths has gradient 0 at v = 0 (same double where).
+* Both hold over the whole finite range: where |s|^2 over- or underflows, |s| is max|s_i| |s / max|s_i||
+  (_norm_parts), and beyond sqrt(max) squash is the unit vector; elsewhere the arithmetic is the above.
 * Routing: b starts at 0 for each example (shape (B, J, N)), the softmax runs over the parents
   j, nothing is stopped (gradients flow through every iteration), the returned coupling
   coefficients are the last iteration's; only the iterations are a Python loop.
@@ -42,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import; a user's setting wins
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from capsspec.backend_kit import make_vjps  # noqa: E402
@@ -91,15 +94,36 @@ def _safe_norm(sq: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.sqrt(tf.where(nz, sq, tf.ones_like(sq))), nz
 
 
+def _norm_parts(x: tf.Tensor, axis: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(|x|, the mask x != 0, x / |x|) along axis (kept), for every finite x: the plain sqrt(sum x^2) where
+    that sum is a normal number (the spec's arithmetic, unchanged), else the same on x / max|x_i| (the
+    scale is a constant to the tape: the results depend on x alone). The unit vector is the scaled one."""
+    sq = tf.reduce_sum(x * x, axis=axis, keepdims=True)
+    info = np.finfo(x.dtype.as_numpy_dtype)
+    ordinary = tf.logical_and(sq >= info.tiny, sq <= info.max)
+    n_plain, _ = _safe_norm(tf.where(ordinary, sq, tf.ones_like(sq)))
+    m = tf.stop_gradient(tf.reduce_max(tf.abs(x), axis=axis, keepdims=True))
+    r = x / tf.where(m > 0, m, tf.ones_like(m))
+    rsq = tf.reduce_sum(r * r, axis=axis, keepdims=True)  # in [1, dim] unless x = 0
+    nz = tf.not_equal(rsq, 0)  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
+    rn = tf.sqrt(tf.where(nz, rsq, tf.ones_like(rsq)))
+    # |x| = x . (r / |r|) with r / |r| a constant to the tape: the value m |r|, and the gradient the unit
+    # vector itself (m * |r| would pass a cotangent times a tiny m through the tape, flushed to 0).
+    n_scaled = tf.reduce_sum(x * tf.stop_gradient(r / rn), axis=axis, keepdims=True)
+    return tf.where(ordinary, n_plain, n_scaled), nz, r / rn
+
+
 def squash(s: tf.Tensor, axis: int = -1) -> tf.Tensor:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
-    n, nz = _safe_norm(tf.reduce_sum(s * s, axis=axis, keepdims=True))
+    n, nz, unit = _norm_parts(s, axis)
     one = tf.ones_like(n)
     small = tf.minimum(n, one)
     large = tf.maximum(n, one)
     # n / (1 + n^2), written as 1 / (n + 1/n) above 1 so that a huge n gives ~1/n, not inf/inf.
     f = tf.where(n <= 1, small / (1 + small * small), 1 / (large + 1 / large))
-    return tf.where(nz, f, tf.zeros_like(f)) * s
+    # Beyond sqrt(max), |s|^2 / (1 + |s|^2) is 1 to the last bit: v is the unit vector (f may underflow there).
+    big = n > float(np.sqrt(np.finfo(s.dtype.as_numpy_dtype).max))
+    return tf.where(big, unit, tf.where(nz, f, tf.zeros_like(f)) * s)
 
 
 def _to_capsules_nhwc(a: tf.Tensor, capsule_dim: int) -> tf.Tensor:
@@ -170,8 +194,8 @@ def routing(u_hat: tf.Tensor, iterations: int) -> tuple[tf.Tensor, tf.Tensor]:
 
 def capsule_lengths(v: tf.Tensor) -> tf.Tensor:
     """|v_j| along the last axis: (..., E) -> (...); gradient 0 where v = 0."""
-    n, nz = _safe_norm(tf.reduce_sum(v * v, axis=-1))
-    return tf.where(nz, n, tf.zeros_like(n))
+    n, nz, _ = _norm_parts(v, -1)  # scaled where the squares would over- or underflow
+    return tf.squeeze(tf.where(nz, n, tf.zeros_like(n)), -1)
 
 
 def margin_loss(lengths: tf.Tensor, labels: tf.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,

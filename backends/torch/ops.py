@@ -15,6 +15,8 @@ Numerics the spec fixes (docs/spec.md) and how they are met under autograd:
   value or gradient overflows for any s whose |s|^2 is finite (a tiny n would make (1/n)^2
   overflow in the backward of the second form; a huge one n^2 in the first).
 * capsule_lengths has gradient 0 at v = 0 (same double where).
+* Both hold over the whole finite range: where |s|^2 over- or underflows, |s| is max|s_i| |s / max|s_i||
+  (_norm_parts), and beyond sqrt(max) squash is the unit vector; elsewhere the arithmetic is the above.
 * routing: b starts at 0 per example, softmax over the parents j, nothing detached, the
   coupling coefficients returned are the last iteration's; only the iterations are a loop.
 
@@ -23,6 +25,7 @@ What this module must never do: import the reference's implementation, or change
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -60,13 +63,33 @@ def _safe_norm(sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sqrt(torch.where(nz, sq, torch.ones_like(sq))), nz
 
 
+def _norm_parts(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(|x|, the mask x != 0, x / |x|) along dim (kept), for every finite x: the plain sqrt(sum x^2) where
+    that sum is a normal number (the spec's arithmetic, unchanged), else the same on x / max|x_i| (the
+    scale is a constant to autograd: the results depend on x alone). The unit vector is the scaled one."""
+    sq = torch.sum(x * x, dim=dim, keepdim=True)
+    info = torch.finfo(x.dtype)
+    ordinary = (sq >= info.tiny) & (sq <= info.max)
+    n_plain, _ = _safe_norm(torch.where(ordinary, sq, torch.ones_like(sq)))
+    m = torch.amax(torch.abs(x), dim=dim, keepdim=True).detach()
+    r = x / torch.where(m > 0, m, torch.ones_like(m))
+    rsq = torch.sum(r * r, dim=dim, keepdim=True)  # in [1, dim] unless x = 0
+    nz = rsq != 0  # NaN counts as non-zero: a NaN input gives NaN, never a clean 0
+    rn = torch.sqrt(torch.where(nz, rsq, torch.ones_like(rsq)))
+    # |x| = x . (r / |r|) with r / |r| a constant to autograd: the value m |r|, and the gradient the unit
+    # vector itself (m * |r| would pass a cotangent times a tiny m through autograd, flushed to 0).
+    n_scaled = torch.sum(x * (r / rn).detach(), dim=dim, keepdim=True)
+    return torch.where(ordinary, n_plain, n_scaled), nz, r / rn
+
+
 def squash(s: torch.Tensor, axis: int = -1) -> torch.Tensor:
     """Eq. 1: v = |s|^2 / (1 + |s|^2) * s / |s|, along `axis`; 0 at s = 0."""
-    n, nz = _safe_norm(torch.sum(s * s, dim=axis, keepdim=True))
+    n, nz, unit = _norm_parts(s, axis)
     small = n.clamp(max=1.0)
     large = n.clamp(min=1.0)
     f = torch.where(n <= 1, small / (1 + small * small), 1 / (large + 1 / large))
-    return torch.where(nz, f, torch.zeros_like(f)) * s
+    # Beyond sqrt(max), |s|^2 / (1 + |s|^2) is 1 to the last bit: v is the unit vector (f may underflow there).
+    return torch.where(n > math.sqrt(torch.finfo(s.dtype).max), unit, torch.where(nz, f, torch.zeros_like(f)) * s)
 
 
 def _to_capsules(a: torch.Tensor, capsule_dim: int) -> torch.Tensor:
@@ -115,8 +138,8 @@ def routing(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.T
 
 def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
     """|v_j| along the last axis: (..., E) -> (...); gradient 0 where v = 0."""
-    n, nz = _safe_norm(torch.sum(v * v, dim=-1))
-    return torch.where(nz, n, torch.zeros_like(n))
+    n, nz, _ = _norm_parts(v, -1)  # scaled where the squares would over- or underflow
+    return torch.where(nz, n, torch.zeros_like(n)).squeeze(-1)
 
 
 def margin_loss(lengths: torch.Tensor, labels: torch.Tensor, m_plus: float = 0.9, m_minus: float = 0.1,

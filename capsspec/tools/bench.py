@@ -30,31 +30,24 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..config import AdamConfig, CapsNetConfig
+from ..config import (MAX_ROUTING_ITERATIONS, AdamConfig, CapsNetConfig, available_memory_bytes, check_affordable,
+                      forward_flops)
 from ..model import init_params
 from ..registry import get_backend
+from .args import OneLineParser, UsageError, check_out_file, int_in
 
-__all__ = ["model_flops", "run_benchmark", "run_distributed_benchmark", "main"]
+__all__ = ["model_flops", "run_benchmark", "run_distributed_benchmark", "main", "build_parser"]
+
+# The flags that set what check_affordable weighs, for its one-line refusals.
+BENCH_FLAGS = {"batch_size": "--batch-size", "routing_iterations": "--routing-iterations"}
 
 EPOCH_IMAGES = 60_000
 
 
 def model_flops(config: CapsNetConfig) -> dict[str, float]:
     """Multiply-adds counted as 2 FLOPs, per image: forward, and training (forward + backward ~ 3x)."""
-    c = config
-    h1, w1 = c.conv1_output_hw
-    gh, gw = c.primary_grid
-    conv1 = 2 * h1 * w1 * c.conv1_channels * c.input_channels * c.conv1_kernel ** 2
-    primary = 2 * gh * gw * c.primary_channels * c.conv1_channels * c.primary_kernel ** 2
-    preds = 2 * c.num_primary * c.num_classes * c.class_dim * c.primary_dim
-    # Each iteration: s = sum_i c u_hat, and (but the last) the agreement u_hat . v.
-    routing = 2 * c.num_primary * c.num_classes * c.class_dim * (2 * c.routing_iterations - 1)
-    decoder = 0
-    if c.use_decoder:
-        widths = [c.num_classes * c.class_dim, *c.decoder_widths, c.image_size]
-        decoder = sum(2 * a * b for a, b in zip(widths, widths[1:]))
-    forward = conv1 + primary + preds + routing + decoder
-    return {"forward": float(forward), "train": float(3 * forward)}
+    forward = forward_flops(config)
+    return {"forward": forward, "train": 3 * forward}
 
 
 def _time_training(backend: Any, holder: dict, x: Any, y: Any, config: CapsNetConfig, adam: AdamConfig,
@@ -282,26 +275,50 @@ def _without_backend_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="capsspec bench", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """bench's flags; errors are one line (capsspec.tools.args), abbreviations refused."""
+    p = OneLineParser(prog="capsspec bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", action="append", help="backend to time (repeatable; default: every available one)")
     p.add_argument("--device", default=None, help="device for the backend, e.g. cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int_in(1), default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--routing-iterations", type=int, default=3)
+    p.add_argument("--steps", type=int_in(1), default=5, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int_in(0), default=2)
+    p.add_argument("--routing-iterations", type=int_in(1, MAX_ROUTING_ITERATIONS), default=3)
     p.add_argument("--no-decoder", action="store_true")
-    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-size", type=int_in(1, 1 << 15), default=2048)
     p.add_argument("--fast", action="store_true", help="ask the backend for its fast path (backends that have one)")
     p.add_argument("--json", metavar="FILE", help="append one JSON object per backend to FILE ('-' for stdout)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> CapsNetConfig:
+    """Everything about the command line that can be checked before the benchmark runs (UsageError if not)."""
+    if args.json not in (None, "-"):
+        check_out_file(args.json, "--json")
+    config = CapsNetConfig(routing_iterations=args.routing_iterations, use_decoder=not args.no_decoder)
+    check_affordable(config, args.batch_size, dtype=args.dtype, flags=BENCH_FLAGS)
+    if args.matmul_size ** 2 * 3 * 8 > available_memory_bytes():
+        raise UsageError(f"--matmul-size {args.matmul_size} needs more memory than this machine has free")
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a one-line usage error (2), or --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        config = _check_args(args)
+    except ValueError as exc:
+        print(f"capsspec bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     from ..training.distributed import launch
     from ..registry import available_backends
 
     where = launch()
     if where is not None:  # one of several processes started by torchrun: the distributed step
-        return _distributed_main(args, where)
+        return _distributed_main(args, where, config)
     names = args.backend or available_backends()
     if len(names) > 1:
         # One process per backend: host peak memory (ru_maxrss) only ever grows within a process,
@@ -314,7 +331,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = subprocess.run([sys.executable, "-m", "capsspec.tools.bench", "--backend", name, *rest])
             status = status or r.returncode
         return status
-    config = CapsNetConfig(routing_iterations=args.routing_iterations, use_decoder=not args.no_decoder)
     status = 0
     for name in names:
         options = {"fast": True} if args.fast else {}
@@ -326,16 +342,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"capsspec bench: {name}: {exc}", file=sys.stderr)
             status = 2
             continue
-        _report(r, args.json)
+        status = _report(r, args.json) or status
     return status
 
 
-def _distributed_main(args: argparse.Namespace, where: Any) -> int:
+def _distributed_main(args: argparse.Namespace, where: Any, config: CapsNetConfig) -> int:
     if args.backend not in (None, ["torch"]):
         print(f"capsspec bench: under torchrun only --backend torch can be timed (torch.distributed), got "
               f"{', '.join(args.backend)}", file=sys.stderr)
         return 2
-    config = CapsNetConfig(routing_iterations=args.routing_iterations, use_decoder=not args.no_decoder)
     try:
         r = run_distributed_benchmark(where, device=args.device, config=config, batch_size=args.batch_size,
                                       dtype=args.dtype, steps=args.steps, warmup=args.warmup,
@@ -345,18 +360,32 @@ def _distributed_main(args: argparse.Namespace, where: Any) -> int:
         print(f"capsspec bench: rank {where.rank}: {exc}", file=sys.stderr)
         return 2
     if where.rank == 0:
-        _report(r, args.json)
+        return _report(r, args.json)
     return 0
 
 
-def _report(r: dict[str, Any], json_to: str | None) -> None:
-    """The run's table, and with --json its JSON object: on stdout for '-', else appended to the file."""
+def _report(r: dict[str, Any], json_to: str | None) -> int:
+    """The run's table, and with --json its JSON object (see _write_json); returns the status."""
     print(_format(r), flush=True)
-    if json_to == "-":
-        print(json.dumps(r))
-    elif json_to:
-        with open(json_to, "a") as f:
-            f.write(json.dumps(r) + "\n")
+    return _write_json(json_to, r)
+
+
+def _write_json(target: str | None, r: dict[str, Any]) -> int:
+    """Append one result to --json (checked before the run). Should the machine refuse now (disk full),
+    the result goes to stdout instead, so the benchmark's figures are never lost; returns the status."""
+    line = json.dumps(r)
+    if target == "-":
+        print(line)
+    elif target:
+        try:
+            with open(target, "a") as f:
+                f.write(line + "\n")
+        except OSError as exc:
+            print(f"capsspec bench: error: cannot append to --json {target} ({exc.strerror or exc}); the result "
+                  f"follows on stdout", file=sys.stderr)
+            print(line, flush=True)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ framework when it is used).
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Sequence
+
+from ..config import FIELD_LIMITS
+from .args import OneLineParser, UsageError, check_out_file, check_out_folder, finite_float, int_in
 
 __all__ = ["main", "build_parser"]
 
@@ -36,50 +38,16 @@ __all__ = ["main", "build_parser"]
 _PASSTHROUGH = ("conformance", "bench", "gpu-check")
 
 
-class _UsageError(ValueError):
-    """A problem with the command line itself."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line: what was wrong and where to read more, not the whole usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
-
-    def unrecognized(self, extra: Sequence[str]) -> NoReturn:
-        """Refuse flags this (sub)command does not know, suggesting the closest one it does."""
-        known = [o for a in self._actions for o in a.option_strings]
-        flag = next((a.split("=", 1)[0] for a in extra if a.startswith("-")), "")
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag else []
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
-
-
-def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an integer >= minimum, refused with a message that says which kind."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
-        return value
-    return parse
-
-
-_positive_int = _int_at_least(1, "positive")
-_nonnegative_int = _int_at_least(0, "non-negative")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+# The parser contract (one line, exit 2, no abbreviations, output paths checked first) lives in .args,
+# shared with bench and gpu-check; the names below are this module's own spellings of it.
+_UsageError = UsageError
+_Parser = OneLineParser
+_check_out_folder = check_out_folder
+_check_out_file = check_out_file
+_positive_int = int_in(1)
+_nonnegative_int = int_in(0)
+_positive_float = finite_float(0.0, exclusive=True)
+_nonnegative_float = finite_float(0.0)
 
 
 def _backend_option(text: str) -> tuple[str, Any]:
@@ -192,12 +160,12 @@ def _train_parser(sub: Any) -> None:
 def _train_model_flags(p: argparse.ArgumentParser) -> None:
     """The model's and the optimizer's flags of `capsspec train` (left out: the paper's values)."""
     g = p.add_argument_group("model (paper defaults)")
-    g.add_argument("--routing-iterations", type=_positive_int, default=None, help="default 3")
+    g.add_argument("--routing-iterations", type=int_in(1, FIELD_LIMITS["routing_iterations"]), default=None, help="default 3")
     g.add_argument("--no-decoder", action="store_true", default=None, help="train without the reconstruction decoder")
-    g.add_argument("--conv1-channels", type=_positive_int, default=None, help="default 256")
-    g.add_argument("--primary-types", type=_positive_int, default=None, help="capsule types in PrimaryCaps (default 32)")
-    g.add_argument("--primary-dim", type=_positive_int, default=None, help="default 8")
-    g.add_argument("--reconstruction-scale", type=float, default=None, help="default 0.0005")
+    g.add_argument("--conv1-channels", type=int_in(1, FIELD_LIMITS["conv1_channels"]), default=None, help="default 256")
+    g.add_argument("--primary-types", type=int_in(1, FIELD_LIMITS["primary_types"]), default=None, help="capsule types in PrimaryCaps (default 32)")
+    g.add_argument("--primary-dim", type=int_in(1, FIELD_LIMITS["primary_dim"]), default=None, help="default 8")
+    g.add_argument("--reconstruction-scale", type=_nonnegative_float, default=None, help="default 0.0005")
     g = p.add_argument_group("optimizer (the official code's defaults)")
     g.add_argument("--lr", type=_positive_float, default=None, help="initial learning rate (default 1e-3)")
     g.add_argument("--lr-decay-rate", type=_positive_float, default=None, help="default 0.96")
@@ -260,32 +228,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out_folder(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Refuse an output folder that cannot be one: an existing file, or a path through a file."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise _UsageError(f"{flag} {path} is a file, not a folder: name a new or existing folder instead")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise _UsageError(f"{flag} {path} goes through {parent}, which is a file, so no folder can be made "
-                                  f"there: name a folder elsewhere")
-            if not p.exists() and not os.access(parent, os.W_OK | os.X_OK):
-                raise _UsageError(f"{flag} {path}: no permission to create a folder in {parent}: name a folder "
-                                  f"you can write to")
-            break
-    if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
-        raise _UsageError(f"{flag} {path}: no permission to write in that folder: name a folder you can write to")
-
-
-def _check_out_file(path: str | os.PathLike, flag: str) -> None:
-    """Refuse an output file name that is a folder or lies under a file."""
-    p = Path(path)
-    if p.is_dir():
-        raise _UsageError(f"{flag} {path} is a folder: name a file to write, e.g. {Path(path) / 'report.json'}")
-    _check_out_folder(p.parent, f"{flag} {path}: its folder")
-
-
 def _check_train_flags(args: argparse.Namespace, config: Any, adam: Any, settings: Any) -> None:
     """Refuse train settings that each parse but make no sense together or for MNIST (before any work).
 
@@ -293,6 +235,8 @@ def _check_train_flags(args: argparse.Namespace, config: Any, adam: Any, setting
     or the resumed run), so a value is checked whichever way it came.
     """
     _check_out_folder(args.out)
+    _check_affordable(config, settings.batch_size, settings.dtype, "--batch-size", training=True)
+    _check_affordable(config, settings.eval_batch_size, settings.dtype, "--eval-batch-size", training=False)
     h, w = config.input_height, config.input_width
     if settings.max_shift >= min(h, w):
         raise _UsageError(f"--max-shift {settings.max_shift} would move a {h}x{w} image entirely out of view: use a "
@@ -304,6 +248,28 @@ def _check_train_flags(args: argparse.Namespace, config: Any, adam: Any, setting
     if adam.decay_rate > 1:
         raise _UsageError(f"--lr-decay-rate {adam.decay_rate:g} is above 1, so the learning rate would grow: use a "
                           f"rate in (0, 1] (1 keeps it constant; the default is 0.96)")
+
+
+def _check_affordable(config: Any, batch_size: int, dtype: str, flag: str, *, training: bool) -> None:
+    """Refuse, before any work, a batch of this model that cannot fit in this machine's memory."""
+    from ..config import check_affordable
+
+    try:
+        check_affordable(config, batch_size, dtype=dtype, training=training, flags={"batch_size": flag})
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _config_from_flags(config: Any, given: dict[str, Any]) -> Any:
+    """config.replace(**given), its refusals in terms of the flags that set the fields, not the fields."""
+    try:
+        return config.replace(**given)
+    except ValueError as exc:
+        message = str(exc)
+        for key, value in given.items():
+            message = message.replace(f"CapsNetConfig.{key}", f"--{key.replace('_', '-')}")
+        named = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if k != "use_decoder")
+        raise _UsageError(f"{message} (from {named})" if named and "--" not in message else message) from None
 
 
 def _train_values(args: argparse.Namespace):
@@ -337,7 +303,7 @@ def _train_values(args: argparse.Namespace):
         if args.dataset == "multimnist":  # the paper's 36x36 model; the generator does the shifting
             config = config.replace(input_height=36, input_width=36)
             settings.setdefault("max_shift", 0)
-        return (config.replace(**given(config_flags)), AdamConfig(**given(adam_flags)),
+        return (_config_from_flags(config, given(config_flags)), AdamConfig(**given(adam_flags)),
                 TrainSettings(**settings), args.backend, args.device, options or {}, None)
     plan = plan_resume(args.out, config=config_flags, adam=adam_flags, settings=settings_flags, backend=args.backend,
                        device=args.device, backend_options=options)
@@ -440,7 +406,8 @@ def _load_for_backend(args: argparse.Namespace, default: str | None):
     from ..registry import get_backend
     from ..training.settings import choose_backend
 
-    ck = load_checkpoint(args.checkpoint)
+    ck = load_checkpoint(args.checkpoint)  # its config within CapsNetConfig's bounds; now the batch's memory
+    _check_affordable(ck.config, getattr(args, "batch_size", 1), ck.dtype, "--batch-size", training=False)
     name = args.backend if args.backend is not None else default
     # An inference-only backend (onnxruntime) can evaluate; choose_backend refuses it for training.
     if name is not None and args.command == "eval" and not get_backend(name, check=False).trains:

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..training.checkpoint import METRICS_NAME, load_checkpoint
+from ..training.evaluate import NonFiniteOutputs, check_finite_lengths
 from ..config import CapsNetConfig
 from ..training.atomic_files import atomic_path
 
@@ -362,6 +363,10 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
         v = np.asarray(backend.to_numpy(result.v))
         lengths = np.asarray(backend.to_numpy(result.lengths))
         recon = np.asarray(backend.to_numpy(result.reconstruction))
+        check_finite_lengths(lengths)  # a figure of NaN would be a wrong picture: one line instead
+        if not np.all(np.isfinite(recon)):
+            raise NonFiniteOutputs(f"the decoder's reconstructions of {n} images hold NaN or inf: its parameters, "
+                                   "though finite, overflow (a diverged or corrupt model?)")
         preds = np.argmax(lengths, axis=1)
         if np.asarray(labels).ndim == 2:
             written += _multimnist_figures(out, backend, params, x, images[:n], np.asarray(labels[:n]), lengths,

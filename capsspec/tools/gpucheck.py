@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..training.atomic_files import atomic_write_text
+from .args import OneLineParser, check_out_folder, finite_float
 from .check_report import (LOGS_NAME, PARAMS_NAME, REPORT_NAME, bring_back_params, bundle_logs, clear_out,
                            report_head, write_report)
 from .step_parsers import json_objects, parse_bench, parse_conformance, read_jsonl, training_figures
@@ -635,10 +636,10 @@ def _epoch_seconds(runner: Runner, profile: Profile, target: Target, paper: Path
 
 # ===================================================================================== command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="capsspec gpu-check", description=__doc__.split("\n\n")[0],
-                                epilog="See docs/gpu-check.md.")
+    p = OneLineParser(prog="capsspec gpu-check", description=__doc__.split("\n\n")[0],
+                      epilog="See docs/gpu-check.md.")
     p.add_argument("--out", required=False, help="folder for report.json and logs.tar.gz (emptied of the old ones)")
-    p.add_argument("--budget-seconds", type=float, default=None,
+    p.add_argument("--budget-seconds", type=finite_float(0.0, exclusive=True), default=None,
                    help=f"the whole check's time limit, never exceeded (default {DEFAULT_BUDGET_S:.0f}; 120 with "
                         "--rehearsal)")
     p.add_argument("--data-dir", default=None, help="MNIST folder: the four IDX files, raw or .gz (see `capsspec data`)")
@@ -659,7 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # a one-line usage error (2), or --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.probe is not None:
         print(json.dumps(probe(json.loads(args.probe)), default=str), flush=True)
         return 0
@@ -668,6 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.out is None:
             raise ValueError("--out is required")
+        check_out_folder(args.out)
+        if args.paper_dir:
+            check_out_folder(args.paper_dir, "--paper-dir")
         if phases and any(p not in known for p in phases):
             raise ValueError(f"--phases: unknown phase(s) {[p for p in phases if p not in known]}; known: "
                              f"{', '.join(known)}")

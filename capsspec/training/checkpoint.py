@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -134,6 +135,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], c
                     raise ValueError(f"state[{part!r}][{name!r}] has {a.dtype.name} {a.shape}, expected {dtype} "
                                      f"{shapes[name]}")
                 tensors[prefix + name] = a
+        _check_optimizer_state(state["m"], state["v"], "refusing to write a checkpoint")
         if step is None:
             step = int(state["step"])
         elif int(state["step"]) != step:
@@ -161,48 +163,182 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, np.ndarray], c
     return path
 
 
-def _header(data: bytes, where: str) -> dict[str, Any]:
-    if len(data) < 8:
-        raise ValueError(f"{where} is not a checkpoint: {len(data)} bytes is too short for a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > _MAX_HEADER or 8 + n > len(data):
-        raise ValueError(f"{where} is corrupt or truncated: its header claims {n} bytes, the file has {len(data)}")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where} is corrupt: its safetensors header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{where} is corrupt: its safetensors header is not a JSON object")
-    return header
+# ===================================================================================== reading
+# The metadata's schema: exactly what save_checkpoint writes. Each value is a string; the kinds say
+# what the string must hold. Keys marked optional may be absent (older writers), never of another kind.
+_META_SCHEMA = {"format": "str", "format_version": "str", "config": "json-object", "dtype": "dtype",
+                "adam": "json-object-or-empty", "has_optimizer": "flag", "step": "count", "epoch": "count",
+                "rng": "json-object", "training": "json-object", "extra": "json-object", "backend": "str",
+                "capsspec_version": "str", "tensors_sha256": "sha256"}
+_KIND_WORDS = {"json-object": "a JSON object", "json-object-or-empty": "a JSON object or nothing",
+               "dtype": "float32 or float64, the dtypes a checkpoint is written in", "flag": "0 or 1",
+               "count": "a non-negative integer", "sha256": "64 hex digits"}
+_META_REQUIRED = ("format", "format_version", "config", "dtype", "step", "epoch", "tensors_sha256")
+# The trainer's record (metadata "extra") and what each field must be: "int" a non-negative integer,
+# "num" a finite number, "num?" one or null, a dict a nested object, ("map", kind) an object of kind.
+_EXTRA_SCHEMA: dict[str, Any] = {
+    "n_train": "int", "n_val": "int", "n_test": "int", "data_fingerprint": "str", "train_seconds": "num",
+    "seconds_by_backend": ("map", "num"), "best_val_accuracy": "num", "best_epoch": "int", "device": "str?",
+    "backend_options": "object", "world_size": "int", "dataset": "object", "history": ("list", "object"),
+    "progress": {"epoch": "int", "batch": "int", "sums": ("map", "num"), "seen": "int", "seconds": "num",
+                 "lr": "num", "window": ("map", "list")},
+}
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata strings of a checkpoint, after checking its format (tensors not loaded)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            head += f.read(min(n, _MAX_HEADER))
-    meta = _header(head, str(path)).get("__metadata__") or {}
-    _check_format(meta, str(path))
-    return meta
+def _kind_ok(value: Any, kind: Any) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind in ("num", "num?"):
+        if value is None:
+            return kind == "num?"
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind in ("str", "str?"):
+        return isinstance(value, str) or (value is None and kind == "str?")
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "list":
+        return isinstance(value, list)
+    if isinstance(kind, tuple):
+        container, inner = kind
+        items = value.values() if container == "map" and isinstance(value, dict) else (
+            value if container == "list" and isinstance(value, list) else None)
+        return items is not None and all(_kind_ok(v, inner) for v in items)
+    raise AssertionError(kind)
+
+
+def _check_fields(d: Mapping[str, Any], schema: Mapping[str, Any], where: str, prefix: str) -> None:
+    """Refuse (ValueError naming the field) a field of d whose value is not of its schema's kind."""
+    for key, kind in schema.items():
+        if key not in d:
+            continue
+        if isinstance(kind, dict):
+            if not isinstance(d[key], dict):
+                raise ValueError(f"{where}: metadata field {prefix}{key} must be a JSON object, got "
+                                 f"{type(d[key]).__name__}")
+            _check_fields(d[key], kind, where, f"{prefix}{key}.")
+        elif not _kind_ok(d[key], kind):
+            raise ValueError(f"{where}: metadata field {prefix}{key} has an invalid value {str(d[key])[:60]!r} "
+                             f"(expected {kind if isinstance(kind, str) else ' of '.join(kind)})")
+
+
+def _parse_metadata(meta: Any, where: str) -> dict[str, Any]:
+    """The metadata checked against _META_SCHEMA, its JSON fields parsed; ValueError naming the first bad field."""
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{where} is not a capsspec checkpoint: its __metadata__ is not a map of strings")
+    _check_format(meta, where)
+    missing = [k for k in _META_REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"{where} has invalid metadata: missing field(s) {', '.join(missing)}")
+    parsed: dict[str, Any] = {}
+    for key, kind in _META_SCHEMA.items():
+        text = meta.get(key, "")
+        bad = ValueError(f"{where}: metadata field {key} has an invalid value {text[:60]!r} (expected "
+                         f"{_KIND_WORDS.get(kind, kind)})")
+        if kind.startswith("json-object"):
+            if text == "" and key != "config":
+                parsed[key] = None if kind.endswith("empty") else {}
+                continue
+            try:
+                parsed[key] = json.loads(text)
+            except (json.JSONDecodeError, RecursionError):
+                raise bad from None
+            if not isinstance(parsed[key], dict):
+                raise bad
+        elif kind == "count":
+            if not (text.isascii() and text.isdigit() and len(text) <= 18):
+                raise bad
+            parsed[key] = int(text)
+        elif ((kind == "dtype" and text not in _SAFETENSORS_DTYPES.values()) or (kind == "flag" and text not in
+              ("", "0", "1")) or (kind == "sha256" and not (len(text) == 64 and all(c in "0123456789abcdef"
+                                                                                     for c in text)))):
+            raise bad
+        else:
+            parsed[key] = text
+    _check_fields(parsed["extra"], _EXTRA_SCHEMA, where, "extra.")
+    parsed["has_optimizer"] = parsed["has_optimizer"] == "1"
+    return parsed
 
 
 def _check_format(meta: Mapping[str, Any], where: str) -> None:
     if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{where} is not a capsspec checkpoint (metadata format={meta.get('format')!r}, "
+        raise ValueError(f"{where} is not a capsspec checkpoint (metadata format={str(meta.get('format'))[:40]!r}, "
                          f"expected {FORMAT_NAME!r})")
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"{where} has checkpoint format version {meta.get('format_version')!r}; this capsspec "
-                         f"reads version {FORMAT_VERSION} only")
+        raise ValueError(f"{where} has checkpoint format version {str(meta.get('format_version'))[:40]!r}; this "
+                         f"capsspec reads version {FORMAT_VERSION} only")
 
 
-def _json(meta: Mapping[str, str], key: str, where: str) -> Any:
+def _read_header(f: Any, size: int, where: str) -> dict[str, Any]:
+    """The safetensors header of an open file of `size` bytes, its length checked against the file's
+    before a byte more than 8 is read (so a hostile length costs nothing)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{where} is not a checkpoint: {size} bytes is too short for a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise ValueError(f"{where} is corrupt or truncated: its header claims {n} bytes, the file has {size}")
     try:
-        return json.loads(meta[key]) if meta.get(key) else None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: metadata {key!r} is not valid JSON ({exc})") from exc
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{where} is corrupt: its safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where} is corrupt: its safetensors header is not a JSON object")
+    header["__header_bytes__"] = 8 + n
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata strings of a checkpoint, after checking its format and schema (tensors not read)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header = _read_header(f, os.fstat(f.fileno()).st_size, f"checkpoint {path}")
+    meta = header.get("__metadata__")
+    _parse_metadata(meta, f"checkpoint {path}")
+    return meta
+
+
+def _tensor_layout(header: Mapping[str, Any], body_size: int, shapes: Mapping[str, tuple[int, ...]], dtype: str,
+                   where: str) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """{name: (offset, shape)} of the header's tensors, checked against the config's shapes, the dtype and
+    the body's size (every byte of the body belongs to exactly one tensor), before the body is read."""
+    layout, spans = {}, []
+    item = np.dtype(dtype).itemsize
+    for name, entry in header.items():
+        if name in ("__metadata__", "__header_bytes__"):
+            continue
+        base = name.removeprefix(M_PREFIX).removeprefix(V_PREFIX)
+        if base not in shapes:
+            raise ValueError(f"{where} does not match its config: unexpected tensor {name[:60]!r}")
+        if not isinstance(entry, dict) or _SAFETENSORS_DTYPES.get(str(entry.get("dtype"))) != dtype:
+            got = entry.get("dtype") if isinstance(entry, dict) else entry
+            raise ValueError(f"{where}: tensor {name!r} has dtype {str(got)[:20]}, the metadata says {dtype}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape) or tuple(shape) != shapes[base]:
+            raise ValueError(f"{where}: tensor {name!r} has shape {str(shape)[:60]}, its config expects {shapes[base]}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets)
+                or offsets[1] - offsets[0] != math.prod(shapes[base]) * item):
+            raise ValueError(f"{where} is corrupt: tensor {name!r} has data offsets {str(offsets)[:60]}")
+        layout[name] = (offsets[0], shapes[base])
+        spans.append(tuple(offsets))
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            raise ValueError(f"{where} is corrupt: its tensors overlap or leave gaps in the file")
+        end = stop
+    if end != body_size:
+        raise ValueError(f"{where} is corrupt or truncated: its tensors take {end} bytes, the file holds {body_size}")
+    return layout
+
+
+def _check_optimizer_state(m: Mapping[str, np.ndarray], v: Mapping[str, np.ndarray], where: str) -> None:
+    """Adam's moments as training leaves them: finite, and the second moments (running means of squares)
+    non-negative; anything else makes the first resumed step NaN."""
+    for name in m:
+        if not np.all(np.isfinite(m[name])):
+            raise ValueError(f"{where}: optimizer first moment adam.m.{name} holds NaN or inf")
+        if not np.all(np.isfinite(v[name])) or np.any(v[name] < 0):
+            raise ValueError(f"{where}: optimizer second moment adam.v.{name} holds NaN, inf or negative values "
+                             f"(a running mean of squared gradients is never negative)")
 
 
 def _config_diff(a: CapsNetConfig, b: CapsNetConfig) -> str:
@@ -221,54 +357,44 @@ def load_checkpoint(path: str | os.PathLike, *, config: CapsNetConfig | None = N
     where = f"checkpoint {path}"
     if not path.is_file():
         raise ValueError(f"{where} does not exist or is not a file")
-    data = path.read_bytes()
-    header = _header(data, where)
-    meta = header.get("__metadata__") or {}
-    _check_format(meta, where)
-    try:
-        tensors = _safetensors_numpy().load(data)
-    except Exception as exc:  # safetensors' own error type: a truncated or inconsistent file
-        raise ValueError(f"{where} is corrupt or truncated: {exc}") from exc
-    if tensors_sha256(tensors) != meta.get("tensors_sha256"):
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header = _read_header(f, size, where)
+        meta = _parse_metadata(header.get("__metadata__"), where)
+        try:
+            file_config = CapsNetConfig.from_dict(meta["config"])
+            adam = AdamConfig.from_dict(meta["adam"]) if meta["adam"] else None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where} has invalid metadata: {' '.join(str(exc).split())}") from None
+        if config is not None and file_config != config:
+            raise ValueError(f"{where} was written for another model: {_config_diff(file_config, config)}")
+        dtype, step, has_optimizer = meta["dtype"], meta["step"], meta["has_optimizer"]
+        shapes = file_config.param_shapes()
+        expected_names = set(shapes)
+        if has_optimizer:
+            expected_names |= {M_PREFIX + n for n in shapes} | {V_PREFIX + n for n in shapes}
+        layout = _tensor_layout(header, size - header["__header_bytes__"], shapes, dtype, where)
+        if set(layout) != expected_names:
+            raise ValueError(f"{where} does not match its config: missing tensors "
+                             f"{sorted(expected_names - set(layout))[:6]}")
+        if require_optimizer and not has_optimizer:
+            raise ValueError(f"{where} holds no optimizer state, so a run cannot resume from it")
+        # Only now, every size checked, is the body read: exactly the bytes its tensors declare.
+        body = bytearray(size - header["__header_bytes__"])
+        if f.readinto(body) != len(body):
+            raise ValueError(f"{where} is truncated: it changed while being read")
+    tensors = {name: np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
+               for name, (start, shape) in layout.items()}
+    if tensors_sha256(tensors) != meta["tensors_sha256"]:
         raise ValueError(f"{where} is corrupt: its tensors do not match the hash stored in its metadata")
-
-    try:
-        file_config = CapsNetConfig.from_dict(_json(meta, "config", where) or {})
-        adam_dict = _json(meta, "adam", where)
-        adam = AdamConfig.from_dict(adam_dict) if adam_dict else None
-        step, epoch = int(meta["step"]), int(meta["epoch"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{where} has invalid metadata: {exc}") from exc
-    if config is not None and file_config != config:
-        raise ValueError(f"{where} was written for another model: {_config_diff(file_config, config)}")
-
-    dtype = meta.get("dtype")
-    shapes = file_config.param_shapes()
-    has_optimizer = meta.get("has_optimizer") == "1"
-    expected_names = set(shapes)
-    if has_optimizer:
-        expected_names |= {M_PREFIX + n for n in shapes} | {V_PREFIX + n for n in shapes}
-    if set(tensors) != expected_names:
-        extra_names, missing = sorted(set(tensors) - expected_names), sorted(expected_names - set(tensors))
-        raise ValueError(f"{where} does not match its config: missing tensors {missing[:6]}, unexpected tensors "
-                         f"{extra_names[:6]}")
-    for name, a in tensors.items():
-        base = name.removeprefix(M_PREFIX).removeprefix(V_PREFIX)
-        if a.shape != shapes[base]:
-            raise ValueError(f"{where}: tensor {name!r} has shape {a.shape}, its config expects {shapes[base]}")
-        if a.dtype.name != dtype:
-            raise ValueError(f"{where}: tensor {name!r} has dtype {a.dtype.name}, the metadata says {dtype}")
-    if require_optimizer and not has_optimizer:
-        raise ValueError(f"{where} holds no optimizer state, so a run cannot resume from it")
-
     params = {n: tensors[n] for n in shapes}
     state = None
     if has_optimizer:
         state = {"step": step, "m": {n: tensors[M_PREFIX + n] for n in shapes},
                  "v": {n: tensors[V_PREFIX + n] for n in shapes}}
+        _check_optimizer_state(state["m"], state["v"], where)
     return Checkpoint(
-        path=path, config=file_config, params=params, dtype=str(dtype), step=step, epoch=epoch, adam=adam,
-        state=state, rng=_json(meta, "rng", where) or {}, training=_json(meta, "training", where) or {},
-        extra=_json(meta, "extra", where) or {}, backend=meta.get("backend", ""),
-        capsspec_version=meta.get("capsspec_version", ""),
+        path=path, config=file_config, params=params, dtype=dtype, step=step, epoch=meta["epoch"], adam=adam,
+        state=state, rng=meta["rng"], training=meta["training"], extra=meta["extra"], backend=meta["backend"],
+        capsspec_version=meta["capsspec_version"],
     )

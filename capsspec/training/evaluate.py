@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import CapsNetConfig
 
-__all__ = ["predict_all", "predict_top_k", "top_k", "accuracy", "confusion_matrix", "Evaluation", "evaluate",
+__all__ = ["NonFiniteOutputs", "check_finite_lengths", "predict_all", "predict_top_k", "top_k", "accuracy", "confusion_matrix", "Evaluation", "evaluate",
            "MultiEvaluation", "evaluate_multi"]
 
 
@@ -31,17 +31,29 @@ def _check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
+class NonFiniteOutputs(ValueError):
+    """Some images gave NaN or inf capsule lengths: no accuracy is reported from such a model."""
+
+
+def check_finite_lengths(lengths: np.ndarray, count: int | None = None) -> None:
+    """Refuse (NonFiniteOutputs, one line: how many images, the likely cause) lengths (N, J) with any NaN or inf.
+
+    An argmax over NaN picks some class anyway, so an accuracy from such outputs would be a wrong number."""
+    lengths = np.asarray(lengths)
+    bad = ~np.all(np.isfinite(lengths.reshape(lengths.shape[0], -1)), axis=1)
+    if bad.any():
+        nan = int(np.isnan(lengths.reshape(lengths.shape[0], -1)).any(axis=1).sum())
+        raise NonFiniteOutputs(
+            f"{int(bad.sum())} of {count if count is not None else lengths.shape[0]} images gave non-finite capsule "
+            f"lengths ({nan} NaN, {int(bad.sum()) - nan} inf), so no accuracy is reported: the model's parameters, "
+            "though finite, overflow in its forward pass (a diverged or corrupt model?)")
+
+
 def predict_all(backend: Any, params: Any, images: np.ndarray, config: CapsNetConfig, *, batch_size: int = 500,
                 dtype: str = "float32") -> np.ndarray:
-    """The predicted class of every image (int64), in batches of batch_size through backend.predict."""
-    batch_size = _check_batch_size(batch_size)
-    if images.shape[0] == 0:
-        return np.zeros((0,), dtype=np.int64)
-    outs = []
-    for start in range(0, images.shape[0], batch_size):
-        xb = np.ascontiguousarray(images[start:start + batch_size], dtype=dtype)
-        outs.append(backend.predict(params, backend.asarray(xb), config))
-    return np.concatenate([np.asarray(backend.to_numpy(o)).astype(np.int64).reshape(-1) for o in outs])
+    """The predicted class of every image (int64), in batches of batch_size: the longest capsule of forward's
+    lengths (ties to the lower class, as the spec's predict), refused (NonFiniteOutputs) if any is not finite."""
+    return predict_top_k(backend, params, images, config, 1, batch_size=batch_size, dtype=dtype).reshape(-1)
 
 
 def top_k(lengths: np.ndarray, k: int) -> np.ndarray:
@@ -55,7 +67,8 @@ def top_k(lengths: np.ndarray, k: int) -> np.ndarray:
 
 def predict_top_k(backend: Any, params: Any, images: Any, config: CapsNetConfig, k: int, *, batch_size: int = 500,
                   dtype: str = "float32") -> np.ndarray:
-    """The k predicted classes of every image, (N, k) int64 longest first, from forward's capsule lengths.
+    """The k predicted classes of every image, (N, k) int64 longest first, from forward's capsule lengths
+    (NonFiniteOutputs, naming how many images, if any length is NaN or inf).
 
     images: an array (N, C, H, W) or anything that slices like one (capsspec.training.multimnist.PairImages).
     """
@@ -67,7 +80,9 @@ def predict_top_k(backend: Any, params: Any, images: Any, config: CapsNetConfig,
     for start in range(0, n, batch_size):
         xb = np.ascontiguousarray(images[start:start + batch_size], dtype=dtype)
         outs.append(backend.forward(params, backend.asarray(xb), config).lengths)
-    return np.concatenate([top_k(np.asarray(backend.to_numpy(o)), k) for o in outs])
+    lengths = np.concatenate([np.asarray(backend.to_numpy(o)) for o in outs])
+    check_finite_lengths(lengths)
+    return top_k(lengths, k)
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

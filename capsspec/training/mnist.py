@@ -23,8 +23,8 @@ This module must never import a framework.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -32,6 +32,8 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -140,20 +142,59 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     return arr.astype(dtype.newbyteorder("="))
 
 
-def _maybe_gunzip(data: bytes, name: str) -> bytes:
-    if data[:2] == b"\x1f\x8b":
+# The most any IDX file read here may decompress to, when its expected size is not known (read_idx):
+# MNIST's largest file is 47 MB; this is ten times that.
+MAX_IDX_BYTES = 500 * 1024 * 1024
+
+
+def _expected_bytes(name: str) -> int:
+    """The size of the raw IDX file `name` (unsigned bytes of its expected dims, after its header)."""
+    dims = _EXPECTED_DIMS[name]
+    return 4 + 4 * len(dims) + math.prod(dims)
+
+
+def _gunzip_bounded(data: bytes, limit: int, name: str) -> bytes:
+    """gzip.decompress, stopped as soon as the output would pass `limit` bytes (a gzip bomb costs at most
+    that much memory, whatever it claims to expand to). Raises ValueError if it would."""
+    out, rest = bytearray(), data
+    while rest[:2] == b"\x1f\x8b":  # one gzip member after another, as gzip.decompress reads them
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            return gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise ValueError(f"{name}: corrupt or truncated gzip data ({exc})") from exc
+            out += d.decompress(rest, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise ValueError(f"{name}: corrupt or truncated gzip data ({exc})") from None
+        if len(out) > limit:
+            raise ValueError(f"{name}: decompresses to more than {limit:,} bytes, more than an IDX file here can hold "
+                             "(a gzip bomb or not the expected file)")
+        if not d.eof:
+            raise ValueError(f"{name}: corrupt or truncated gzip data (it ends before its end-of-stream marker)")
+        rest = d.unused_data
+    if rest.strip(b"\x00"):
+        raise ValueError(f"{name}: corrupt gzip data (trailing garbage after its last member)")
+    return bytes(out)
+
+
+def _maybe_gunzip(data: bytes, name: str, limit: int = MAX_IDX_BYTES) -> bytes:
+    if data[:2] == b"\x1f\x8b":
+        return _gunzip_bounded(data, limit, name)
     return data
 
 
+def _read_at_most(path: Path, limit: int) -> bytes | None:
+    """The bytes of path, or None (not read) when the file is larger than limit."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            return None
+        return f.read(limit + 1)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file, raw or gzipped (recognised by its content, not its name)."""
+    """Read one IDX file, raw or gzipped (recognised by its content, not its name), of at most MAX_IDX_BYTES."""
     path = Path(path)
-    data = _maybe_gunzip(path.read_bytes(), str(path))
-    return parse_idx(data, str(path))
+    data = _read_at_most(path, MAX_IDX_BYTES)
+    if data is None:
+        raise ValueError(f"{path}: larger than {MAX_IDX_BYTES:,} bytes, more than an IDX file here can hold")
+    return parse_idx(_maybe_gunzip(data, str(path)), str(path))
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -187,18 +228,22 @@ def _check_cached(directory: Path, log: Callable[[str], None]) -> dict[str, Path
     good: dict[str, Path] = {}
     for name in MNIST_FILES:
         raw, gz = directory / name, directory / (name + ".gz")
+        size = _expected_bytes(name)
         if raw.is_file():
-            data = raw.read_bytes()
+            data = _read_at_most(raw, size) or b""  # a file of another size is not MNIST: not even read
             if _verified(name, data):
                 good[name] = raw
                 continue
             _reject(raw, f"has the wrong SHA-256 ({sha256_bytes(data)[:16]}..., expected "
                          f"{MNIST_FILES[name][:16]}...)", log)
         if gz.is_file():
-            try:
-                data = gzip.decompress(gz.read_bytes())
-            except (OSError, EOFError):
-                _reject(gz, "is not a readable gzip file", log)
+            try:  # gzip adds at most ~0.1% and a header to what it stores: a larger .gz is not it, not even read
+                packed = _read_at_most(gz, size + size // 1000 + 1024)
+                if packed is None:
+                    raise ValueError(f"{gz}: larger than the {size:,} bytes it should decompress to")
+                data = _gunzip_bounded(packed, size, str(gz))
+            except ValueError as exc:
+                _reject(gz, f"is not a readable gzip file of it ({str(exc).split(': ', 1)[-1]})", log)
                 continue
             if _verified(name, data):
                 atomic_write_bytes(raw, data)
@@ -236,7 +281,7 @@ def _from_mirrors(directory: Path, missing: list[str], log: Callable[[str], None
         for name in list(still):
             url = base + name + ".gz"
             try:
-                data = _maybe_gunzip(_download_url(url, DOWNLOAD_TIMEOUT_S), url)
+                data = _maybe_gunzip(_download_url(url, DOWNLOAD_TIMEOUT_S), url, _expected_bytes(name))
             except Exception as exc:  # URLError, timeouts, HTTP errors, bad gzip: all mean "next mirror"
                 log(f"capsspec: {base} failed ({type(exc).__name__}: {exc}); trying the next source")
                 break  # a mirror that fails once is not asked for the other files
@@ -301,6 +346,11 @@ def _load_npz(path: Path, log: Callable[[str], None]) -> dict[str, np.ndarray] |
     keys = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
     try:
+        with zipfile.ZipFile(path) as zf:  # the sizes it declares (and zipfile holds it to) before any is read
+            sizes = {info.filename.removesuffix(".npy"): info.file_size for info in zf.infolist()}
+        too_big = [k for k, name in keys.items() if sizes.get(k, 0) > _expected_bytes(name) + 4096]
+        if too_big or len(sizes) > 16:
+            raise ValueError(f"its arrays {too_big or sorted(sizes)[:8]} are larger than MNIST's")
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: np.asarray(z[key]) for key, name in keys.items()}
     except Exception as exc:
@@ -363,7 +413,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = Tr
     if all(p.is_file() for p in raws):
         loaded = {}
         for name, p in zip(MNIST_FILES, raws):
-            data = p.read_bytes()
+            data = _read_at_most(p, _expected_bytes(name)) or b""
             if not _verified(name, data):  # changed since fetch_mnist checked it
                 _reject(p, "has the wrong SHA-256", log)
                 raise MnistUnavailable(_where_to_put(directory, [name], f"{p} changed after it was verified"))

@@ -1,7 +1,7 @@
 """Training the capsule network on any backend, through the protocol only.
 
 The trainer speaks to a backend exclusively through the spec: params_from_numpy / adam_init,
-asarray for batches, train_step(params, state, x, labels, config, adam), predict for evaluation,
+asarray for batches, train_step(params, state, x, labels, config, adam), forward for evaluation,
 params_to_numpy / state_to_numpy for checkpoints. Parameters start from capsspec.init_params,
 so every backend starts from the same model for a given seed. It imports no framework: the
 backend names its own default device.
@@ -39,11 +39,10 @@ to train_step (targets=...), `fingerprint()` and `describe()` (recorded in check
 Honest accuracy. Validation images are held out of the training set. Each epoch the model is
 evaluated on validation and test, but the accuracy the run reports is the final model's, or
 (select="val") the one of the epoch with the best validation accuracy; never the best of the
-test evaluations (docs/spec.md, mistake 6). The summary says which.
+test evaluations (docs/spec.md, mistake 6). The summary says which. An evaluation whose outputs
+hold NaN or inf stops the run as diverged: it reports no accuracy (evaluate.NonFiniteOutputs).
 
-Speed. StepMetrics stay backend scalars: they are summed on the device and read back only every
-`log_every` steps and at the end of an epoch (when a backend already returns Python numbers,
-reading is free and the progress bar updates every step).
+Speed. StepMetrics stay backend scalars, summed on the device and read every `log_every` steps.
 
 Several processes (torchrun). In a run on several processes (`distributed`, capsspec.training.distributed)
 every process draws the same global batch and trains its slice of it (`_process_slice`), the
@@ -51,8 +50,8 @@ metrics' sums and the evaluation's counts are summed over the processes (`_read_
 `_evaluate_sharded`), decisions between steps are agreed (`_stopping`, the time rule), and rank 0
 alone writes files and reports; a checkpoint is the same whatever the number of processes.
 
-What this module must never do: import a framework, augment anything but training batches, or
-let a non-finite model overwrite a checkpoint.
+What this module must never do: import a framework, augment anything but training batches, or let a
+non-finite model overwrite a checkpoint.
 """
 
 from __future__ import annotations
@@ -79,7 +78,7 @@ from .augmentation import augment_batch
 from .checkpoint import (BEST_VAL_NAME, CHECKPOINT_NAME, FINAL_NAME, METRICS_NAME, SUMMARY_NAME, load_checkpoint,
                          read_metadata, save_checkpoint)
 from .distributed import PeerFailure, collective
-from .evaluate import accuracy, predict_all, predict_top_k
+from .evaluate import NonFiniteOutputs, accuracy, predict_top_k
 from .run_control import StopSignals, progress_bar
 from .settings import (CHECKPOINT_SECONDS_ACCELERATOR, CHECKPOINT_SECONDS_CPU, REPRODUCIBILITY_FIELDS,
                        SETTING_DEFAULTS, TrainingDiverged, TrainingInterrupted, TrainSettings, describe_where)
@@ -92,8 +91,6 @@ __all__ = ["train"]
 _SUMS = ("total", "margin", "reconstruction", "correct")
 _ROW_KEYS = ("epoch", "step", "loss", "margin", "reconstruction", "train_accuracy", "val_accuracy", "test_accuracy",
              "lr", "seconds", "images_per_second", "eval_seconds")  # a metrics.jsonl row, in order
-
-
 
 
 @dataclass
@@ -123,6 +120,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     lr: float = 0.0
     saved: tuple[int, int, int] | None = None  # (epoch, batch, step) of checkpoint.safetensors; None: none
+    resumed: tuple[int, int, int] | None = None  # (epoch, batch, step) of the checkpoint this run resumed from
     clock: float = 0.0  # perf_counter at the last time accounting
     fingerprint: str = ""
     dist: Any = None  # a capsspec.training.distributed.Distributed in a run on several processes, else None
@@ -152,6 +150,9 @@ class _Run:
     def last_good(self) -> str:
         if self.saved is None:
             return "none: no checkpoint was written"
+        if self.saved == self.resumed:  # no step trained from it reached a checkpoint: it may be the cause itself
+            return (f"none known: {self.checkpoint} ({self.position(*self.saved)}) is the one this run resumed from, "
+                    f"and it led here within {self.step - self.saved[2]} step(s)")
         return f"{self.checkpoint} ({self.position(*self.saved)})"
 
     def position(self, epoch: int, batch: int, step: int) -> str:
@@ -225,7 +226,7 @@ def _stopped_at_once(run: _Run, stop: StopSignals) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped at once by {what} at step {run.step}, before any checkpoint was written: "
                                    "there is nothing to resume", None, None, name)
     return TrainingInterrupted(f"stopped at once by {what} at step {run.step}; the last checkpoint written is "
-                               f"{run.last_good()}", run.checkpoint, run.saved[2], name)
+                               f"{run.checkpoint} ({run.position(*run.saved)})", run.checkpoint, run.saved[2], name)
 
 
 # ===================================================================================== start or resume
@@ -280,7 +281,7 @@ def _resume(run: _Run) -> None:
     # The history went through JSON with sorted keys: put each row's fields back in the order a run writes them.
     run.history = [{k: r[k] for k in _ROW_KEYS if k in r} for r in ck.extra.get("history", [])]
     run.lr = float(progress.get("lr", run.adam.learning_rate(max(ck.step - 1, 0))))  # the last step's, as it reported
-    run.saved = (run.epoch, run.batch, run.step)
+    run.saved = run.resumed = (run.epoch, run.batch, run.step)
     # Epochs logged after this checkpoint (before a crash) are redone: the metrics file follows the checkpoint.
     _write_metrics(run)
     started = describe_where(ck.backend, ck.extra.get("device"), ck.extra.get("backend_options") or {}, ck.dtype)
@@ -423,11 +424,13 @@ def _evaluate(run: _Run, stop: StopSignals) -> tuple[float | None, float | None,
 
 def _predict(run: _Run, xb: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The predicted class of each image of xb, or its K longest classes when the labels y are (N, K)."""
-    s = run.settings
-    if y.ndim == 1:
-        return predict_all(run.backend, run.params, xb, run.config, batch_size=s.eval_batch_size, dtype=s.dtype)
-    return predict_top_k(run.backend, run.params, xb, run.config, y.shape[1], batch_size=s.eval_batch_size,
-                         dtype=s.dtype)
+    try:  # the K longest (K = 1: the predicted class), refused when any length is NaN or inf
+        top = predict_top_k(run.backend, run.params, xb, run.config, 1 if y.ndim == 1 else y.shape[1],
+                            batch_size=run.settings.eval_batch_size, dtype=run.settings.dtype)
+    except NonFiniteOutputs as exc:  # diverged, whatever the loss said
+        raise TrainingDiverged(f"evaluating epoch {run.epoch} (by step {run.step}): {exc}; training stopped. The last "
+                               f"good checkpoint is {run.last_good()}; try a lower --lr") from None
+    return top[:, 0] if y.ndim == 1 else top
 
 
 def _evaluate_sharded(run: _Run, stop: StopSignals) -> tuple[float | None, float | None, float] | None:
