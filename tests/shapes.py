@@ -4,7 +4,7 @@
 
 writes OUT/circle/, OUT/square/, OUT/triangle/: N RGB PNGs each (default 100, 32x32), one shape of a
 random colour, size and position on a dark, slightly noisy background. The functions below make
-the same folder, a 16x16 two-class grey folder, arrays for an .npz, and a CSV of several labels
+the same folder, a 16x16 two-class grey folder (bars), arrays for an .npz, and a CSV of several labels
 per image, all from a seed, with Pillow and NumPy only.
 """
 
@@ -53,8 +53,20 @@ def shapes_folder(out: str | Path, per_class: int = 100, size: int = 32, seed: i
 
 
 def two_class_folder(out: str | Path, per_class: int = 60, seed: int = 1) -> Path:
-    """16x16 grey images in two classes: circles and squares."""
-    return shapes_folder(out, per_class, 16, seed, ("circle", "square"), "L")
+    """16x16 grey images in two classes: a horizontal or a vertical bar at a random place."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    for name in ("horizontal", "vertical"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            a = rng.integers(0, 50, size=(16, 16), dtype=np.uint8)
+            at, start, length = int(rng.integers(2, 14)), int(rng.integers(0, 6)), int(rng.integers(8, 11))
+            if name == "horizontal":
+                a[at - 1:at + 1, start:start + length] = 230
+            else:
+                a[start:start + length, at - 1:at + 1] = 230
+            Image.fromarray(a, "L").save(out / name / f"{k:04d}.png")
+    return out
 
 
 def shapes_arrays(n: int, size: int = 32, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:

@@ -118,7 +118,9 @@ def draw_reconstructions(path: Path, images: np.ndarray, reconstructions: np.nda
         shown = ax.imshow(_picture(source[k], config), cmap=_CMAP, vmin=0.0, vmax=1.0)
         if not lower:
             wrong = int(predictions[k]) != int(labels[k])
-            ax.set_title(f"true {_name(labels[k], class_names)}, pred {_name(predictions[k], class_names)}", fontsize=8,
+            sep = ", " if class_names is None else "\n"  # names are longer than digits: one per line
+            ax.set_title(f"true {_name(labels[k], class_names)}{sep}pred {_name(predictions[k], class_names)}",
+                         fontsize=8,
                          color="tab:red" if wrong else "black")
         if c == 0:
             ax.set_ylabel("reconstruction" if lower else "input", fontsize=8)

@@ -20,11 +20,11 @@ from ..config import CapsNetConfig
 __all__ = ["image_settings", "prepare_training", "checkpoint_data", "eval_images", "figures_data"]
 
 
-def _open(settings: Any, path: str, progress: Any = sys.stderr):
+def _open(settings: Any, path: str, progress: Any = sys.stderr, check: Any = None):
     from ..training.image_data import open_images
 
     return open_images(path, size=settings.image_size, channels=settings.channels, layout=settings.layout,
-                       skip_bad=settings.skip_bad_images, progress=progress)
+                       skip_bad=settings.skip_bad_images, progress=progress, check=check)
 
 
 def prepare_training(args: Any, config: CapsNetConfig, config_flags: dict[str, Any], settings: Any,
@@ -33,7 +33,12 @@ def prepare_training(args: Any, config: CapsNetConfig, config_flags: dict[str, A
     against them (--resume), the default validation hold-out, and the splits."""
     from ..training.image_data import config_for, default_val_size, image_splits
 
-    data = _open(settings, settings.data, None if args.quiet else sys.stderr)
+    def check(shape: tuple[int, int, int], classes: int) -> None:  # the model these images make, before decoding
+        if not args.resume:
+            CapsNetConfig(**{k: v for k, v in config_flags.items() if v is not None}, input_channels=shape[0],
+                          input_height=shape[1], input_width=shape[2], num_classes=max(classes, 2))
+
+    data = _open(settings, settings.data, None if args.quiet else sys.stderr, check)
     for note in data.notes:
         say(f"capsspec: {note}")
     if not args.resume:

@@ -110,15 +110,15 @@ def header(path: Path) -> tuple[tuple[int, int], int]:
 
 
 def _bar(progress: TextIO | None, total: int) -> Any:
-    if progress is None:
+    # Only on a terminal: in a log, the line that follows the decode ("decoded in ...") says it all.
+    if progress is None or not bool(getattr(progress, "isatty", lambda: False)()):
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    tty = bool(getattr(progress, "isatty", lambda: False)())
     return tqdm(total=total, desc="decoding images", unit="img", file=progress, leave=False, dynamic_ncols=True,
-                mininterval=0.2 if tty else 30.0, ascii=not tty)
+                mininterval=0.2)
 
 
 def _open_entry(folder: Path, n: int) -> Decoded | None:

@@ -116,8 +116,9 @@ class Evaluation:
         names = _names(self.class_names, k)
         lines = [f"test accuracy {100 * self.accuracy:.2f}% ({int(np.trace(self.confusion))}/{self.count}), "
                  f"error {100 * (1 - self.accuracy):.2f}%", "", "per-class accuracy:"]
-        lines += [f"  {names[j]}: {'n/a' if np.isnan(a) else f'{100 * a:6.2f}%'}  ({int(self.confusion[j].sum())} "
-                  "images)" for j, a in enumerate(self.per_class_accuracy)]
+        nw = max(len(n) for n in names) + 1
+        lines += [f"  {names[j] + ':':<{nw}} {'n/a' if np.isnan(a) else f'{100 * a:6.2f}%'}  "
+                  f"({int(self.confusion[j].sum())} images)" for j, a in enumerate(self.per_class_accuracy)]
         width = max(5, len(str(int(self.confusion.max(initial=0)))) + 1)
         if self.class_names is not None:  # columns are numbered; the rows give the numbers their names
             width = max(width, len(str(k)) + 2)

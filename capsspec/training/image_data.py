@@ -27,7 +27,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 import numpy as np
 
@@ -114,16 +114,23 @@ def data_kind(path: str | os.PathLike) -> str:
 
 
 def open_images(path: str | os.PathLike, *, size: tuple[int, int] | None = None, channels: int | None = None,
-                layout: str | None = None, skip_bad: bool = False, progress: TextIO | None = sys.stderr) -> ImageData:
-    """The images of a folder, CSV or .npz (see the module's docstring), decoded (folders: through the cache)."""
+                layout: str | None = None, skip_bad: bool = False, progress: TextIO | None = sys.stderr,
+                check: Callable[[tuple[int, int, int], int], Any] | None = None) -> ImageData:
+    """The images of a folder, CSV or .npz (see the module's docstring), decoded (folders: through the cache).
+
+    check, when given, is called with the images' shape (C, H, W) and the number of classes before any
+    image is decoded (to refuse a model those cannot make before the work)."""
     kind = data_kind(path)
     if kind == "npz":
         if skip_bad:
             raise ValueError("--skip-bad-images is for image files; an .npz holds arrays (leave the flag out)")
-        return _from_arrays(path, size, channels, layout)
+        data = _from_arrays(path, size, channels, layout)
+        if check is not None:
+            check(tuple(int(v) for v in data.pool.shape[1:]), len(data.class_names))
+        return data
     if layout is not None:
         raise ValueError("--layout is for .npz arrays; image files have no layout to choose (leave the flag out)")
-    return _from_files(path, kind, size, channels, skip_bad, progress)
+    return _from_files(path, kind, size, channels, skip_bad, progress, check)
 
 
 def _from_arrays(path: str | os.PathLike, size: Any, channels: int | None, layout: str | None) -> ImageData:
@@ -145,7 +152,7 @@ def _from_arrays(path: str | os.PathLike, size: Any, channels: int | None, layou
 
 
 def _from_files(path: str | os.PathLike, kind: str, size: Any, channels: int | None, skip_bad: bool,
-                progress: TextIO | None) -> ImageData:
+                progress: TextIO | None, check: Any) -> ImageData:
     from .decode_cache import RESIZE_FILTER, cache_key, cached, decode_images
     from .image_folders import read_headers, scan_csv, scan_folder
 
@@ -156,6 +163,8 @@ def _from_files(path: str | os.PathLike, kind: str, size: Any, channels: int | N
         decoded = hit
     else:
         shape, bad = read_headers(src, size, channels, path)
+        if check is not None:
+            check(shape, len(src.class_names))
         decoded = decode_images(src.files, shape, size=size, channels=channels, bad=bad, progress=progress, key=key)
     info = {"source": str(Path(path).resolve()), "kind": kind, "files": len(src.files),
             "resize_filter": RESIZE_FILTER if size is not None else None}
