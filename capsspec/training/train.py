@@ -94,8 +94,6 @@ _ROW_KEYS = ("epoch", "step", "loss", "margin", "reconstruction", "train_accurac
              "lr", "seconds", "images_per_second", "eval_seconds")  # a metrics.jsonl row, in order
 
 
-
-
 @dataclass
 class _Run:
     """Everything a run carries from step to step: what a checkpoint saves and a resume restores."""
@@ -183,6 +181,10 @@ def _data_fingerprint(data: Splits) -> str:
         flat = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
         h.update(np.ascontiguousarray(flat[::97, ::7], dtype=np.float32).tobytes())
     return h.hexdigest()
+
+
+def _describe_data(data: Any) -> dict[str, Any]:
+    return data.describe() if callable(getattr(data, "describe", None)) else {"name": "mnist"}
 
 
 def _host_float(backend: Backend, x: Any) -> float:
@@ -478,7 +480,7 @@ def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
              "train_seconds": sum(run.seconds_by_backend.values()), "seconds_by_backend": run.seconds_by_backend,
              "best_val_accuracy": run.best_val, "best_epoch": run.best_epoch, "device": run.backend.device,
              "backend_options": run.backend_options, "world_size": run.world_size,
-             "dataset": data.describe() if callable(getattr(data, "describe", None)) else {"name": "mnist"}}
+             "dataset": _describe_data(data)}
     if not run.writes:
         if path == run.checkpoint:
             run.saved = (run.epoch, run.batch, run.step)
@@ -666,7 +668,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "capsspec_version": __version__,
         "backend": run.backend.name, "framework_version": avail.version, "device": avail.device,
         "config": run.config.to_dict(), "adam": run.adam.to_dict(), "settings": s.to_dict(),
-        "parameters": run.config.parameter_count(), "dataset": s.dataset,
+        "parameters": run.config.parameter_count(), "dataset": s.dataset, "data": _describe_data(run.data),
         "epochs_completed": final["epoch"], "steps": run.step,
         "test_accuracy": chosen["test_accuracy"],
         "test_error_percent": None if chosen["test_accuracy"] is None else 100 * (1 - chosen["test_accuracy"]),
