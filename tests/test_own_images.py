@@ -209,3 +209,46 @@ def test_several_labels_per_image_train_without_the_decoder_and_are_scored_as_se
                  "--json"]) == 0
     predicted = json.loads(capsys.readouterr().out)["predictions"][0]["predicted"]
     assert isinstance(predicted, list) and len(set(predicted)) == 2
+
+
+def test_an_interrupted_run_on_own_images_resumes_bit_for_bit(bars, tmp_path, capsys):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", "--data", str(bars), *TINY, "--epochs", "2", "--out", str(whole)]) == 0
+    assert main(["train", "--data", str(bars), *TINY, "--epochs", "1", "--out", str(split)]) == 0
+    assert main(["train", "--resume", "--epochs", "2", "--out", str(split), "--quiet"]) == 0  # the path is recorded
+    a, b = (load_checkpoint(d / "final.safetensors").params for d in (whole, split))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _commands(text: str, heading: str) -> list[str]:
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```")[1::2]
+    return [line.strip() for b in blocks for line in b.splitlines()[1:]
+            if line.strip().startswith(("capsspec ", "python "))]
+
+
+@pytest.mark.slow
+def test_the_docs_commands_run_as_written(tmp_path, monkeypatch):
+    """docs/own-images.md's "Try it" commands, run in a fresh folder; the README's "Your own images" section,
+    when it has one, may only show commands among them."""
+    import os
+    import shlex
+    import subprocess
+
+    commands = _commands((ROOT / "docs" / "own-images.md").read_text(), "Try it")
+    assert any(c.startswith("capsspec train --data") for c in commands) and len(commands) >= 5
+    readme = (ROOT / "README.md").read_text()
+    if "\n## Your own images\n" in readme:
+        assert set(_commands(readme, "Your own images")) <= set(commands)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CAPSSPEC_IMAGE_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    for command in commands:
+        argv = shlex.split(command)
+        argv = ([sys.executable, "-m", "capsspec", *argv[1:]] if argv[0] == "capsspec" else
+                [sys.executable, *(str(ROOT / a) if a.startswith("tests/") else a for a in argv[1:])])
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+    assert (tmp_path / "runs" / "shapes" / "model.onnx").is_file()
+    assert (tmp_path / "runs" / "shapes" / "reconstructions.png").is_file()
