@@ -152,8 +152,12 @@ def decode_images(paths: Sequence[Path], shape: tuple[int, int, int], *, size: t
     if found is not None:
         return found
     folder.mkdir(parents=True, exist_ok=True)
-    for tmp in stale_temporaries(folder / "images.npy"):  # left by a killed decode
-        tmp.unlink(missing_ok=True)
+    for tmp in stale_temporaries(folder / "images.npy"):  # left by a killed decode ...
+        try:  # ... not one another process (a torchrun rank) is writing now: that one's file is fresh
+            if time.time() - tmp.stat().st_mtime > 600:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     bad = dict(bad or {})
     t0 = time.perf_counter()
     bar = _bar(progress, len(paths))
