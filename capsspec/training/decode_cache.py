@@ -20,8 +20,9 @@ left zero; the caller decides whether that stops the run (the default) or is ski
 
 Writes go through capsspec.training.atomic_files: images.npy is written to a temporary file and
 renamed, then meta.json (the marker of a complete entry) the same way. A killed decode leaves
-no entry; its temporary file is removed by a later decode once it is ten minutes old (a fresh one may be another process's, still writing). Nothing here touches the user's
-files (they are opened read-only) or imports a framework.
+no entry; its temporary file is removed by a later decode once it is ten minutes old (a fresh
+one may be another process's, still writing). Nothing here touches the user's files (they are
+opened read-only) or imports a framework.
 """
 
 from __future__ import annotations
