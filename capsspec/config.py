@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 __all__ = ["CapsNetConfig", "AdamConfig", "PAPER_PARAMETER_COUNT", "from_fields", "MAX_ROUTING_ITERATIONS",
            "FIELD_LIMITS", "MAX_PARAMETERS", "MAX_ROUTING_ENTRIES", "Cost", "estimate_cost", "check_affordable",
-           "available_memory_bytes", "check_loss_constants"]
+           "available_memory_bytes", "check_loss_constants", "smallest_input_side"]
 
 # The paper's model has 8,215,568 parameters, 6,804,224 without the decoder (docs/spec.md, section 1).
 PAPER_PARAMETER_COUNT = 8_215_568
@@ -47,6 +47,11 @@ def from_fields(cls: type, d: Mapping[str, Any]) -> Any:
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
+
+
+def smallest_input_side(conv1_kernel: int, conv1_stride: int, primary_kernel: int) -> int:
+    """The smallest image side the convolution stack admits: conv1 must leave at least primary_kernel pixels."""
+    return conv1_kernel + conv1_stride * (primary_kernel - 1)
 
 
 def check_loss_constants(prefix: str = "", **values: Any) -> None:
@@ -129,17 +134,7 @@ class CapsNetConfig:
                 f"CapsNetConfig.decoder_widths must be a tuple of at most 16 positive ints of at most "
                 f"{MAX_DECODER_WIDTH}, got {self.decoder_widths!r}"
             )
-        if self.conv1_kernel > self.input_height or self.conv1_kernel > self.input_width:
-            raise ValueError(
-                f"CapsNetConfig.conv1_kernel={self.conv1_kernel} is larger than the input "
-                f"({self.input_height}x{self.input_width}): the convolution would have no output"
-            )
-        h1, w1 = self.conv1_output_hw
-        if self.primary_kernel > h1 or self.primary_kernel > w1:
-            raise ValueError(
-                f"CapsNetConfig.primary_kernel={self.primary_kernel} is larger than conv1's output "
-                f"({h1}x{w1}): there would be zero primary capsules"
-            )
+        self._check_input_size()
         check_loss_constants("CapsNetConfig.", m_plus=self.m_plus, m_minus=self.m_minus, lambda_=self.lambda_,
                              reconstruction_scale=self.reconstruction_scale)
         self._validate_size()
@@ -157,6 +152,19 @@ class CapsNetConfig:
         if count > MAX_PARAMETERS:
             raise ValueError(f"CapsNetConfig has {count:,} parameters, beyond the documented bound of "
                              f"{MAX_PARAMETERS:,} (docs/hostile-inputs.md)")
+
+    def _check_input_size(self) -> None:
+        """Refuse an input the convolution stack cannot take, in one line naming the smallest that works."""
+        h1, w1 = self.conv1_output_hw
+        if min(h1, w1) >= self.primary_kernel:
+            return
+        need = smallest_input_side(self.conv1_kernel, self.conv1_stride, self.primary_kernel)
+        raise ValueError(
+            f"CapsNetConfig: a {self.input_height}x{self.input_width} input is too small for conv1_kernel="
+            f"{self.conv1_kernel}, conv1_stride={self.conv1_stride}, primary_kernel={self.primary_kernel}: the "
+            f"smallest input these admit is {need}x{need} (resize with --image-size {need} {need}, or choose smaller "
+            f"kernels or strides with --conv1-kernel, --conv1-stride, --primary-kernel)"
+        )
 
     # ---------------------------------------------------------------------------- derived sizes
     @property

@@ -17,8 +17,8 @@ def setup():
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("conv1_kernel", 30, ["conv1_kernel", "larger than the input"]),
-    ("primary_kernel", 7, ["primary_kernel", "zero primary capsules"]),
+    ("conv1_kernel", 30, ["conv1_kernel", "too small", "smallest input"]),
+    ("primary_kernel", 7, ["primary_kernel", "too small", "smallest input"]),
     ("primary_types", 0, ["primary_types", "at least 1"]),
     ("num_classes", 1, ["num_classes", "at least 2"]),
     ("routing_iterations", 0, ["routing_iterations"]),

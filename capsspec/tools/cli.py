@@ -6,6 +6,7 @@
                                           torchrun, data-parallel over its processes (capsspec.training.distributed)
     capsspec eval [--backend NAME] CKPT   test accuracy, per-class accuracy, confusion matrix
     capsspec figures CKPT [--out DIR]     reconstructions, Figure 4, training curves (PNG)
+    capsspec predict CKPT FILE...         each image's predicted class and every class's capsule length
     capsspec export CKPT --out FILE       the inference graph as ONNX (capsspec.tools.onnx_export)
     capsspec conformance ...              the conformance suite's own command line
     capsspec bench ...                    the benchmark's own command line
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "a NumPy reference, framework backends held to it, and MNIST training on any of them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_backends_parser, _data_parser, _train_parser, _eval_parser, _figures_parser, _export_parser):
+    for add in (_backends_parser, _data_parser, _train_parser, _eval_parser, _figures_parser, _export_parser,
+                _predict_parser):
         add(sub)
     # Listed for --help; main() hands their arguments over before argparse sees them.
     sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
@@ -126,6 +128,7 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--dataset", choices=("mnist", "multimnist"), default=None,
                    help="mnist (default), or multimnist: pairs of overlapping digits on 36x36, generated on the fly "
                         "(the model's input becomes 36x36; docs/multimnist.md)")
+    _image_flags(g)
     g.add_argument("--images-per-epoch", type=_positive_int, default=None,
                    help="multimnist: fresh pairs per epoch (default 60000)")
     g.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default 50)")
@@ -157,6 +160,22 @@ def _train_parser(sub: Any) -> None:
     _train_model_flags(p)
 
 
+def _image_flags(g: Any) -> None:
+    """The flags of `capsspec train --data` (your own images; docs/own-images.md)."""
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="train on your own images: a folder with one subfolder of images per class (optionally in "
+                        "train/, val/, test/), an .npz of x_train, y_train, x_test, y_test, or a CSV of file,labels "
+                        "(several labels separated by ';'); the model's channels, size and classes come from them")
+    g.add_argument("--image-size", type=int_in(1, FIELD_LIMITS["input_height"]), nargs=2, default=None, metavar=("H", "W"),
+                   help="--data: resize every image to H x W (Pillow, bilinear)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="--data: convert the images to 1 (grey) or 3 (RGB) channels (default: as the data are)")
+    g.add_argument("--layout", choices=("nchw", "nhwc"), default=None,
+                   help="--data FILE.npz: the arrays' layout, when their shapes cannot tell it")
+    g.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="--data: skip (and count) image files that cannot be decoded instead of stopping")
+
+
 def _train_model_flags(p: argparse.ArgumentParser) -> None:
     """The model's and the optimizer's flags of `capsspec train` (left out: the paper's values)."""
     g = p.add_argument_group("model (paper defaults)")
@@ -165,6 +184,10 @@ def _train_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--conv1-channels", type=int_in(1, FIELD_LIMITS["conv1_channels"]), default=None, help="default 256")
     g.add_argument("--primary-types", type=int_in(1, FIELD_LIMITS["primary_types"]), default=None, help="capsule types in PrimaryCaps (default 32)")
     g.add_argument("--primary-dim", type=int_in(1, FIELD_LIMITS["primary_dim"]), default=None, help="default 8")
+    g.add_argument("--conv1-kernel", type=int_in(1, FIELD_LIMITS["conv1_kernel"]), default=None, help="default 9")
+    g.add_argument("--conv1-stride", type=int_in(1, FIELD_LIMITS["conv1_stride"]), default=None, help="default 1")
+    g.add_argument("--primary-kernel", type=int_in(1, FIELD_LIMITS["primary_kernel"]), default=None, help="default 9")
+    g.add_argument("--primary-stride", type=int_in(1, FIELD_LIMITS["primary_stride"]), default=None, help="default 2")
     g.add_argument("--reconstruction-scale", type=_nonnegative_float, default=None, help="default 0.0005")
     g = p.add_argument_group("optimizer (the official code's defaults)")
     g.add_argument("--lr", type=_positive_float, default=None, help="initial learning rate (default 1e-3)")
@@ -180,6 +203,8 @@ def _eval_parser(sub: Any) -> None:
     p.add_argument("--data-dir", default=None, help="MNIST folder")
     p.add_argument("--test-subset", type=_positive_int, default=None,
                    help="the first N test images only (a MultiMNIST checkpoint: N test pairs, default 10000)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a checkpoint trained on your own images: where they are (default: the path it was trained on)")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON to FILE")
 
@@ -192,6 +217,20 @@ def _figures_parser(sub: Any) -> None:
     p.add_argument("--data-dir", default=None, help="MNIST folder")
     p.add_argument("--samples", type=_nonnegative_int, default=3, help="Figure 4 panels to draw (default 3)")
     p.add_argument("--pairs", type=_positive_int, default=16, help="input/reconstruction pairs (default 16)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a checkpoint trained on your own images: where they are (default: the path it was trained on)")
+
+
+def _predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="predict the class of image files with a checkpoint trained on your own images",
+                       description="For each image: the predicted class and every class's capsule length (a "
+                                   "probability-like score in [0, 1)). A folder predicts every image in it. Files "
+                                   "that cannot be read get one line each; the others are still predicted.")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint")
+    p.add_argument("files", nargs="+", metavar="FILE", help="image files or folders of them")
+    _add_backend_flags(p, "default: numpy")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
 
 
 def _export_parser(sub: Any) -> None:
@@ -277,11 +316,9 @@ def _train_values(args: argparse.Namespace):
     fills what was left out from the run itself (its backend, device and dtype included)."""
     from ..config import AdamConfig, CapsNetConfig
     from ..training.settings import TrainSettings, plan_resume
+    from .own_images import image_settings
 
-    config_flags = {"routing_iterations": args.routing_iterations, "conv1_channels": args.conv1_channels,
-                    "primary_types": args.primary_types, "primary_dim": args.primary_dim,
-                    "reconstruction_scale": args.reconstruction_scale,
-                    "use_decoder": False if args.no_decoder else None}
+    config_flags = _config_flags(args)
     adam_flags = {"lr": args.lr, "decay_rate": args.lr_decay_rate, "decay_steps": args.lr_decay_steps,
                   "lr_floor": args.lr_floor}
     settings_flags = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
@@ -289,7 +326,7 @@ def _train_values(args: argparse.Namespace):
                       "max_shift": args.max_shift, "select": args.select, "dtype": args.dtype,
                       "eval_batch_size": args.eval_batch_size, "log_every": args.log_every,
                       "checkpoint_every": args.checkpoint_every, "dataset": args.dataset,
-                      "images_per_epoch": args.images_per_epoch}
+                      "images_per_epoch": args.images_per_epoch, **image_settings(args)}
     options = dict(args.backend_options) if args.backend_options else None
     if args.dataset == "multimnist" and args.max_shift:
         raise _UsageError(f"--max-shift {args.max_shift} is for MNIST: MultiMNIST pairs are already shifted by up to 4 px "
@@ -300,6 +337,9 @@ def _train_values(args: argparse.Namespace):
     if not args.resume:
         given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
         config, settings = CapsNetConfig(), given(settings_flags)
+        if args.data is not None:  # sized by the data (own_images.prepare_training)
+            return config, AdamConfig(**given(adam_flags)), TrainSettings(**settings), args.backend, args.device, \
+                options or {}, None
         if args.dataset == "multimnist":  # the paper's 36x36 model; the generator does the shifting
             config = config.replace(input_height=36, input_width=36)
             settings.setdefault("max_shift", 0)
@@ -309,6 +349,15 @@ def _train_values(args: argparse.Namespace):
                        device=args.device, backend_options=options)
     why = None if args.backend else f"{plan.backend}: the backend the run was started on"
     return plan.config, plan.adam, plan.settings, plan.backend, plan.device, plan.backend_options, why
+
+
+def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The model's fields the train flags name (None: not named)."""
+    return {"routing_iterations": args.routing_iterations, "conv1_channels": args.conv1_channels,
+            "primary_types": args.primary_types, "primary_dim": args.primary_dim,
+            "reconstruction_scale": args.reconstruction_scale, "use_decoder": False if args.no_decoder else None,
+            "conv1_kernel": args.conv1_kernel, "conv1_stride": args.conv1_stride,
+            "primary_kernel": args.primary_kernel, "primary_stride": args.primary_stride}
 
 
 def _mnist_splits(data_dir: str | None, config: Any, settings: Any):
@@ -350,6 +399,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise _UsageError("--dist-timeout applies to runs on several processes started by torchrun only (see the "
                               "docs/distributed.md); leave it out here")
         config, adam, settings, name, device, options, why_resumed = _train_values(args)
+        own = None
+        if settings.dataset == "images":
+            from .own_images import prepare_training
+
+            config, settings, own = prepare_training(args, config, _config_flags(args), settings, say)
         _check_train_flags(args, config, adam, settings)
         if where is not None:
             name, device = plan_device(name, device, where)
@@ -367,7 +421,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             dist = setup(backend, where, timeout=args.dist_timeout or DEFAULT_TIMEOUT_SECONDS)
             why += f"; one of {dist.describe()}, rank {dist.rank} on {backend.device}"
         say(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}")
-        splits = _mnist_splits(args.data_dir, config, settings)
+        splits = own if own is not None else _mnist_splits(args.data_dir, config, settings)
         shifts = ("MultiMNIST pairs, each digit shifted up to 4 px" if settings.dataset == "multimnist" else
                   f"shifts up to {settings.max_shift} px")
         say(f"capsspec: {splits.train_x.shape[0]} training images per epoch ({shifts}), "
@@ -427,6 +481,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _check_out_file(args.json, "--json")
     ck, backend, why = _load_for_backend(args, None)
+    if ck.training.get("dataset") == "images":
+        from .own_images import eval_images
+
+        return eval_images(args, ck, backend, why)
     if ck.training.get("dataset") == "multimnist":
         return _eval_multimnist(args, ck, backend, why)
     if ck.config.input_shape != (1, 28, 28):
@@ -488,8 +546,12 @@ def _cmd_figures(args: argparse.Namespace) -> int:
         raise _UsageError(f"nothing to draw: the model in {args.checkpoint} has no decoder (so no reconstructions or "
                           f"Figure 4) and there is no {METRICS_NAME} with an epoch in it beside it (so no training "
                           f"curves): pass a checkpoint in a training run's --out folder")
-    images = labels = targets = overlaps = None
-    if ck.config.use_decoder and ck.training.get("dataset") == "multimnist":
+    images = labels = targets = overlaps = names = None
+    if ck.config.use_decoder and ck.training.get("dataset") == "images":
+        from .own_images import figures_data
+
+        images, labels, names = figures_data(ck, args.data)
+    elif ck.config.use_decoder and ck.training.get("dataset") == "multimnist":
         from ..training.multimnist import PairImages, frame_overlap, test_generator
 
         m = load_mnist(args.data_dir)
@@ -502,7 +564,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
         m = load_mnist(args.data_dir)
         images, labels = m.test_images, m.test_labels
     paths = make_figures(args.checkpoint, args.out, backend=backend, images=images, labels=labels,
-                         samples=args.samples, pairs=args.pairs, targets=targets, overlaps=overlaps,
+                         samples=args.samples, pairs=args.pairs, targets=targets, overlaps=overlaps, class_names=names,
                          log=lambda msg: print(f"capsspec figures: {msg}", file=sys.stderr))
     if not paths:
         raise _UsageError(f"nothing was drawn from {args.checkpoint}: see the lines above for why")
@@ -521,9 +583,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_command
+
+    ck, backend, why = _load_for_backend(args, "numpy")
+    return predict_command(args, ck, backend, why)
+
+
 _COMMANDS = {"backends": _cmd_backends, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
              "figures": _cmd_figures,
-             "export": _cmd_export}
+             "export": _cmd_export, "predict": _cmd_predict}
 
 
 def _reader_went_away() -> int:

@@ -68,9 +68,15 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _picture(img: np.ndarray, config: CapsNetConfig) -> np.ndarray:
-    """One image (flat or C,H,W) as an (H, W) float array in [0, 1]; several channels are averaged."""
-    a = np.asarray(img, dtype=np.float64).reshape(config.input_shape).mean(axis=0)
+    """One image (flat or C,H,W) as an (H, W) float array in [0, 1], or (H, W, 3) in colour for 3 channels;
+    other channel counts are averaged."""
+    a = np.asarray(img, dtype=np.float64).reshape(config.input_shape)
+    a = a.transpose(1, 2, 0) if config.input_channels == 3 else a.mean(axis=0)
     return np.clip(a, 0.0, 1.0)
+
+
+def _name(j: Any, class_names: Any) -> str:
+    return str(int(j)) if class_names is None else str(class_names[int(j)])
 
 
 def perturbed_capsules(v: np.ndarray, winner: int, offsets: np.ndarray = PERTURBATION_OFFSETS) -> np.ndarray:
@@ -89,8 +95,8 @@ def perturbed_capsules(v: np.ndarray, winner: int, offsets: np.ndarray = PERTURB
 
 
 def draw_reconstructions(path: Path, images: np.ndarray, reconstructions: np.ndarray, predictions: np.ndarray,
-                         labels: np.ndarray, config: CapsNetConfig, per_row: int = 8) -> Path:
-    """Pairs of (input over reconstruction), each titled 'true t, pred p' (red when p != t)."""
+                         labels: np.ndarray, config: CapsNetConfig, per_row: int = 8, class_names: Any = None) -> Path:
+    """Pairs of (input over reconstruction), each titled 'true t, pred p' (red when p != t); in colour for RGB."""
     n = int(images.shape[0])
     if n == 0:
         raise ValueError("draw_reconstructions needs at least one image")
@@ -113,15 +119,18 @@ def draw_reconstructions(path: Path, images: np.ndarray, reconstructions: np.nda
         shown = ax.imshow(_picture(source[k], config), cmap=_CMAP, vmin=0.0, vmax=1.0)
         if not lower:
             wrong = int(predictions[k]) != int(labels[k])
-            ax.set_title(f"true {int(labels[k])}, pred {int(predictions[k])}", fontsize=8,
+            sep = ", " if class_names is None else "\n"  # names are longer than digits: one per line
+            ax.set_title(f"true {_name(labels[k], class_names)}{sep}pred {_name(predictions[k], class_names)}",
+                         fontsize=8,
                          color="tab:red" if wrong else "black")
         if c == 0:
             ax.set_ylabel("reconstruction" if lower else "input", fontsize=8)
     fig.suptitle("Test images (upper) and their reconstructions from the longest capsule (lower)", fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.86, top=1 - 0.55 / fig.get_figheight(), bottom=0.03, wspace=0.08,
                         hspace=0.3)
-    bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
-    bar.set_label("pixel intensity")
+    if config.input_channels != 3:  # a colour picture has no single intensity scale
+        bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+        bar.set_label("pixel intensity")
     return _save(fig, path)
 
 
@@ -136,7 +145,8 @@ def draw_perturbations(path: Path, decoded: np.ndarray, config: CapsNetConfig, t
     gap = 1
     # One mosaic with a thin gap between tiles, shown as a single image so the axes can carry
     # the offsets (x) and the dimensions (y) as tick labels.
-    mosaic = np.full((e * (h + gap) - gap, k * (w + gap) - gap), np.nan)
+    colour = config.input_channels == 3  # gaps: NaN (drawn as the gap colour) in grey, white in colour
+    mosaic = np.full((e * (h + gap) - gap, k * (w + gap) - gap, *((3,) if colour else ())), 1.0 if colour else np.nan)
     for d in range(e):
         for c in range(k):
             mosaic[d * (h + gap):d * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = _picture(decoded[d * k + c],
@@ -152,8 +162,9 @@ def draw_perturbations(path: Path, decoded: np.ndarray, config: CapsNetConfig, t
     ax.set_ylabel("capsule dimension")
     ax.tick_params(length=0)
     ax.set_title(title or "Decoded class capsule, one dimension perturbed per row", fontsize=9)
-    bar = fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02)
-    bar.set_label("pixel intensity")
+    if not colour:
+        bar = fig.colorbar(shown, ax=ax, fraction=0.04, pad=0.02)
+        bar.set_label("pixel intensity")
     return _save(fig, path)
 
 
@@ -301,8 +312,8 @@ def draw_training_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
     return _save(fig, path)
 
 
-def _label_text(label: Any) -> str:
-    values = [str(int(v)) for v in np.atleast_1d(np.asarray(label))]
+def _label_text(label: Any, class_names: Any = None) -> str:
+    values = [_name(v, class_names) for v in np.atleast_1d(np.asarray(label))]
     return f"label{'s' if len(values) > 1 else ''} {', '.join(values)}"
 
 
@@ -332,13 +343,13 @@ def _multimnist_figures(out: Path, backend: Any, params: Any, x: np.ndarray, ima
 def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, backend: Any = None,
                  images: np.ndarray | None = None, labels: np.ndarray | None = None, samples: int = 3,
                  pairs: int = 16, log: Callable[[str], None] | None = None, targets: np.ndarray | None = None,
-                 overlaps: np.ndarray | None = None) -> list[Path]:
+                 overlaps: np.ndarray | None = None, class_names: Any = None) -> list[Path]:
     """Draw every figure for a checkpoint into out_dir (default: the checkpoint's folder); returns the paths.
 
     images/labels: test images (float NCHW in [0, 1]) and labels for the reconstruction figures;
     without them only the training curves are drawn. MultiMNIST: labels (N, 2), targets (N, 2, C, H, W)
     the two shifted digits and overlaps (N,) their frames' overlap; the pairs figures are drawn instead
-    of reconstructions.png. log, when given, is told about each figure
+    of reconstructions.png. class_names: your own images' names for the titles. log, when given, is told about each figure
     that cannot be drawn and why (no decoder, no metrics.jsonl beside the checkpoint).
     """
     from ..registry import get_backend
@@ -373,7 +384,8 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
                                            targets, overlaps, config, pairs)
         elif pairs > 0:
             written.append(draw_reconstructions(out / "reconstructions.png", images[:pairs], recon[:pairs],
-                                                preds[:pairs], np.asarray(labels[:pairs]), config))
+                                                preds[:pairs], np.asarray(labels[:pairs]), config,
+                                                class_names=class_names))
         ws = [backend.asarray(ck.params[f"decoder.{k}.weight"]) for k in range(config.num_decoder_layers)]
         bs = [backend.asarray(ck.params[f"decoder.{k}.bias"]) for k in range(config.num_decoder_layers)]
         for i in range(min(samples, n)):
@@ -381,8 +393,8 @@ def make_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | Non
             decoded = backend.decoder(backend.asarray(perturbed_capsules(v[i], winner)), ws, bs)
             written.append(draw_perturbations(
                 out / f"perturbations-{i}.png", np.asarray(backend.to_numpy(decoded)), config,
-                title=f"Figure 4 for test image {i} ({_label_text(labels[i])}, predicted {winner}): "
-                      f"capsule {winner} decoded with one dimension perturbed"))
+                title=f"Figure 4 for test image {i} ({_label_text(labels[i], class_names)}, predicted "
+                      f"{_name(winner, class_names)}): capsule {winner} decoded with one dimension perturbed"))
     metrics = Path(checkpoint).parent / METRICS_NAME
     rows = read_metrics_rows(metrics) if metrics.is_file() else []
     if rows:

@@ -14,6 +14,7 @@ accuracy. It measures; the trainer decides what to report (see train.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,28 +117,47 @@ class Evaluation:
     per_class_accuracy: list[float]  # nan for a class with no examples
     confusion: np.ndarray  # counts[true, predicted]
     count: int
+    class_names: tuple[str, ...] | None = None  # your own images' class names; None: the class indices
 
     def to_dict(self) -> dict[str, Any]:
+        names = {} if self.class_names is None else {"class_names": list(self.class_names)}
         return {"accuracy": self.accuracy, "error_percent": 100.0 * (1.0 - self.accuracy), "count": self.count,
                 "per_class_accuracy": [None if np.isnan(a) else a for a in self.per_class_accuracy],
-                "confusion_matrix": self.confusion.tolist()}
+                "confusion_matrix": self.confusion.tolist(), **names}
 
     def format(self) -> str:
         """A human-readable report: accuracy, per-class accuracy and the confusion matrix."""
         k = self.confusion.shape[0]
+        names = _names(self.class_names, k)
         lines = [f"test accuracy {100 * self.accuracy:.2f}% ({int(np.trace(self.confusion))}/{self.count}), "
                  f"error {100 * (1 - self.accuracy):.2f}%", "", "per-class accuracy:"]
-        lines += [f"  {j}: {'n/a' if np.isnan(a) else f'{100 * a:6.2f}%'}  ({int(self.confusion[j].sum())} images)"
-                  for j, a in enumerate(self.per_class_accuracy)]
+        nw = max(len(n) for n in names) + 1
+        lines += [f"  {names[j] + ':':<{nw}} {'n/a' if np.isnan(a) else f'{100 * a:6.2f}%'}  "
+                  f"({int(self.confusion[j].sum())} images)" for j, a in enumerate(self.per_class_accuracy)]
         width = max(5, len(str(int(self.confusion.max(initial=0)))) + 1)
+        if self.class_names is not None:  # columns are numbered; the rows give the numbers their names
+            width = max(width, len(str(k)) + 2)
+            lines += ["", "confusion matrix (rows: true class, columns: predicted, numbered as the rows):",
+                      " " * (_pad(names) + 1) + "".join(f"{j:>{width}}" for j in range(k))]
+            lines += [f"{f'{names[j]} {j}':>{_pad(names)}} " + "".join(f"{int(c):>{width}}" for c in row)
+                      for j, row in enumerate(self.confusion)]
+            return "\n".join(lines)
         lines += ["", "confusion matrix (rows: true class, columns: predicted):",
                   " " * 4 + "".join(f"{j:>{width}}" for j in range(k))]
         lines += [f"{j:>3} " + "".join(f"{int(c):>{width}}" for c in row) for j, row in enumerate(self.confusion)]
         return "\n".join(lines)
 
 
+def _names(class_names: Any, k: int) -> list[str]:
+    return [str(j) for j in range(k)] if class_names is None else [str(n) for n in class_names]
+
+
+def _pad(names: list[str]) -> int:
+    return max(len(f"{n} {j}") for j, n in enumerate(names))
+
+
 def evaluate(backend: Any, params: Any, images: np.ndarray, labels: np.ndarray, config: CapsNetConfig, *,
-             batch_size: int = 500, dtype: str = "float32") -> Evaluation:
+             batch_size: int = 500, dtype: str = "float32", class_names: Any = None) -> Evaluation:
     """Accuracy, per-class accuracy and confusion matrix of a model on (images, labels)."""
     predictions = predict_all(backend, params, images, config, batch_size=batch_size, dtype=dtype)
     cm = confusion_matrix(predictions, labels, config.num_classes)
@@ -145,7 +165,8 @@ def evaluate(backend: Any, params: Any, images: np.ndarray, labels: np.ndarray, 
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(totals > 0, np.diag(cm) / np.maximum(totals, 1), np.nan)
     return Evaluation(accuracy=accuracy(predictions, labels), per_class_accuracy=[float(a) for a in per_class],
-                      confusion=cm, count=int(labels.shape[0]))
+                      confusion=cm, count=int(labels.shape[0]),
+                      class_names=None if class_names is None else tuple(class_names))
 
 
 @dataclass(frozen=True)
@@ -158,12 +179,14 @@ class MultiEvaluation:
     per_class_count: list[int]
     count: int
     k: int
+    class_names: tuple[str, ...] | None = None  # your own images' class names; None: the class indices
 
     def to_dict(self) -> dict[str, Any]:
+        names = {} if self.class_names is None else {"class_names": list(self.class_names)}
         return {"accuracy": self.accuracy, "error_percent": 100.0 * (1.0 - self.accuracy), "count": self.count,
                 "classes_per_image": self.k, "at_least_one_right": self.one_right,
                 "per_class_recall": [None if np.isnan(a) else a for a in self.per_class_recall],
-                "per_class_count": self.per_class_count}
+                "per_class_count": self.per_class_count, **names}
 
     def format(self) -> str:
         right = int(round(self.accuracy * self.count))
@@ -171,7 +194,8 @@ class MultiEvaluation:
                  f"are the {self.k} longest capsules), error {100 * (1 - self.accuracy):.2f}%",
                  f"at least one class right: {100 * self.one_right:.2f}%", "",
                  "per-class recall (of the images holding the class, the share where it was among the predicted):"]
-        lines += [f"  {j}: {'n/a' if np.isnan(a) else f'{100 * a:6.2f}%'}  ({c} images)"
+        names = _names(self.class_names, len(self.per_class_count))
+        lines += [f"  {names[j]}: {'n/a' if np.isnan(a) else f'{100 * a:6.2f}%'}  ({c} images)"
                   for j, (a, c) in enumerate(zip(self.per_class_recall, self.per_class_count))]
         return "\n".join(lines)
 
@@ -193,10 +217,11 @@ def _multi_scores(predictions: np.ndarray, labels: np.ndarray, num_classes: int)
 
 
 def evaluate_multi(backend: Any, params: Any, images: Any, labels: np.ndarray, config: CapsNetConfig, *,
-                   batch_size: int = 500, dtype: str = "float32") -> MultiEvaluation:
+                   batch_size: int = 500, dtype: str = "float32", class_names: Any = None) -> MultiEvaluation:
     """The MultiMNIST score: the K longest capsules against each image's K labels (N, K)."""
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be (N, K) for evaluate_multi, got {labels.shape}")
     predictions = predict_top_k(backend, params, images, config, labels.shape[1], batch_size=batch_size, dtype=dtype)
-    return _multi_scores(predictions, labels, config.num_classes)
+    scores = _multi_scores(predictions, labels, config.num_classes)
+    return scores if class_names is None else dataclasses.replace(scores, class_names=tuple(class_names))

@@ -25,7 +25,7 @@ from ..config import AdamConfig, CapsNetConfig, from_fields
 from .augmentation import MAX_SHIFT
 from .checkpoint import CHECKPOINT_NAME, read_metadata
 
-DATASETS = ("mnist", "multimnist")
+DATASETS = ("mnist", "multimnist", "images")
 
 
 # Default checkpoint interval, in seconds of training: the most work an interrupted run loses.
@@ -75,6 +75,15 @@ class TrainSettings:
     # epoch images_per_epoch fresh pairs (None: its default); its own shifts replace max_shift's, which must be 0.
     dataset: str = "mnist"
     images_per_epoch: int | None = None
+    # "images": your own (capsspec.training.image_data): data is the folder, CSV or .npz; image_height/width
+    # resize (None: the data's size), channels converts (None: the data's), layout says how an .npz's
+    # arrays are laid out (None: told from their shapes), skip_bad_images skips unreadable files.
+    data: str | None = None
+    image_height: int | None = None
+    image_width: int | None = None
+    channels: int | None = None
+    layout: str | None = None
+    skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
@@ -100,12 +109,34 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if self.images_per_epoch is not None:
             _check_int("TrainSettings.images_per_epoch", self.images_per_epoch, 1)
-            if self.dataset == "mnist":
-                raise ValueError("TrainSettings.images_per_epoch is for generated data (multimnist); an MNIST epoch is "
-                                 "its training set (see train_subset)")
+            if self.dataset != "multimnist":
+                raise ValueError("TrainSettings.images_per_epoch is for generated data (multimnist); an epoch of "
+                                 "stored images is its training set (see train_subset)")
+        self._check_images()
         if self.dataset == "multimnist" and self.max_shift:
             raise ValueError(f"TrainSettings.max_shift={self.max_shift}: MultiMNIST pairs are already shifted by up to "
                              "4 px by their generator, so max_shift must be 0")
+
+    def _check_images(self) -> None:
+        if (self.dataset == "images") != (self.data is not None):
+            raise ValueError("TrainSettings.data names the images of dataset 'images' (and only those): set both or "
+                             "neither")
+        if (self.image_height is None) != (self.image_width is None):
+            raise ValueError("TrainSettings.image_height and image_width go together: set both or neither")
+        for name in ("image_height", "image_width"):
+            if getattr(self, name) is not None:
+                _check_int(f"TrainSettings.{name}", getattr(self, name), 1)
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"TrainSettings.channels must be 1 or 3 (or None: the data's), got {self.channels!r}")
+        if self.layout not in (None, "nchw", "nhwc"):
+            raise ValueError(f"TrainSettings.layout must be 'nchw' or 'nhwc' (or None), got {self.layout!r}")
+        if not isinstance(self.skip_bad_images, bool):
+            raise ValueError(f"TrainSettings.skip_bad_images must be a bool, got {self.skip_bad_images!r}")
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(image_height, image_width) to resize to, or None."""
+        return None if self.image_height is None else (self.image_height, self.image_width)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,14 +153,16 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 # ===================================================================================== the resume rule
 # A resumed run is the same run. These settings may change freely when it resumes ...
-RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", "log_every", "checkpoint_every", "checkpoint_seconds")
+# (data: the images' path may change, e.g. a moved folder; the data fingerprint checks they are the same)
+RESUME_MAY_CHANGE = ("epochs", "eval_batch_size", "log_every", "checkpoint_every", "checkpoint_seconds", "data")
 # ... these are kept from the checkpoint unless the user names another, which is allowed but
 # costs bit-exactness (train() says so when it resumes) ...
 RESUME_MAY_SWITCH = ("backend", "device", "backend_options", "dtype")
 # ... and these settings, the whole CapsNetConfig and the whole AdamConfig must not change.
 REPRODUCIBILITY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings)
                                if f.name not in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH)
-SETTING_DEFAULTS = {"dataset": "mnist", "images_per_epoch": None}  # fields added after checkpoints were written
+SETTING_DEFAULTS = {"dataset": "mnist", "images_per_epoch": None, "data": None, "image_height": None,
+                    "image_width": None, "channels": None, "layout": None, "skip_bad_images": False}  # fields added after checkpoints were written
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ alone (`epoch_draws`), which is what makes it bit-exact.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,26 @@ class Splits:
     val_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+
+
+def data_fingerprint(data: Any) -> str:
+    """A hash of the splits' sizes, labels and a sparse sample of pixels: a resumed run must see the same data."""
+    if callable(getattr(data, "fingerprint", None)):  # generated data (capsspec.training.multimnist) hashes its definition
+        return data.fingerprint()
+    h = hashlib.sha256()
+    for a in (data.train_y, data.val_y, data.test_y):
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    for x in (data.train_x, data.val_x, data.test_x):
+        h.update(str(x.shape).encode())
+        flat = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+        h.update(np.ascontiguousarray(flat[::97, ::7], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def describe_data(data: Any) -> dict[str, Any]:
+    """What a checkpoint and a run summary record of the data: the data's own description, or MNIST's."""
+    return data.describe() if callable(getattr(data, "describe", None)) else {"name": "mnist"}
 
 
 def split_data(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,

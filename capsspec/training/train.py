@@ -56,7 +56,6 @@ non-finite model overwrite a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -82,7 +81,7 @@ from .evaluate import NonFiniteOutputs, accuracy, predict_top_k
 from .run_control import StopSignals, progress_bar
 from .settings import (CHECKPOINT_SECONDS_ACCELERATOR, CHECKPOINT_SECONDS_CPU, REPRODUCIBILITY_FIELDS,
                        SETTING_DEFAULTS, TrainingDiverged, TrainingInterrupted, TrainSettings, describe_where)
-from .splits import Splits, epoch_draws, rng_record
+from .splits import Splits, data_fingerprint, describe_data, epoch_draws, rng_record
 
 __all__ = ["train"]
 
@@ -169,21 +168,6 @@ class _Run:
         self.epoch_seconds += now - self.clock
         self.seconds_by_backend[self.where] = self.seconds_by_backend.get(self.where, 0.0) + now - self.clock
         self.clock = now
-
-
-def _data_fingerprint(data: Splits) -> str:
-    """A hash of the splits' sizes, labels and a sparse sample of pixels: a resumed run must see the same data."""
-    if callable(getattr(data, "fingerprint", None)):  # generated data (capsspec.training.multimnist) hashes its definition
-        return data.fingerprint()
-    h = hashlib.sha256()
-    for a in (data.train_y, data.val_y, data.test_y):
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-    for x in (data.train_x, data.val_x, data.test_x):
-        h.update(str(x.shape).encode())
-        flat = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
-        h.update(np.ascontiguousarray(flat[::97, ::7], dtype=np.float32).tobytes())
-    return h.hexdigest()
 
 
 def _host_float(backend: Backend, x: Any) -> float:
@@ -481,7 +465,7 @@ def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
              "train_seconds": sum(run.seconds_by_backend.values()), "seconds_by_backend": run.seconds_by_backend,
              "best_val_accuracy": run.best_val, "best_epoch": run.best_epoch, "device": run.backend.device,
              "backend_options": run.backend_options, "world_size": run.world_size,
-             "dataset": data.describe() if callable(getattr(data, "describe", None)) else {"name": "mnist"}}
+             "dataset": describe_data(data)}
     if not run.writes:
         if path == run.checkpoint:
             run.saved = (run.epoch, run.batch, run.step)
@@ -555,7 +539,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
         for tmp in stale_temporaries(out / name) if dist is None or dist.writes else ():  # left by a killed writer
             tmp.unlink(missing_ok=True)
     run = _Run(backend, config, adam, settings, data, out, log, dict(backend_options or {}),
-               fingerprint=_data_fingerprint(data), dist=dist)
+               fingerprint=data_fingerprint(data), dist=dist)
     _resume(run) if resume else _start(run)
     if dist is not None:
         dist.attach(backend, run.params, run.state)
@@ -669,7 +653,7 @@ def _summary(run: _Run) -> dict[str, Any]:
         "capsspec_version": __version__,
         "backend": run.backend.name, "framework_version": avail.version, "device": avail.device,
         "config": run.config.to_dict(), "adam": run.adam.to_dict(), "settings": s.to_dict(),
-        "parameters": run.config.parameter_count(), "dataset": s.dataset,
+        "parameters": run.config.parameter_count(), "dataset": s.dataset, "data": describe_data(run.data),
         "epochs_completed": final["epoch"], "steps": run.step,
         "test_accuracy": chosen["test_accuracy"],
         "test_error_percent": None if chosen["test_accuracy"] is None else 100 * (1 - chosen["test_accuracy"]),
