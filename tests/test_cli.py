@@ -343,9 +343,15 @@ def test_figures_have_titles_labelled_axes_and_a_colour_bar(monkeypatch, tmp_pat
     figures.draw_reconstructions(tmp_path / "r.png", imgs, imgs[::-1], np.array([1, 2, 3]), np.array([1, 2, 4]),
                                  config)
     figures.draw_perturbations(tmp_path / "p.png", rng.random((16 * 11, 784)), config, title="fig 4")
-    rows = [{"epoch": 1, "loss": 0.5, "margin": 0.4, "reconstruction": 0.1, "train_accuracy": 0.9,
+    # Two epochs of 10 steps: curve points (running means of the epoch so far) at steps 5, 10 and 20.
+    point = lambda step, epoch, n, loss, acc: {"kind": "point", "epoch": epoch, "step": step,  # noqa: E731
+                                               "epoch_images": n, "loss": loss, "margin": loss - 0.1,
+                                               "reconstruction": 0.1, "train_accuracy": acc, "seconds": step * 6.0}
+    rows = [point(5, 1, 50, 0.6, 0.8), point(10, 1, 100, 0.5, 0.9),
+            {"epoch": 1, "step": 10, "loss": 0.5, "margin": 0.4, "reconstruction": 0.1, "train_accuracy": 0.9,
              "val_accuracy": 0.95, "test_accuracy": None},
-            {"epoch": 2, "loss": 0.3, "margin": 0.25, "reconstruction": 0.05, "train_accuracy": 0.95,
+            point(20, 2, 100, 0.3, 0.95),
+            {"epoch": 2, "step": 20, "loss": 0.3, "margin": 0.25, "reconstruction": 0.05, "train_accuracy": 0.95,
              "val_accuracy": 0.97, "test_accuracy": 0.96}]
     figures.draw_training_curves(tmp_path / "t.png", rows)
     for name in ("r.png", "p.png", "t.png"):
@@ -370,7 +376,10 @@ def test_figures_have_titles_labelled_axes_and_a_colour_bar(monkeypatch, tmp_pat
 
     t = drawn["t.png"]
     loss_ax, err_ax = t.axes
-    assert loss_ax.get_xlabel() == err_ax.get_xlabel() == "epoch" and loss_ax.get_title() and err_ax.get_title()
-    assert [line.get_label() for line in err_ax.get_lines()] == ["train (during the epoch)", "validation", "test"]
-    np.testing.assert_allclose(err_ax.get_lines()[2].get_xydata(), [[2, 4]])  # test error 4%, only where recorded
-    np.testing.assert_allclose(err_ax.get_lines()[0].get_ydata(), [10, 5])
+    assert loss_ax.get_xlabel() == err_ax.get_xlabel() == "training step" and loss_ax.get_title() and err_ax.get_title()
+    assert [line.get_label() for line in err_ax.get_lines()] == ["train (during training)", "validation", "test"]
+    np.testing.assert_allclose(err_ax.get_lines()[2].get_xydata(), [[20, 4]])  # test error 4%, only where recorded
+    # Each interval's own mean: steps 6-10 were all right ((0.9 * 100 - 0.8 * 50) / 50 = 1.0).
+    np.testing.assert_allclose(err_ax.get_lines()[0].get_xydata(), [[5, 20], [10, 0], [20, 5]], atol=1e-9)
+    np.testing.assert_allclose(loss_ax.get_lines()[0].get_ydata(), [0.6, 0.4, 0.3])
+    assert [a.get_xlabel() for a in loss_ax.child_axes] == ["training minutes"]  # 120 s of training

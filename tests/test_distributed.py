@@ -114,7 +114,8 @@ def one_thread():
 
 
 def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The epochs' rows of metrics.jsonl (the training curve's points left out)."""
+    return [r for line in (out / "metrics.jsonl").read_text().splitlines() if "kind" not in (r := json.loads(line))]
 
 
 # ===================================================================================== in-process units

@@ -92,6 +92,7 @@ def test_training_learns_and_writes_outputs(tmp_path):
     s = TrainSettings(epochs=3, batch_size=16, val_size=20, seed=1, select="val")
     summary = quiet_train(NUMPY, TINY, splits(s, n_train=200), tmp_path, settings=s)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "kind" not in r]  # the epochs' rows, between the training curve's points
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for key in ("epoch", "step", "loss", "margin", "reconstruction", "train_accuracy", "val_accuracy",
                 "test_accuracy", "lr", "seconds", "images_per_second"):
@@ -202,6 +203,34 @@ def test_metrics_are_read_back_only_every_log_every_steps(tmp_path):
     s = TrainSettings(epochs=1, batch_size=8, val_size=0, log_every=4)  # 10 steps: reads after 4, 8 and 10
     quiet_train(LazyBackend(), TINY, splits(s, n_train=80), tmp_path, settings=s)
     assert DeviceScalar.reads == 3 * 4
+
+
+def test_the_training_curve_has_a_point_every_log_every_steps_with_each_interval_mean(tmp_path):
+    """metrics.jsonl's curve points give, for each interval between two points, the mean loss and
+    accuracy of exactly the steps in it (recomputed here from every step's own metrics)."""
+    from capsspec.tools.figures import curve_intervals, read_metrics_rows
+
+    steps = []
+
+    class Spy(type(NUMPY)):
+        def train_step(self, params, state, x, labels, config, adam):
+            p, st, m = capsspec.train_step(params, state, x, labels, config, adam)
+            steps.append((x.shape[0], float(m.total), float(m.correct)))
+            return p, st, m
+
+    s = TrainSettings(epochs=2, batch_size=8, val_size=0, log_every=3)  # 60 images: 8 steps, points at 3, 6, 8
+    quiet_train(Spy(), TINY, splits(s, n_train=60), tmp_path, settings=s)
+    rows = read_metrics_rows(tmp_path / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in rows if r.get("kind") == "point"] == [
+        (1, 3), (1, 6), (1, 8), (2, 11), (2, 14), (2, 16)]
+    assert [r["epoch"] for r in rows if "kind" not in r] == [1, 2]  # one row per epoch, after its points
+    bounds = [(0, 3), (3, 6), (6, 8), (8, 11), (11, 14), (14, 16)]
+    expected_loss = [sum(n * v for n, v, _ in steps[a:b]) / sum(n for n, _, _ in steps[a:b]) for a, b in bounds]
+    expected_acc = [sum(c for _, _, c in steps[a:b]) / sum(n for n, _, _ in steps[a:b]) for a, b in bounds]
+    xs, loss = curve_intervals(rows, "loss")
+    assert xs == [3.0, 6.0, 8.0, 11.0, 14.0, 16.0]
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-9)
+    np.testing.assert_allclose(curve_intervals(rows, "train_accuracy")[1], expected_acc, rtol=1e-9)
 
 
 def test_test_and_validation_images_are_never_shifted(tmp_path, monkeypatch):

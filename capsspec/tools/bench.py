@@ -34,9 +34,10 @@ from ..config import (MAX_ROUTING_ITERATIONS, AdamConfig, CapsNetConfig, availab
                       forward_flops)
 from ..model import init_params
 from ..registry import get_backend
+from ..version import __version__
 from .args import OneLineParser, UsageError, check_out_file, int_in
 
-__all__ = ["model_flops", "run_benchmark", "run_distributed_benchmark", "main", "build_parser"]
+__all__ = ["model_flops", "machine_info", "run_benchmark", "run_distributed_benchmark", "main", "build_parser"]
 
 # The flags that set what check_affordable weighs, for its one-line refusals.
 BENCH_FLAGS = {"batch_size": "--batch-size", "routing_iterations": "--routing-iterations"}
@@ -147,6 +148,8 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
         "matmul_tflops": mm_rate / 1e12,
         "fraction_of_matmul_rate": train_rate / mm_rate,
         **_peak_memory(backend),
+        "settings": {"steps": steps, "warmup": warmup, "matmul_size": matmul_size,
+                     "backend_options": {k: str(v) for k, v in backend_options.items()}},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -207,12 +210,35 @@ def run_distributed_benchmark(where: Any, *, device: str | None = None, config: 
 
 
 def _run_info(backend, config: CapsNetConfig, batch_size: int, dtype: str) -> dict[str, Any]:
-    """What was measured and where: the fields every result starts with, trained or not."""
+    """What was measured and where: the fields every result starts with, trained or not, so that
+    a --json line from another machine or another day can be compared with this one."""
     avail = backend.availability()
     return {"backend": backend.name, "backend_version": avail.version, "device": avail.device,
             "host": platform.node(), "cpu_count": os.cpu_count(), "dtype": dtype, "batch_size": batch_size,
             "routing_iterations": config.routing_iterations, "use_decoder": config.use_decoder,
-            "paper_config": config == CapsNetConfig()}
+            "paper_config": config == CapsNetConfig(), "config": config.to_dict(), "machine": machine_info()}
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and the software a benchmark ran on: CPU model, cores (and those this process may
+    use), memory, OS, and the versions of Python, NumPy and capsspec."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the marketing name, not just "x86_64"
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": model, "cpu_count": os.cpu_count(), "usable_cpus": usable,
+            "memory_bytes": _total_memory_bytes(), "os": platform.platform(),
+            "python": platform.python_version(), "numpy": np.__version__, "capsspec": __version__}
+
+
+def _total_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _inference_only(backend, params, x, config, batch_size, dtype, steps, say) -> dict[str, Any]:

@@ -148,7 +148,8 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--dtype", choices=("float32", "float64"), default=None, help="default float32")
     g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="default 500")
     g.add_argument("--log-every", type=_positive_int, default=None,
-                   help="steps between reads of device-side metrics for the progress bar (default 50)")
+                   help="steps between reads of device-side metrics: the progress bar's numbers and a point of the "
+                        "training curve in metrics.jsonl each (default 5; more on a GPU, where each read waits for it)")
     g.add_argument("--checkpoint-every", type=_nonnegative_int, default=None, metavar="STEPS",
                    help="also write a checkpoint every STEPS training steps within an epoch (default: after every 2 "
                         "minutes of training on a CPU, every minute on a GPU; 0: at each epoch's end only). Ctrl-C "

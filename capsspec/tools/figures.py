@@ -8,7 +8,8 @@
   winning class capsule is moved by -0.25, -0.20, ..., +0.25 (steps of 0.05) while the others
   stay put, and each perturbed capsule is decoded: 16 rows (dimensions) x 11 columns (offsets).
 * training-curves.png: loss (total, margin, reconstruction) and error rates (train, validation,
-  test) per epoch, from the metrics.jsonl a training run writes beside its checkpoints.
+  test) against training steps and minutes, from the metrics.jsonl a training run writes beside
+  its checkpoints (a point every log_every steps, so one epoch draws a curve).
 
 For a MultiMNIST checkpoint (two overlapping digits per image), also:
 
@@ -42,7 +43,7 @@ from ..config import CapsNetConfig
 from ..training.atomic_files import atomic_path
 
 __all__ = ["PERTURBATION_OFFSETS", "perturbed_capsules", "make_figures", "draw_reconstructions",
-           "draw_perturbations", "draw_training_curves", "read_metrics_rows", "two_colour", "draw_multimnist_examples",
+           "draw_perturbations", "draw_training_curves", "curve_intervals", "read_metrics_rows", "two_colour", "draw_multimnist_examples",
            "draw_multimnist_reconstructions"]
 
 # Figure 4: offsets -0.25..0.25 in steps of 0.05 (11 columns), computed exactly rather than accumulated.
@@ -270,42 +271,83 @@ def read_metrics_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def curve_intervals(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, means) of key over each interval between two curve points of metrics.jsonl.
+
+    A point holds its epoch's running mean up to its step (after epoch_images images), so the mean
+    over the images since the epoch's previous point is a difference of running sums. Metrics
+    written before curve points existed give each epoch's row instead (at its last step)."""
+    points = [r for r in rows if r.get("kind") == "point" and _finite(r.get(key)) and _finite(r.get("step"))]
+    if not points:
+        epochs = [r for r in rows if "kind" not in r and _finite(r.get(key))]
+        return [float(r.get("step", r["epoch"])) for r in epochs], [float(r[key]) for r in epochs]
+    xs, ys, last = [], [], {}
+    for r in points:
+        n, (n0, sum0) = int(r.get("epoch_images", 0)), last.get(r["epoch"], (0, 0.0))
+        if n > n0:
+            xs.append(float(r["step"]))
+            ys.append((r[key] * n - sum0) / (n - n0))
+        last[r["epoch"]] = (n, r[key] * n)
+    return xs, ys
+
+
+def _minutes_axis(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """A second x axis on top: training time (minutes, or seconds for a short run), interpolated from
+    the points' (step, seconds) and extended past the last point at the run's mean rate."""
+    pairs = sorted({(float(r["step"]), float(r["seconds"])) for r in rows
+                    if r.get("kind") == "point" and _finite(r.get("seconds")) and _finite(r.get("step"))})
+    if len(pairs) < 2:
+        return
+    steps, seconds = np.array([0.0, *(s for s, _ in pairs)]), np.array([0.0, *(m for _, m in pairs)])
+    if np.any(np.diff(seconds) < 0) or np.any(np.diff(steps) <= 0) or seconds[-1] <= 0:
+        return  # not monotonic (a run whose points were rewritten out of order): no honest mapping
+    unit, scale = ("minutes", 60.0) if seconds[-1] >= 120 else ("seconds", 1.0)
+    steps = np.append(steps, 100 * steps[-1])  # beyond the last point: the mean rate, so ticks stay apart
+    times = np.append(seconds, 100 * seconds[-1]) / scale
+    top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, times),
+                                               lambda m: np.interp(m, times, steps)))
+    top.set_xlabel(f"training {unit}")
+
+
 def draw_training_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Loss (left) and error rates in % (right) per epoch."""
+    """Loss (left) and error rates in % (right) against training steps (and minutes, on top).
+
+    The training curves are means over the intervals between the run's curve points (every
+    log_every steps); validation and test errors are drawn where they were measured, at the end of
+    each epoch."""
     if not rows:
         raise ValueError("draw_training_curves needs at least one row of metrics")
-
-    def series(key: str, error: bool = False) -> tuple[list[float], list[float]]:
-        xs, ys = [], []
-        for r in rows:
-            v = r.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                xs.append(float(r["epoch"]))
-                ys.append(100.0 * (1.0 - v) if error else float(v))
-        return xs, ys
-
-    fig = _figure(11.0, 4.2)
+    epochs = [r for r in rows if "kind" not in r]
+    fig = _figure(11.0, 4.6)
     loss_ax, err_ax = fig.subplots(1, 2)
     for key, name in (("loss", "total"), ("margin", "margin"), ("reconstruction", "reconstruction (scaled)")):
-        xs, ys = series(key)
+        xs, ys = curve_intervals(rows, key)
         if xs:
-            loss_ax.plot(xs, ys, marker="o", markersize=3, label=name)
+            loss_ax.plot(xs, ys, linewidth=1.2, marker="o" if len(xs) < 3 else None, markersize=3, label=name)
     loss_ax.set_title("Training loss (mean per image)")
-    loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss")
-    for key, name in (("train_accuracy", "train (during the epoch)"), ("val_accuracy", "validation"),
-                      ("test_accuracy", "test")):
-        xs, ys = series(key, error=True)
-        if xs:
-            err_ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    xs, ys = curve_intervals(rows, "train_accuracy")
+    if xs:
+        err_ax.plot(xs, [100.0 * (1.0 - y) for y in ys], linewidth=1.2, marker="o" if len(xs) < 3 else None,
+                    markersize=3, label="train (during training)")
+    for key, name in (("val_accuracy", "validation"), ("test_accuracy", "test")):
+        pts = [(float(r.get("step", r["epoch"])), 100.0 * (1.0 - r[key])) for r in epochs if _finite(r.get(key))]
+        if pts:
+            err_ax.plot(*zip(*pts), marker="o", markersize=4, linestyle="--" if len(pts) > 1 else "none",
+                        label=name)
     err_ax.set_title("Error rate")
-    err_ax.set_xlabel("epoch")
     err_ax.set_ylabel("error (%)")
     for ax in (loss_ax, err_ax):
+        ax.set_xlabel("training step")
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+            _minutes_axis(ax, rows)
         else:
             ax.text(0.5, 0.5, "no values recorded", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

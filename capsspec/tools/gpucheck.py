@@ -57,7 +57,7 @@ from ..training.atomic_files import atomic_write_text
 from .args import OneLineParser, check_out_folder, finite_float
 from .check_report import (LOGS_NAME, PARAMS_NAME, REPORT_NAME, bring_back_params, bundle_logs, clear_out,
                            report_head, write_report)
-from .step_parsers import json_objects, parse_bench, parse_conformance, read_jsonl, training_figures
+from .step_parsers import json_objects, parse_bench, parse_conformance, read_epoch_rows, training_figures
 from .step_runner import Interrupted, Runner, StepResult, raise_interrupted
 
 __all__ = ["Target", "GPU_TARGETS", "REHEARSAL_TARGETS", "run_check", "torch_fast", "main", "DEFAULT_BUDGET_S"]
@@ -617,7 +617,7 @@ def _epoch_seconds(runner: Runner, profile: Profile, target: Target, paper: Path
     there is: the run's own epochs, the short training, the bench. (None, "") when there is none."""
     bench = _figures(runner, f"bench-{target.name}")
     short = _figures(runner, f"train-{target.name}")
-    own = read_jsonl(paper / "metrics.jsonl")
+    own = read_epoch_rows(paper / "metrics.jsonl")
     if own:
         return (max(float(r["seconds"]) + float(r.get("eval_seconds", 0.0)) for r in own),
                 f"the slowest of the run's {len(own)} epochs so far")

@@ -15,7 +15,7 @@ from typing import Any
 
 from .step_runner import StepResult
 
-__all__ = ["parse_conformance", "parse_bench", "training_figures", "json_objects", "read_jsonl"]
+__all__ = ["parse_conformance", "parse_bench", "training_figures", "json_objects", "read_jsonl", "read_epoch_rows"]
 
 _PYTEST_OUTCOME = re.compile(r"::(\S+) (PASSED|FAILED|SKIPPED|XFAIL|XPASS|ERROR)\b")
 _PYTEST_SUMMARY = re.compile(r"^=+ (.*\b(?:passed|failed|error|errors|skipped|deselected|xfailed)\b.*) in "
@@ -90,9 +90,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_epoch_rows(path: Path) -> list[dict[str, Any]]:
+    """The epochs' rows of a metrics.jsonl (its training-curve points, "kind": "point", left out)."""
+    return [r for r in read_jsonl(path) if "kind" not in r]
+
+
 def training_figures(run_dir: Path) -> dict[str, Any]:
     """Figures of a training run from its metrics.jsonl and summary.json (what completed, even if killed)."""
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_epoch_rows(run_dir / "metrics.jsonl")
     figs: dict[str, Any] = {"epochs_completed": rows[-1]["epoch"] if rows else 0}
     if rows:
         last = rows[-1]

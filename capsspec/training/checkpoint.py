@@ -43,7 +43,7 @@ from ..version import __version__
 from .atomic_files import atomic_write_bytes
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CHECKPOINT_NAME", "FINAL_NAME", "Checkpoint", "save_checkpoint",
-           "load_checkpoint", "read_metadata", "tensors_sha256"]
+           "load_checkpoint", "read_metadata", "tensors_sha256", "run_folder"]
 
 FORMAT_NAME = "capsspec-checkpoint"
 FORMAT_VERSION = 1
@@ -75,6 +75,18 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     backend: str = ""
     capsspec_version: str = ""
+
+
+def run_folder(out_dir: str | os.PathLike) -> Path:
+    """The run folder out_dir, created if need be; ValueError (naming --out) if it cannot be one."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the output folder {out} is an existing file; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, no permission, ...
+        raise ValueError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    return out
 
 
 def tensors_sha256(tensors: Mapping[str, np.ndarray]) -> str:
@@ -180,6 +192,7 @@ _EXTRA_SCHEMA: dict[str, Any] = {
     "n_train": "int", "n_val": "int", "n_test": "int", "data_fingerprint": "str", "train_seconds": "num",
     "seconds_by_backend": ("map", "num"), "best_val_accuracy": "num", "best_epoch": "int", "device": "str?",
     "backend_options": "object", "world_size": "int", "dataset": "object", "history": ("list", "object"),
+    "curve": ("list", "object"),
     "progress": {"epoch": "int", "batch": "int", "sums": ("map", "num"), "seen": "int", "seconds": "num",
                  "lr": "num", "window": ("map", "list")},
 }

@@ -65,7 +65,7 @@ class TrainSettings:
     select: str = "final"  # "final": report the last epoch's model; "val": the best validation epoch's
     dtype: str = "float32"
     eval_batch_size: int = 500
-    log_every: int = 50  # steps between reads of device-side metrics
+    log_every: int = 5  # steps between reads of device-side metrics: a point of the training curve each
     # Checkpoints within an epoch: every checkpoint_every steps (0: at epoch ends only); when
     # None, after checkpoint_seconds of training (None: CHECKPOINT_SECONDS_CPU on a CPU,
     # CHECKPOINT_SECONDS_ACCELERATOR elsewhere).

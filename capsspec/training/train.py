@@ -42,7 +42,8 @@ evaluated on validation and test, but the accuracy the run reports is the final 
 test evaluations (docs/spec.md, mistake 6). The summary says which. An evaluation whose outputs
 hold NaN or inf stops the run as diverged: it reports no accuracy (evaluate.NonFiniteOutputs).
 
-Speed. StepMetrics stay backend scalars, summed on the device and read every `log_every` steps.
+Speed. StepMetrics stay backend scalars, summed on the device and read every `log_every` steps;
+each read adds a point to the training curve (metrics.jsonl).
 
 Several processes (torchrun). In a run on several processes (`distributed`, capsspec.training.distributed)
 every process draws the same global batch and trains its slice of it (`_process_slice`), the
@@ -75,7 +76,7 @@ from ..model import init_params
 from .atomic_files import atomic_write_text, stale_temporaries
 from .augmentation import augment_batch
 from .checkpoint import (BEST_VAL_NAME, CHECKPOINT_NAME, FINAL_NAME, METRICS_NAME, SUMMARY_NAME, load_checkpoint,
-                         read_metadata, save_checkpoint)
+                         read_metadata, run_folder, save_checkpoint)
 from .distributed import PeerFailure, collective
 from .evaluate import NonFiniteOutputs, accuracy, predict_top_k
 from .run_control import StopSignals, progress_bar
@@ -90,6 +91,11 @@ __all__ = ["train"]
 _SUMS = ("total", "margin", "reconstruction", "correct")
 _ROW_KEYS = ("epoch", "step", "loss", "margin", "reconstruction", "train_accuracy", "val_accuracy", "test_accuracy",
              "lr", "seconds", "images_per_second", "eval_seconds")  # a metrics.jsonl row, in order
+# A point of the training curve, written at every read of the device-side metrics (every log_every
+# steps): the epoch's running means so far, so that a resumed run rewrites the same points, and the
+# mean over each interval between two points can be derived from them (capsspec.tools.figures does).
+_POINT_KEYS = ("kind", "epoch", "step", "epoch_images", "loss", "margin", "reconstruction", "train_accuracy",
+               "seconds")
 
 
 @dataclass
@@ -117,6 +123,7 @@ class _Run:
     best_val: float = -1.0
     best_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # the points of the training curve (_POINT_KEYS)
     lr: float = 0.0
     saved: tuple[int, int, int] | None = None  # (epoch, batch, step) of checkpoint.safetensors; None: none
     resumed: tuple[int, int, int] | None = None  # (epoch, batch, step) of the checkpoint this run resumed from
@@ -264,6 +271,7 @@ def _resume(run: _Run) -> None:
     run.best_val, run.best_epoch = float(ck.extra.get("best_val_accuracy", -1.0)), int(ck.extra.get("best_epoch", 0))
     # The history went through JSON with sorted keys: put each row's fields back in the order a run writes them.
     run.history = [{k: r[k] for k in _ROW_KEYS if k in r} for r in ck.extra.get("history", [])]
+    run.curve = [{k: r[k] for k in _POINT_KEYS if k in r} for r in ck.extra.get("curve", [])]
     run.lr = float(progress.get("lr", run.adam.learning_rate(max(ck.step - 1, 0))))  # the last step's, as it reported
     run.saved = run.resumed = (run.epoch, run.batch, run.step)
     # Epochs logged after this checkpoint (before a crash) are redone: the metrics file follows the checkpoint.
@@ -282,8 +290,10 @@ def _resume(run: _Run) -> None:
 def _write_metrics(run: _Run) -> None:
     if not run.writes:
         return
+    # One file, in step order: each epoch's curve points, then its row (the row comes at its last step).
+    rows = sorted([*run.curve, *run.history], key=lambda r: (r["step"], "kind" not in r))
     atomic_write_text(run.out / METRICS_NAME,
-                      "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in run.history))
+                      "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows))
 
 
 # ===================================================================================== one epoch
@@ -312,9 +322,11 @@ def _train_epoch(run: _Run, stop: StopSignals, progress: TextIO | None, show_bar
             for key, value in zip(_SUMS, (m.total * n, m.margin * n, m.reconstruction * n,
                                           m.correct if n else m.correct * 0)):
                 run.window[key] = value if key not in run.window else run.window[key] + value
-            if (isinstance(m.total, (int, float, np.generic)) or run.batch % s.log_every == 0
-                    or run.batch == spe):
+            point = run.batch % s.log_every == 0 or run.batch == spe
+            if point or isinstance(m.total, (int, float, np.generic)):
                 _read_window(run)
+                if point:
+                    _add_point(run)
                 bar.set_postfix_str(f"loss {run.sums['total'] / run.seen:.4f} acc "
                                     f"{100 * run.sums['correct'] / run.seen:.2f}% "
                                     f"{run.seen / max(run.epoch_seconds + time.perf_counter() - run.clock, 1e-9):.0f}"
@@ -390,6 +402,16 @@ def _read_window(run: _Run) -> None:
                                f"training stopped. The last good checkpoint is {run.last_good()}; try a lower --lr")
 
 
+def _add_point(run: _Run) -> None:
+    """A point of the training curve at this step (see _POINT_KEYS), after a read of the window."""
+    seen = max(run.seen, 1)
+    seconds = sum(run.seconds_by_backend.values()) + time.perf_counter() - run.clock
+    run.curve.append({"kind": "point", "epoch": run.epoch, "step": run.step, "epoch_images": run.seen,
+                      "loss": run.sums["total"] / seen, "margin": run.sums["margin"] / seen,
+                      "reconstruction": run.sums["reconstruction"] / seen,
+                      "train_accuracy": run.sums["correct"] / seen, "seconds": seconds})
+
+
 # ===================================================================================== evaluate
 def _evaluate(run: _Run, stop: StopSignals) -> tuple[float | None, float | None, float] | None:
     """(validation accuracy, test accuracy, seconds) of the current model; None if a stop signal came first."""
@@ -462,6 +484,7 @@ def _save(run: _Run, path: Path) -> dict[str, np.ndarray]:
     extra = {"n_train": int(data.train_x.shape[0]), "n_val": int(data.val_x.shape[0]),
              "n_test": int(data.test_x.shape[0]), "data_fingerprint": run.fingerprint, "progress": progress,
              "history": [{k: _jsonable(v) for k, v in r.items()} for r in run.history],
+             "curve": [{k: _jsonable(v) for k, v in r.items()} for r in run.curve],
              "train_seconds": sum(run.seconds_by_backend.values()), "seconds_by_backend": run.seconds_by_backend,
              "best_val_accuracy": run.best_val, "best_epoch": run.best_epoch, "device": run.backend.device,
              "backend_options": run.backend_options, "world_size": run.world_size,
@@ -534,7 +557,7 @@ def train(backend: Backend, config: CapsNetConfig, data: Splits, out_dir: str | 
     dist = _join(backend, distributed)
     if dist is not None and not dist.writes:
         progress, log = None, (lambda msg: None)
-    out = _out_folder(out_dir)
+    out = run_folder(out_dir)
     for name in (CHECKPOINT_NAME, FINAL_NAME, BEST_VAL_NAME, METRICS_NAME, SUMMARY_NAME):
         for tmp in stale_temporaries(out / name) if dist is None or dist.writes else ():  # left by a killed writer
             tmp.unlink(missing_ok=True)
@@ -604,17 +627,6 @@ def _check_inputs(backend: Backend, config: CapsNetConfig, data: Splits, setting
         raise ValueError("there are no training images")
     if getattr(data, "name", "mnist") != settings.dataset:
         raise ValueError(f"the data are {getattr(data, 'name', 'mnist')} but settings.dataset is {settings.dataset!r}")
-
-
-def _out_folder(out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"the output folder {out} is an existing file; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file where a parent folder should be, no permission, ...
-        raise ValueError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
-    return out
 
 
 def _finished(run: _Run) -> bool:
