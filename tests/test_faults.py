@@ -166,7 +166,8 @@ def _result(out: Path) -> dict:
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert _child(tmp_path / "reference") == 0
     reference = _result(tmp_path / "reference")
-    assert reference["step"] == 24 and len(reference["metrics"]) == 3
+    # 3 epochs of 8 steps: a row per epoch, and curve points (log_every 5) at the 5th and 8th step of each
+    assert reference["step"] == 24 and len(reference["metrics"]) == 3 + 3 * 2
 
     rng = np.random.default_rng(20261125)
     runs, kills = [tmp_path / "killed-0"], {}
