@@ -21,7 +21,7 @@ capsspec backends
 if [ "$#" -gt 0 ]; then
     python -m pytest "$@"
 else
-    python -m pytest -q
+    python -m pytest -q --durations=15  # the slowest tests, so that where CI time goes stays visible
     # The site goes to a temporary folder: the build is a check here, nothing to keep.
     site_dir="$(mktemp -d)"
     trap 'rm -rf "$site_dir"' EXIT
