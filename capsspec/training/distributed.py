@@ -35,6 +35,7 @@ capsspec imports no framework), or let a process write what rank 0 writes.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 from contextlib import contextmanager
@@ -181,6 +182,7 @@ class Distributed:
         t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
         with collective("agreeing between steps"):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        _keep(t)
         return tuple(bool(v) for v in t.tolist())
 
     def sum(self, values: Sequence[Any]) -> list[float]:
@@ -193,6 +195,7 @@ class Distributed:
         t = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
         with collective("summing metrics over the processes"):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _keep(t)
         return [float(v) for v in t.cpu().tolist()]
 
     def barrier(self) -> None:
@@ -210,6 +213,19 @@ class Distributed:
                 dist.destroy_process_group()
             except Exception:  # already broken by a failed peer: nothing left to release cleanly
                 pass
+
+
+# The tensors of the last host-side collectives, kept alive on purpose. A gloo worker thread drops
+# its reference to a collective's tensor just after the collective returns; were that the last
+# reference, the thread would need the GIL to free the tensor's Python object, while the main thread,
+# holding the GIL, may be tearing the process group down and joining that very thread (a DDP
+# Reducer freed after destroy_process_group does so): a deadlock, seen under load in
+# tests/test_distributed.py. Holding the last few here means a worker never frees a Python object.
+_KEPT: collections.deque = collections.deque(maxlen=64)
+
+
+def _keep(t: Any) -> None:
+    _KEPT.append(t)
 
 
 def setup(backend: Any, where: Launch | None = None, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Distributed:
