@@ -181,21 +181,26 @@ class ParamMapping:
                 raise ValueError(f"{where} have no parameter {e.user!r} (mapped to {e.canonical}); they have "
                                  f"{sorted(user)[:8]}")
             a = np.asarray(user[e.user])
-            self._check_shape(e, tuple(a.shape))
+            self._check_shape(e, tuple(a.shape), where)
             sizes, aliases = _param_axes(e.canonical, self.config)
             out[e.canonical] = convert(a, e.layout, KIND_AXES[kind_of(e.canonical)], sizes, aliases, what=e.user)
         return {k: out[k] for k in self.config.param_shapes()}
 
-    def _check_shape(self, e: MappingEntry, shape: tuple[int, ...]) -> None:
+    def _check_shape(self, e: MappingEntry, shape: tuple[int, ...], where: str) -> None:
         want = self.user_shape(e)
         if shape == want:
             return
         sizes, aliases = _param_axes(e.canonical, self.config)
-        axes = [g for g in e.layout.split() if g != "1"] if "(" not in e.layout else []
+        axes = e.layout.split() if "(" not in e.layout else []
         fits = [" ".join(p) for p in permutations(axes) if layout_shape(" ".join(p), sizes, aliases) == shape]
-        hint = (f"layout {fits[0]!r} would fit" if fits else
-                "no order of its axes fits: is the config (--config / [config]) the model's?")
-        raise ValueError(f"parameter {e.user!r} (mapped to {e.canonical}) has shape {shape}; with layout "
+        if fits:
+            hint = f"layout {fits[0]!r} would fit"
+        elif len(shape) != len(want):
+            hint = (f"the array has {len(shape)} axes and the layout {len(want)}: name each axis, with 1 for an axis "
+                    f"of size 1 (e.g. '1 {KIND_AXES[kind_of(e.canonical)]}')")
+        else:
+            hint = "no order of its axes fits: are the config's sizes (a mapping file's [config]) the model's?"
+        raise ValueError(f"{where}: parameter {e.user!r} (mapped to {e.canonical}) has shape {shape}; with layout "
                          f"{e.layout!r} the config gives {want}: {hint}")
 
 
