@@ -112,7 +112,8 @@ class _TorchGlue:
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         with self.torch.no_grad():
             for n, p in self.named.items():
-                p.copy_(self.torch.as_tensor(arrays[n], dtype=p.dtype, device=p.device))
+                if n in arrays:  # a parameter the mapping ignores keeps the model's value
+                    p.copy_(self.torch.as_tensor(arrays[n], dtype=p.dtype, device=p.device))
 
     def _inputs(self, x: np.ndarray, labels: np.ndarray) -> tuple[Any, Any]:
         return self.torch.as_tensor(x, device=self.device), self.torch.as_tensor(labels, device=self.device)
@@ -158,7 +159,7 @@ class _JaxGlue:
         return {n: np.asarray(a) for n, a in zip(self.names, self.params)}
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.params = [self.jax.numpy.asarray(arrays[n]) for n in self.names]
+        self.params = [self.jax.numpy.asarray(arrays[n]) if n in arrays else a for n, a in zip(self.names, self.params)]
 
     def _tree(self, leaves: list[Any]) -> Any:
         return self.jax.tree_util.tree_unflatten(self.treedef, leaves)
@@ -193,7 +194,8 @@ class _KerasGlue:
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         for n, w in self.vars.items():
-            w.assign(arrays[n])
+            if n in arrays:
+                w.assign(arrays[n])
 
     def restore(self) -> None:
         self.load(self.saved)

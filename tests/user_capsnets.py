@@ -139,6 +139,7 @@ class UserCapsNet(nn.Module):
 class CapsuleLoss(nn.Module):
     softmax_lengths = False  # the margin loss on softmaxed lengths (a mistake)
     recon_mean = False  # mean over the pixels instead of the sum (a mistake)
+    margin_mean = False  # the margin loss averaged over the classes (a mistake)
 
     def forward(self, v, reconstruction, x, labels):
         lengths = v.squeeze(-1).norm(dim=-1)
@@ -148,7 +149,8 @@ class CapsuleLoss(nn.Module):
         margin = t * F.relu(0.9 - lengths) ** 2 + 0.5 * (1 - t) * F.relu(lengths - 0.1) ** 2
         err = (reconstruction - x).flatten(1) ** 2
         recon = err.mean(dim=1) if self.recon_mean else err.sum(dim=1)
-        return (margin.sum(dim=1) + 0.0005 * recon).mean()
+        margin = margin.mean(dim=1) if self.margin_mean else margin.sum(dim=1)
+        return (margin + 0.0005 * recon).mean()
 
 
 def make_loss(criterion: CapsuleLoss):
