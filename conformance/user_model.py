@@ -24,6 +24,7 @@ user's model is deep-copied (torch) or never written (Keras weights are saved an
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -38,7 +39,7 @@ from . import magnitudes
 from .check_kit import narrow, reference_float32
 from .compare import ConformanceFailure, Context, assert_all_close, assert_close
 from .model_deviations import DEVIATIONS, STAGES, deviant_gradients, reference_outputs
-from .param_mapping import ParamMapping, convert, parse_mapping
+from .param_mapping import ParamMapping, convert, load_mapping, parse_mapping
 
 __all__ = ["check_model", "ModelReport", "CANONICAL_OUTPUT_LAYOUTS", "FRAMEWORKS"]
 
@@ -65,7 +66,6 @@ class ModelReport:
     first_difference: str | None = None
     deviations: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    repro: str = ""
 
     @property
     def passed(self) -> bool:
@@ -350,7 +350,7 @@ def _reference(d: _Draw, config: CapsNetConfig, dtype: str, has_loss: bool) -> t
     return ref, ref32, mags
 
 
-def check_model(model: Any, mapping: Mapping[str, Any] | ParamMapping, *, framework: str = "torch",
+def check_model(model: Any, mapping: str | os.PathLike | Mapping[str, Any] | ParamMapping, *, framework: str = "torch",
                 config: CapsNetConfig | None = None, layouts: Mapping[str, str] | None = None,
                 input_layout: str = CANONICAL_INPUT_LAYOUT, outputs: Sequence[str] = ("v", "reconstruction"),
                 output_layouts: Mapping[str, str] | None = None, call: Callable | None = None,
@@ -358,7 +358,8 @@ def check_model(model: Any, mapping: Mapping[str, Any] | ParamMapping, *, framew
     """Hold a user's whole model to the reference on the same weights; returns a ModelReport.
 
     model: a torch nn.Module, a Keras model, or for JAX a pair (apply, params). mapping: the user's
-    parameter names to canonical ones (a dict, a file's form, or a ParamMapping; param_mapping.py),
+    parameter names to canonical ones (a mapping file's path, a dict of its form or a flat
+    {user: canonical} dict, or a ParamMapping; param_mapping.py),
     with layouts per kind ({"conv": "kh kw in out", "dense": "in out", ...}). config: the model's
     sizes (default: the mapping's, else the paper's). call(model, x, labels) runs the model
     (default model(x, labels); JAX: call(apply, params, x, labels)) on x laid out as input_layout
@@ -373,6 +374,8 @@ def check_model(model: Any, mapping: Mapping[str, Any] | ParamMapping, *, framew
         raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive int, got {draws!r}")
+    if isinstance(mapping, (str, os.PathLike)):
+        mapping = load_mapping(mapping, config)
     mapping = parse_mapping(mapping, config, layouts)
     config = mapping.config
     glue = _GLUES[framework](model, call, loss)
@@ -380,8 +383,7 @@ def check_model(model: Any, mapping: Mapping[str, Any] | ParamMapping, *, framew
         raise ValueError(f"your model's parameters are {glue.dtype}; the check compares float32 or float64 models")
     mapping.to_canonical(glue.current(), where="your model's parameters")  # every name and shape, before any work
     in_sizes, in_aliases = _sizes(config, batch, "input")
-    report = ModelReport(framework, glue.dtype, [], draws, batch,
-                         repro=f"check_model(..., seed={seed}, draws=K + 1) runs draws 0 to K again")
+    report = ModelReport(framework, glue.dtype, [], draws, batch)
     try:
         _run_draws(report, glue, mapping, outputs, dict(output_layouts or {}), loss is not None, seed,
                    lambda x: convert(x, CANONICAL_INPUT_LAYOUT, input_layout, in_sizes, in_aliases, what="input"))
