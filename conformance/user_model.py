@@ -207,11 +207,11 @@ class _KerasGlue:
         with self.tf.GradientTape() as tape:
             total = self.loss(self.model, self.tf.constant(x), self.tf.constant(labels))
         grads = tape.gradient(total, list(self.vars.values()))
-        return np.asarray(total), {n: np.zeros(w.shape, self.dtype) if g is None else np.asarray(g)
-                                   for (n, w), g in zip(self.vars.items(), grads)}
+        return self.to_numpy(total), {n: np.zeros(w.shape, self.dtype) if g is None else self.to_numpy(g)
+                                      for (n, w), g in zip(self.vars.items(), grads)}
 
     def to_numpy(self, t: Any) -> np.ndarray:
-        return np.asarray(t)
+        return np.asarray(t.numpy() if hasattr(t, "numpy") else t)
 
 
 _GLUES = {"torch": _TorchGlue, "jax": _JaxGlue, "keras": _KerasGlue}

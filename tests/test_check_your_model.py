@@ -239,3 +239,38 @@ def test_weights_that_do_not_fit_the_mapping_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "o.st").exists()
+
+
+# ===================================================================================== Keras
+def test_a_keras_model_passes_and_its_saved_weights_import(tmp_path, capsys):
+    pytest.importorskip("keras")
+    import user_capsnets_keras as uk
+
+    model = uk.build()
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    report = check_model(model, uk.MAPPING, framework="keras", config=uc.SMALL, input_layout=uk.INPUT_LAYOUT,
+                         outputs=("lengths", "reconstruction"), output_layouts=uk.OUTPUT_LAYOUTS, loss=uk.make_loss())
+    assert report.passed, str(report)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights))  # put back
+    # model.save_weights names its arrays by HDF5 path: a mapping of those names imports the file.
+    model.save_weights(tmp_path / "k.weights.h5")
+    by_path = {"conv1/vars/0": "conv1.weight", "conv1/vars/1": "conv1.bias",
+               "layers/conv2d_1/vars/0": "primary.weight", "layers/conv2d_1/vars/1": "primary.bias",
+               "digitcaps/vars/0": uk.MAPPING["params"]["digitcaps/W"],
+               **{f"dec/dense{'' if k == 0 else f'_{k}'}/vars/{i}": f"decoder.{k}.{'weight' if i == 0 else 'bias'}"
+                  for k in range(3) for i in range(2)}}
+    from capsspec.tools.import_weights import read_weights
+
+    names = set(read_weights(tmp_path / "k.weights.h5"))
+    if not set(by_path) <= names:
+        pytest.skip(f"this Keras version names its HDF5 arrays otherwise: {sorted(names)}")
+    mapping = {"params": by_path, "layouts": uk.MAPPING["layouts"],
+               "config": {k: v for k, v in uc.SMALL.to_dict().items() if v != type(uc.SMALL)().to_dict()[k]}}
+    (tmp_path / "k.json").write_text(json.dumps(mapping))
+    out = tmp_path / "k.safetensors"
+    assert main(["import", str(tmp_path / "k.weights.h5"), "--mapping", str(tmp_path / "k.json"), "--out", str(out)]) == 0
+    ck = load_checkpoint(out)
+    x = np.random.default_rng(1).uniform(0, 1, (6, 1, 16, 16)).astype(np.float32)
+    lengths, _ = model([x.transpose(0, 2, 3, 1), np.zeros(6, np.int32)])
+    np.testing.assert_allclose(ref_model.forward(ck.params, x, ck.config).lengths, np.asarray(lengths), rtol=1e-4,
+                               atol=1e-6)
