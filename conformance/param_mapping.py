@@ -229,6 +229,11 @@ def parse_mapping(spec: Mapping[str, Any] | ParamMapping, config: CapsNetConfig 
     if not isinstance(spec, Mapping):
         raise ValueError(f"a mapping must be a dict of user names to canonical names, got {type(spec).__name__}")
     file_form = "params" in spec and set(spec) <= _FILE_KEYS
+    if file_form:
+        for key, kind in (("params", Mapping), ("layouts", Mapping), ("config", Mapping), ("ignore", list)):
+            if not isinstance(spec.get(key, [] if kind is list else {}), kind):
+                raise ValueError(f"the mapping's {key} must be a {'list' if kind is list else 'table'}, got "
+                                 f"{type(spec[key]).__name__}")
     params = spec["params"] if file_form else {k: v for k, v in spec.items() if v is not None}
     ignore = list(spec.get("ignore", [])) if file_form else [k for k, v in spec.items() if v is None]
     if config is None:
@@ -238,8 +243,6 @@ def parse_mapping(spec: Mapping[str, Any] | ParamMapping, config: CapsNetConfig 
     bad = sorted(set(kinds) - set(KIND_AXES))
     if bad:
         raise ValueError(f"layouts has an unknown kind {bad[0]!r}; the kinds are {', '.join(KIND_AXES)}")
-    if not isinstance(params, Mapping):
-        raise ValueError(f"the mapping's params must be a table of user names, got {type(params).__name__}")
     shapes = config.param_shapes()
     entries = tuple(_entry(u, v, kinds, shapes) for u, v in params.items())
     seen: dict[str, str] = {}

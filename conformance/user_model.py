@@ -306,7 +306,9 @@ def _compare(user: Mapping[str, Any], ref: Mapping[str, Any], ref32: Mapping[str
 
 
 def _explains(user: Mapping[str, Any], d: _Draw, config: CapsNetConfig, ctx: Context) -> set[str]:
-    """The deviations whose form matches every user quantity of this draw."""
+    """The deviations whose form matches every user quantity of this draw. Without the reference's
+    conditioning allowance: it measures the reference's rounding, not a deviant form's, and with it
+    several deviant forms would match a model that makes one of them."""
     named = set()
     for name, dev in DEVIATIONS.items():
         if dev.gradient_only:

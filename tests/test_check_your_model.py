@@ -218,6 +218,9 @@ def test_import_of_an_npz_in_keras_layouts(tmp_path, capsys):
     ('[params]\n"conv_layer.conv.weight" = "conv1.weight"\n', "names no user parameter for conv1.bias"),
     ('[layouts]\nconv = "out in kh kw"\n', "a mapping file has a params table"),
     ('[params]\n"x" = { name = "conv1.weight", shape = 3 }\n', "must be a canonical name or {name, layout}"),
+    ('params = 3\n', "the mapping's params must be a table, got int"),
+    ('ignore = "x"\n[params]\n', "the mapping's ignore must be a list, got str"),
+    ('[config]\nconv1_channels = 0\n[params]\n', "CapsNetConfig.conv1_channels must be at least 1"),
 ])
 def test_a_bad_mapping_file_is_one_line_and_writes_nothing(tmp_path, capsys, text, message):
     torch.save(uc.UserCapsNet().state_dict(), tmp_path / "user.pt")
