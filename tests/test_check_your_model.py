@@ -207,6 +207,11 @@ def test_import_of_an_npz_in_keras_layouts(tmp_path, capsys):
     (tmp_path / "m.json").write_text(json.dumps(mapping))
     params = ref_model.init_params(uc.SMALL, 1, "float64")
     np.savez(tmp_path / "w.npz", **parse_mapping(mapping).to_user(params))
+    assert main(["import", str(tmp_path / "w.npz"), "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == f"w0\tfloat64\t{(5, 5, 1, 8)}" and len(listed) == len(params)  # conv1 in "kh kw in out"
+    assert main(["import", str(tmp_path / "w.npz"), "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "needs --mapping (or --list" in capsys.readouterr().err
     out = tmp_path / "c.safetensors"
     assert main(["import", str(tmp_path / "w.npz"), "--mapping", str(tmp_path / "m.json"), "--out", str(out)]) == 0
     ck = load_checkpoint(out)

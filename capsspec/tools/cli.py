@@ -247,8 +247,9 @@ def _import_parser(sub: Any) -> None:
                                    "file (JSON or TOML, see docs/import-your-model.md) and writes a checkpoint that "
                                    "eval, figures and export accept.")
     p.add_argument("weights", help="the weights file (.pt, .pth, .npz, .weights.h5, .keras)")
-    p.add_argument("--mapping", required=True, metavar="FILE", help="the mapping file (.json or .toml)")
-    p.add_argument("--out", required=True, metavar="FILE", help="the checkpoint to write, e.g. model.safetensors")
+    p.add_argument("--mapping", metavar="FILE", help="the mapping file (.json or .toml); required unless --list")
+    p.add_argument("--out", metavar="FILE", help="the checkpoint to write, e.g. model.safetensors; required unless --list")
+    p.add_argument("--list", action="store_true", help="only list the file's names and shapes (to write a mapping)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="the checkpoint's dtype (default: float64 if every weight is, else float32)")
 
@@ -604,8 +605,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from .import_weights import import_weights
+    from .import_weights import import_weights, read_weights
 
+    if args.list:
+        for name, a in read_weights(args.weights).items():
+            print(f"{name}\t{a.dtype}\t{tuple(a.shape)}")
+        return 0
+    missing = [flag for flag, value in (("--mapping", args.mapping), ("--out", args.out)) if value is None]
+    if missing:
+        raise _UsageError(f"capsspec import needs {' and '.join(missing)} (or --list to see the file's names)")
     _check_out_file(args.out, "--out")
     path, summary = import_weights(args.weights, args.mapping, args.out, dtype=args.dtype)
     print(f"capsspec import: {summary}", file=sys.stderr)
