@@ -154,6 +154,7 @@ class _JaxGlue:
         self.dtype = str(np.asarray(self.params[0]).dtype) if self.params else "float32"
         self.call = call or (lambda apply, p, x, labels: apply(p, x, labels))
         self.loss = loss
+        self._value_and_grad: Callable | None = None
 
     def current(self) -> dict[str, np.ndarray]:
         return {n: np.asarray(a) for n, a in zip(self.names, self.params)}
@@ -168,8 +169,11 @@ class _JaxGlue:
         return self.call(self.apply, self._tree(self.params), self.jax.numpy.asarray(x), self.jax.numpy.asarray(labels))
 
     def loss_and_grads(self, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        jx, jl = self.jax.numpy.asarray(x), self.jax.numpy.asarray(labels)
-        total, g = self.jax.value_and_grad(lambda p: self.loss(self.apply, p, jx, jl))(self._tree(self.params))
+        if self._value_and_grad is None:  # compiled once: every draw has the same shapes
+            self._value_and_grad = self.jax.jit(self.jax.value_and_grad(
+                lambda p, x, labels: self.loss(self.apply, p, x, labels)))
+        total, g = self._value_and_grad(self._tree(self.params), self.jax.numpy.asarray(x),
+                                        self.jax.numpy.asarray(labels))
         leaves = self.jax.tree_util.tree_leaves(g)
         return np.asarray(total), {n: np.asarray(a) for n, a in zip(self.names, leaves)}
 
