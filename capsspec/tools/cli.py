@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_backends_parser, _data_parser, _train_parser, _eval_parser, _figures_parser, _export_parser,
-                _predict_parser):
+                _predict_parser, _import_parser):
         add(sub)
     # Listed for --help; main() hands their arguments over before argparse sees them.
     sub.add_parser("conformance", help="run the conformance suite (arguments go to its own parser)", add_help=False)
@@ -239,6 +239,20 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("checkpoint", help="a .safetensors checkpoint")
     p.add_argument("--format", default="onnx", choices=("onnx",), help="the export format (default onnx)")
     p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+
+
+def _import_parser(sub: Any) -> None:
+    p = sub.add_parser("import", help="turn a CapsNet's weights trained elsewhere into a capsspec checkpoint",
+                       description="Reads a PyTorch state_dict (.pt/.pth), a Keras .weights.h5/.keras file or an .npz, "
+                                   "maps its names and axis orders to capsspec's canonical parameters with a mapping "
+                                   "file (JSON or TOML, see docs/import-your-model.md) and writes a checkpoint that "
+                                   "eval, figures and export accept.")
+    p.add_argument("weights", help="the weights file (.pt, .pth, .npz, .weights.h5, .keras)")
+    p.add_argument("--mapping", metavar="FILE", help="the mapping file (.json or .toml); required unless --list")
+    p.add_argument("--out", metavar="FILE", help="the checkpoint to write, e.g. model.safetensors; required unless --list")
+    p.add_argument("--list", action="store_true", help="only list the file's names and shapes (to write a mapping)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="the checkpoint's dtype (default: float64 if every weight is, else float32)")
 
 
 # ===================================================================================== commands
@@ -591,7 +605,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return predict_command(args, ck, backend, why)
 
 
-_COMMANDS = {"backends": _cmd_backends, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
+def _cmd_import(args: argparse.Namespace) -> int:
+    from .import_weights import import_weights, read_weights
+
+    if args.list:
+        for name, a in read_weights(args.weights).items():
+            print(f"{name}\t{a.dtype}\t{tuple(a.shape)}")
+        return 0
+    missing = [flag for flag, value in (("--mapping", args.mapping), ("--out", args.out)) if value is None]
+    if missing:
+        raise _UsageError(f"capsspec import needs {' and '.join(missing)} (or --list to see the file's names)")
+    _check_out_file(args.out, "--out")
+    path, summary = import_weights(args.weights, args.mapping, args.out, dtype=args.dtype)
+    print(f"capsspec import: {summary}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+_COMMANDS = {"import": _cmd_import, "backends": _cmd_backends, "data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval,
              "figures": _cmd_figures,
              "export": _cmd_export, "predict": _cmd_predict}
 
