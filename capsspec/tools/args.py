@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-__all__ = ["OneLineParser", "UsageError", "int_in", "finite_float", "check_out_folder", "check_out_file"]
+__all__ = ["OneLineParser", "UsageError", "int_in", "finite_float", "check_out_folder", "check_out_file", "backend_option"]
 
 
 class UsageError(ValueError):
@@ -110,3 +110,26 @@ def check_out_file(path: str | os.PathLike, flag: str) -> None:
     if p.exists() and not os.access(p, os.W_OK):
         raise UsageError(f"{flag} {path}: no permission to write that file: name a file you can write to")
     check_out_folder(p.parent, f"{flag} {path}: its folder")
+
+
+def backend_option(text: str) -> tuple[str, Any]:
+    """--backend-option KEY=VALUE: the key, and the value as a bool (true/false, yes/no, on/off), an int, a
+    float, or else the text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    low = raw.lower()
+    value: Any
+    if low in ("true", "yes", "on"):
+        value = True
+    elif low in ("false", "no", "off"):
+        value = False
+    else:
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = raw
+    return key, value

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import FIELD_LIMITS
-from .args import OneLineParser, UsageError, check_out_file, check_out_folder, finite_float, int_in
+from .args import (OneLineParser, UsageError, backend_option, check_out_file, check_out_folder, finite_float,
+                   int_in)
 
 __all__ = ["main", "build_parser"]
 
@@ -51,31 +52,10 @@ _positive_float = finite_float(0.0, exclusive=True)
 _nonnegative_float = finite_float(0.0)
 
 
-def _backend_option(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    low = raw.lower()
-    value: Any
-    if low in ("true", "yes", "on"):
-        value = True
-    elif low in ("false", "no", "off"):
-        value = False
-    else:
-        try:
-            value = int(raw)
-        except ValueError:
-            try:
-                value = float(raw)
-            except ValueError:
-                value = raw
-    return key, value
-
-
 def _add_backend_flags(p: argparse.ArgumentParser, default_help: str) -> None:
     p.add_argument("--backend", default=None, help=f"backend name (see `capsspec backends`); {default_help}")
     p.add_argument("--device", default=None, help="device for the backend, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--backend-option", dest="backend_options", action="append", type=_backend_option, default=[],
+    p.add_argument("--backend-option", dest="backend_options", action="append", type=backend_option, default=[],
                    metavar="KEY=VALUE", help="an option for the backend's constructor (e.g. fast=true for torch on "
                                              "CUDA); repeatable")
 
