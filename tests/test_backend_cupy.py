@@ -707,9 +707,10 @@ def test_host_routing_kernels(host_kernels, dtype):
     v, gs = _rand(rng, (bsz, j, e), dtype), _rand(rng, (bsz, j, e), dtype)
     dims = dict(batch=bsz, parents=j, children=n)
 
-    c = np.full_like(logits, np.nan)
-    k.call("routing_softmax", logits=logits, c=c, **dims)
-    _close(c, kernels.routing_softmax(np, logits), dtype)
+    for nota in (0, 1):
+        c = np.full_like(logits, np.nan)
+        k.call("routing_softmax", logits=logits, c=c, none_of_the_above=nota, **dims)
+        _close(c, kernels.routing_softmax(np, logits, bool(nota)), dtype)
 
     out = np.full_like(logits, np.nan)
     k.call("routing_agreement", logits=logits, ut=ut, v=v, out=out, dim=e, **dims)
@@ -803,6 +804,7 @@ def test_gpu_kernels_match_fallbacks(dtype):
         (kernels.squash_forward(cupy, dev["s"]), kernels.squash_forward(np, host["s"])),
         (kernels.squash_backward(cupy, dev["s"], dev["g"]), kernels.squash_backward(np, host["s"], host["g"])),
         (kernels.routing_softmax(cupy, dev["logits"]), c_host),
+        (kernels.routing_softmax(cupy, dev["logits"], True), kernels.routing_softmax(np, host["logits"], True)),
         (kernels.routing_agreement(cupy, dev["logits"], dev["ut"], dev["v"]),
          kernels.routing_agreement(np, host["logits"], host["ut"], host["v"])),
         (kernels.routing_softmax_backward(cupy, dev["ut"], dev["gs"], c_dev, dev["g_c"], dev["g_l"].copy()),
