@@ -8,7 +8,8 @@ flags a user names: an explicit flag always wins over the preset's value.
 A crop (crop_height, crop_width) means: training draws a random crop of that size from each
 image, anew each epoch (capsspec.training.splits.epoch_crops); validation, test, `eval`,
 `predict` and `figures` take the centre crop. The model's input is the crop. The crop replaces
-the MNIST shifts (max_shift 0): a random crop already moves the image.
+the MNIST shifts (max_shift 0): a random crop already moves the image. Without a crop (svhn)
+training keeps the MNIST shifts of up to 2 pixels.
 
 The data sets themselves (CIFAR10, smallNORB, SVHN) are not shipped and cannot be downloaded by
 capsspec; a preset is used on a folder or .npz of such images that the user has.
@@ -33,7 +34,6 @@ class Preset:
     channels: int | None = None  # the images' channels (2: given as they are, e.g. a stereo pair in an .npz)
     image_size: tuple[int, int] | None = None  # resize every image to (H, W) first
     crop: tuple[int, int] | None = None  # then random (training) or centre (evaluation) crops of (H, W)
-    max_shift: int = 0  # MNIST's shifts: off, the crop moves the image instead
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
