@@ -131,7 +131,7 @@ def apply_preset(args: Any) -> None:
         return
     p = PRESETS[args.preset]
     if args.data is None and not args.resume:
-        raise ValueError(f"--preset {p.name} is for your own images ({p.description.split(':')[0]} cannot be downloaded "
+        raise ValueError(f"--preset {p.name} is for your own images ({p.dataset} cannot be downloaded "
                          "by capsspec): name a folder or .npz of them with --data PATH")
     for attr, value in {**p.config, "channels": p.channels, "image_size": p.image_size, "crop": p.crop}.items():
         if getattr(args, attr, None) is None and value is not None:

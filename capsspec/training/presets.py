@@ -28,7 +28,8 @@ class Preset:
     """One of the paper's settings: what it sets, and what the paper reports with it."""
 
     name: str
-    description: str  # one line, for --help and the docs
+    dataset: str  # the data set the paper trained on with it
+    description: str  # one line, for --help
     paper_error: str  # the paper's test error with this setting (section 7)
     config: Mapping[str, Any] = field(default_factory=dict)  # CapsNetConfig fields
     channels: int | None = None  # the images' channels (2: given as they are, e.g. a stereo pair in an .npz)
@@ -37,13 +38,13 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("cifar10", "CIFAR10: 3 channels, 24x24 random crops of 32x32 images, 64 primary capsule types and the "
+    Preset("cifar10", "CIFAR10", "3 channels, 24x24 random crops of 32x32 images, 64 primary capsule types and the "
                       "none-of-the-above routing logit", "10.6% (an ensemble of 7 models)",
            config={"primary_types": 64, "none_of_the_above": True}, channels=3, image_size=(32, 32), crop=(24, 24)),
-    Preset("smallnorb", "smallNORB: 2 channels (the stereo pair, from an .npz), resized to 48x48, 32x32 random crops "
+    Preset("smallnorb", "smallNORB", "2 channels (the stereo pair, from an .npz), resized to 48x48, 32x32 random crops "
                         "in training and the centre crop at test", "2.7%",
            channels=2, image_size=(48, 48), crop=(32, 32)),
-    Preset("svhn", "SVHN: 3 channels of 32x32, 64 conv1 channels, 16 primary capsule types of 6 dimensions, "
+    Preset("svhn", "SVHN", "3 channels of 32x32, 64 conv1 channels, 16 primary capsule types of 6 dimensions, "
                    "8-dimensional class capsules", "4.3%",
            config={"conv1_channels": 64, "primary_types": 16, "primary_dim": 6, "class_dim": 8}, channels=3,
            image_size=(32, 32)),
@@ -52,4 +53,4 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 def preset_help() -> str:
     """The presets, one clause each, for the --preset flag's help."""
-    return "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+    return "; ".join(f"{p.name} ({p.dataset}): {p.description}" for p in PRESETS.values())
