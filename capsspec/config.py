@@ -90,6 +90,9 @@ class CapsNetConfig:
     num_classes: int = 10
     class_dim: int = 16
     routing_iterations: int = 3
+    # The paper's section 7 (CIFAR10): routing's softmax over the classes gets one more logit, fixed at 0,
+    # that no class capsule stands for, so a primary capsule may send part of itself nowhere.
+    none_of_the_above: bool = False
     use_decoder: bool = True
     decoder_widths: tuple[int, ...] = (512, 1024)
     m_plus: float = 0.9
@@ -125,8 +128,9 @@ class CapsNetConfig:
                 f"CapsNetConfig.num_classes must be at least 2 (routing needs a choice of parents), "
                 f"got {self.num_classes}"
             )
-        if not isinstance(self.use_decoder, bool):
-            raise ValueError(f"CapsNetConfig.use_decoder must be a bool, got {self.use_decoder!r}")
+        for name in ("use_decoder", "none_of_the_above"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CapsNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.decoder_widths, tuple) or not all(
             isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= MAX_DECODER_WIDTH for w in self.decoder_widths
         ) or len(self.decoder_widths) > 16:

@@ -77,7 +77,7 @@ def _forward(params: Params, x: np.ndarray, config: CapsNetConfig, labels: np.nd
         h1, params["primary.weight"], params["primary.bias"], config.primary_dim, config.primary_stride
     )
     u_hat, pred_cache = ops._predictions_fwd(u, params["digit.weight"])
-    (v, c), routing_cache = ops._routing_fwd(u_hat, config.routing_iterations)
+    (v, c), routing_cache = ops._routing_fwd(u_hat, config.routing_iterations, config.none_of_the_above)
     lengths = np.sqrt(np.sum(v * v, axis=-1))
     recon = onehot = hs = None
     if config.use_decoder and decode:

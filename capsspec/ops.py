@@ -20,7 +20,8 @@ What the spec decides where the paper is silent (docs/spec.md, section 2, says i
   Its domain is every s whose |s|^2 is finite in the dtype (up to ~1e19 per vector in float32,
   ~1e154 in float64); within it no intermediate overflows.
 * The length |v| has gradient 0 at v = 0.
-* Routing: b starts at 0 for each example; the softmax runs over the parents (classes) j;
+* Routing: b starts at 0 for each example; the softmax runs over the parents (classes) j (with
+  none_of_the_above, over j and one more logit fixed at 0 that no class stands for);
   gradients flow through every iteration (b, c and v are never detached); the returned
   coupling coefficients are those used in the last iteration.
 * No bias on the class capsules; no 1/32 scaling of PrimaryCaps; no ReLU before squash in
@@ -270,19 +271,28 @@ def predictions_vjp(g: np.ndarray, u: np.ndarray, weight: np.ndarray):
 
 
 # ============================================================================== routing
-def _softmax(b: np.ndarray, axis: int) -> np.ndarray:
-    z = np.exp(b - b.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
+def _softmax(b: np.ndarray, axis: int, none_of_the_above: bool = False) -> np.ndarray:
+    """softmax along axis; with none_of_the_above, over the entries and one more logit fixed at 0 that
+    stands for no entry (so the result sums to less than 1). The shift that keeps exp from overflowing
+    counts that 0 logit too."""
+    top = b.max(axis=axis, keepdims=True)
+    if none_of_the_above:
+        top = np.maximum(top, 0)
+    z = np.exp(b - top)
+    total = z.sum(axis=axis, keepdims=True)
+    if none_of_the_above:
+        total = total + np.exp(-top)
+    return z / total
 
 
-def _routing_fwd(u_hat, iterations):
+def _routing_fwd(u_hat, iterations, none_of_the_above=False):
     bsz, n, j, e = u_hat.shape
     # Work in (B, J, N, E) so both contractions below are batched BLAS matmuls.
     ut = np.ascontiguousarray(u_hat.transpose(0, 2, 1, 3))
     logits = np.zeros((bsz, j, n), dtype=u_hat.dtype)  # b_ij, one per example, starts at 0
     cs, ss, vs = [], [], []
     for t in range(iterations):
-        c = _softmax(logits, axis=1)  # over the parents j, never over the children
+        c = _softmax(logits, 1, none_of_the_above)  # over the parents j, never over the children
         s = np.matmul(c[:, :, None, :], ut)[:, :, 0, :]  # (B, J, E)
         v, _ = _squash_fwd(s)
         cs.append(c), ss.append(s), vs.append(v)
@@ -310,25 +320,29 @@ def _routing_bwd(cache, g_v, g_c=None):
         gc = np.matmul(ut, gs[:, :, :, None])[..., 0]
         if t == iterations - 1 and g_c is not None:
             gc = gc + g_c.transpose(0, 2, 1)
-        # c_t = softmax_j(b_{t-1}); b_{t-1} also passes straight through to b_t.
+        # c_t = softmax_j(b_{t-1}); b_{t-1} also passes straight through to b_t. With none_of_the_above
+        # the softmax's extra logit is a constant, so dc_j/db_k = c_j (delta_jk - c_k) all the same.
         g_prev = c * (gc - np.sum(c * gc, axis=1, keepdims=True))
         g_logits = g_prev if g_logits is None else g_logits + g_prev
     return np.ascontiguousarray(g_ut.transpose(0, 2, 1, 3))
 
 
 @checked
-def routing(u_hat: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+def routing(u_hat: np.ndarray, iterations: int, none_of_the_above: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
 
-    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
+    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j, or, with
+    none_of_the_above, to less than 1: the softmax over j then has one more logit, fixed at 0, that no
+    class capsule stands for (the paper's section 7; docs/spec.md, section 2).
     """
-    return _routing_fwd(u_hat, iterations)[0]
+    return _routing_fwd(u_hat, iterations, none_of_the_above)[0]
 
 
 @checked
-def routing_vjp(g: tuple[np.ndarray, np.ndarray | None], u_hat: np.ndarray, iterations: int):
+def routing_vjp(g: tuple[np.ndarray, np.ndarray | None], u_hat: np.ndarray, iterations: int,
+                none_of_the_above: bool = False):
     """Gradient of routing with respect to (u_hat,), given g = (g_v, g_c); g_c may be None."""
-    return (_routing_bwd(_routing_fwd(u_hat, iterations)[1], *g),)
+    return (_routing_bwd(_routing_fwd(u_hat, iterations, none_of_the_above)[1], *g),)
 
 
 # ============================================================================== lengths

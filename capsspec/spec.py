@@ -39,7 +39,7 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("squash", ("s",), ("s",), ("axis",)),
     OpSpec("primary_capsules", ("h", "weight", "bias"), ("h", "weight", "bias"), ("capsule_dim", "stride")),
     OpSpec("predictions", ("u", "weight"), ("u", "weight")),
-    OpSpec("routing", ("u_hat",), ("u_hat",), ("iterations",), outputs=("v", "c")),
+    OpSpec("routing", ("u_hat",), ("u_hat",), ("iterations", "none_of_the_above"), outputs=("v", "c")),
     OpSpec("capsule_lengths", ("v",), ("v",)),
     OpSpec("margin_loss", ("lengths", "labels"), ("lengths",), ("m_plus", "m_minus", "lambda_")),
     OpSpec("mask", ("v", "labels"), ("v",)),

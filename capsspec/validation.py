@@ -333,16 +333,19 @@ def predictions_vjp(d: Door, g, u, weight):
     d.cotangent(g, _predictions(d, u, weight), u, "u")
 
 
-def routing(d: Door, u_hat, iterations):
+def routing(d: Door, u_hat, iterations, none_of_the_above=False):
     d.array("u_hat", u_hat, ndim=4, batch=True)
     fixed = {"iterations": d.integer("iterations", iterations)}
     if fixed["iterations"] > MAX_ROUTING_ITERATIONS:
         raise ValueError(f"iterations must be at most {MAX_ROUTING_ITERATIONS} (CapsNetConfig's bound), got {iterations}")
+    if not isinstance(none_of_the_above, (bool, np.bool_)):
+        raise ValueError(f"none_of_the_above must be a bool, got {none_of_the_above!r}")
+    fixed["none_of_the_above"] = bool(none_of_the_above)
     return fixed
 
 
-def routing_vjp(d: Door, g, u_hat, iterations):
-    fixed = routing(d, u_hat, iterations)
+def routing_vjp(d: Door, g, u_hat, iterations, none_of_the_above=False):
+    fixed = routing(d, u_hat, iterations, none_of_the_above)
     if not isinstance(g, (tuple, list)) or len(g) != 2:
         raise ValueError(f"g must be a pair (g_v, g_c) with g_c possibly None, got {type(g).__name__}")
     bsz, n, j, e = d.k.shape_of(u_hat)

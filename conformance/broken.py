@@ -18,6 +18,7 @@ The mistakes (docs/spec.md, section 4, "Mistakes earlier implementations made"):
   DetachedRoutingGradient   gradients only through the last iteration (b and earlier c detached)
   IterationsAlwaysOne       the routing-iterations setting ignored: always 1 (8)
   IterationsAlwaysThree     the routing-iterations setting ignored: always 3 (8)
+  NoneOfTheAboveIgnored     the none_of_the_above setting ignored: the softmax over the classes alone
   DecodesFirstDigitOnly     with two digits per image, every decoding masked by the first digit's
                             class (docs/spec.md, section 5)
 
@@ -48,7 +49,7 @@ from capsspec.config import AdamConfig
 
 __all__ = ["BROKEN", "BrokenBackend", "SoftmaxOverChildren", "SquashNanAtZero", "PrimaryNoChannelsLast",
            "MarginOnSoftmax", "SharedRoutingLogits", "DetachedRoutingGradient", "IterationsAlwaysOne",
-           "IterationsAlwaysThree", "DecodesFirstDigitOnly", "NanImagesAccepted", "InPlaceAdam"]
+           "IterationsAlwaysThree", "NoneOfTheAboveIgnored", "DecodesFirstDigitOnly", "NanImagesAccepted", "InPlaceAdam"]
 
 _PREFIX = "capsspec.conformance._broken"
 
@@ -102,7 +103,8 @@ class BrokenBackend(NumpyBackend):
 def _softmax_over_children(ops: ModuleType) -> None:
     original = ops._softmax
     # Routing keeps logits as (B, J, N) and asks for axis 1 (parents); take the children's axis.
-    ops._softmax = lambda b, axis: original(b, axis=2 if b.ndim == 3 else axis)
+    ops._softmax = lambda b, axis, none_of_the_above=False: original(b, 2 if b.ndim == 3 else axis,
+                                                                      none_of_the_above)
 
 
 def _squash_nan_at_zero(ops: ModuleType) -> None:
@@ -151,13 +153,13 @@ def _margin_on_softmax(ops: ModuleType) -> None:
 
 
 def _shared_routing_logits(ops: ModuleType) -> None:
-    def routing_fwd(u_hat, iterations):
+    def routing_fwd(u_hat, iterations, none_of_the_above=False):
         bsz, n, j, e = u_hat.shape
         ut = np.ascontiguousarray(u_hat.transpose(0, 2, 1, 3))
         logits = np.zeros((1, j, n), dtype=u_hat.dtype)  # one b for the whole batch
         cs, ss, vs = [], [], []
         for t in range(iterations):
-            c = np.broadcast_to(ops._softmax(logits, axis=1), (bsz, j, n))
+            c = np.broadcast_to(ops._softmax(logits, 1, none_of_the_above), (bsz, j, n))
             s = np.matmul(c[:, :, None, :], ut)[:, :, 0, :]
             v, _ = ops._squash_fwd(s)
             cs.append(c), ss.append(s), vs.append(v)
@@ -181,9 +183,15 @@ def _detached_routing_gradient(ops: ModuleType) -> None:
 def _iterations(fixed: int) -> Callable[[ModuleType], None]:
     def patch(ops: ModuleType) -> None:
         original = ops._routing_fwd
-        ops._routing_fwd = lambda u_hat, iterations: original(u_hat, fixed)
+        ops._routing_fwd = lambda u_hat, iterations, none_of_the_above=False: original(u_hat, fixed,
+                                                                                      none_of_the_above)
 
     return patch
+
+
+def _none_of_the_above_ignored(ops: ModuleType) -> None:
+    original = ops._routing_fwd
+    ops._routing_fwd = lambda u_hat, iterations, none_of_the_above=False: original(u_hat, iterations, False)
 
 
 def _decodes_first_digit_only(ops: ModuleType) -> None:
@@ -232,6 +240,11 @@ class IterationsAlwaysOne(BrokenBackend):
 class IterationsAlwaysThree(BrokenBackend):
     key, mistake, patch = "iterations_always_3", "routing iterations ignored (always 3)", staticmethod(
         _iterations(3))
+
+
+class NoneOfTheAboveIgnored(BrokenBackend):
+    key, mistake, patch = "none_of_the_above_ignored", "none_of_the_above ignored (softmax over the classes only)", \
+        staticmethod(_none_of_the_above_ignored)
 
 
 class DecodesFirstDigitOnly(BrokenBackend):
@@ -292,5 +305,5 @@ class InPlaceAdam(_ContractBreach):
 BROKEN: Mapping[str, type[NumpyBackend]] = {
     cls.key: cls for cls in (SoftmaxOverChildren, SquashNanAtZero, PrimaryNoChannelsLast, MarginOnSoftmax,
                              SharedRoutingLogits, DetachedRoutingGradient, IterationsAlwaysOne,
-                             IterationsAlwaysThree, DecodesFirstDigitOnly, NanImagesAccepted, InPlaceAdam)
+                             IterationsAlwaysThree, NoneOfTheAboveIgnored, DecodesFirstDigitOnly, NanImagesAccepted, InPlaceAdam)
 }

@@ -101,15 +101,12 @@ def predictions_vjp(g: Any, args: list[Any], static: Mapping[str, Any]) -> list[
     return list(ops.predictions_vjp(np.abs(g), *_abs(args)))
 
 
-def _softmax(b: np.ndarray, axis: int) -> np.ndarray:
-    z = np.exp(b - b.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
-
-
-def routing_terms(u_hat: np.ndarray, iterations: int, g_v: np.ndarray, g_c: np.ndarray | None) -> np.ndarray:
+def routing_terms(u_hat: np.ndarray, iterations: int, g_v: np.ndarray, g_c: np.ndarray | None,
+                  none_of_the_above: bool = False) -> np.ndarray:
     """Term magnitude of routing's VJP: its reverse pass through every iteration, on absolute values.
 
-    Forward (per example): c_t = softmax_j(b_t), s_t = sum_i c_t u_hat, v_t = squash(s_t),
+    Forward (per example): c_t = softmax_j(b_t) (with none_of_the_above's 0 logit when set, whose
+    softmax VJP has the same form), s_t = sum_i c_t u_hat, v_t = squash(s_t),
     b_{t+1} = b_t + u_hat . v_t. Reverse: each product's factors by their absolute values, the
     softmax's c (gc - sum c gc) by c (gc + sum c gc), the squash by _squash_terms."""
     ut = u_hat.transpose(0, 2, 1, 3)  # (B, J, N, E)
@@ -117,7 +114,7 @@ def routing_terms(u_hat: np.ndarray, iterations: int, g_v: np.ndarray, g_c: np.n
     logits = np.zeros(ut.shape[:3])
     cs, ss, vs = [], [], []
     for t in range(iterations):
-        c = _softmax(logits, axis=1)
+        c = ops._softmax(logits, 1, none_of_the_above)
         s = np.einsum("bjn,bjne->bje", c, ut)
         v = ops.squash(s)
         cs.append(c), ss.append(s), vs.append(v)
@@ -141,7 +138,7 @@ def routing_terms(u_hat: np.ndarray, iterations: int, g_v: np.ndarray, g_c: np.n
 
 
 def routing_vjp(g: Any, args: list[Any], static: Mapping[str, Any]) -> list[np.ndarray]:
-    return [routing_terms(args[0], static["iterations"], g[0], g[1])]
+    return [routing_terms(args[0], static["iterations"], g[0], g[1], static.get("none_of_the_above", False))]
 
 
 def _decoder_forward_abs(x: np.ndarray, ws: list, bs: list) -> tuple[np.ndarray, list]:
@@ -195,7 +192,7 @@ def model_gradients(params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.
     s2 = ops._to_capsules(a2, config.primary_dim)
     u = ops.squash(s2)
     u_hat = ops.predictions(u, p["digit.weight"])
-    v, _ = ops.routing(u_hat, config.routing_iterations)
+    v, _ = ops.routing(u_hat, config.routing_iterations, config.none_of_the_above)
     lengths = ops.capsule_lengths(v)
     one = np.ones(())
     (g_len,) = ops.margin_loss_vjp(one, lengths, labels, config.m_plus, config.m_minus, config.lambda_)
@@ -215,7 +212,7 @@ def model_gradients(params: Mapping[str, np.ndarray], x: np.ndarray, labels: np.
         for k in range(n):
             grads[f"decoder.{k}.weight"], grads[f"decoder.{k}.bias"] = gws[k], gbs[k]
         g_v = g_v + ops._unmask(g_masked, v, onehot)
-    g_uhat = routing_terms(u_hat, config.routing_iterations, g_v, None)
+    g_uhat = routing_terms(u_hat, config.routing_iterations, g_v, None, config.none_of_the_above)
     g_u, grads["digit.weight"] = ops.predictions_vjp(g_uhat, np.abs(u), np.abs(p["digit.weight"]))
     g_s2 = _squash_terms(s2, g_u)
     g_a2 = np.ascontiguousarray(ops._from_capsules(g_s2, a2.shape, config.primary_dim))

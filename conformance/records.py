@@ -213,7 +213,9 @@ def _build_predictions(r, dtype, rng):
 
 
 def _build_routing(r, dtype, rng):
-    return [_data(r, rng, (r["B"], r["N"], r["J"], r["E"]), dtype)], {"iterations": r["iterations"]}
+    # Recipes saved before none_of_the_above existed lack the key: they meant the plain softmax.
+    return [_data(r, rng, (r["B"], r["N"], r["J"], r["E"]), dtype)], {
+        "iterations": r["iterations"], "none_of_the_above": bool(r.get("none_of_the_above", False))}
 
 
 def _build_lengths(r, dtype, rng):
@@ -302,12 +304,15 @@ RECORDS: dict[str, OpRecord] = {rec.name: rec for rec in (
     OpRecord(
         "routing",
         recipes=lambda dt: S.recipe(S.seeds, S.values("routing", dt), S.batch,
-                                    S.sizes(N=(1, 12), J=(2, 6), E=(1, 6), iterations=(1, 5)), _COT),
+                                    S.sizes(N=(1, 12), J=(2, 6), E=(1, 6), iterations=(1, 5)), S.none_of_the_above,
+                                    _COT),
         build=_build_routing, levels=("routing", "routing"),
         example={"seed": 5, "B": 2, "N": 5, "J": 3, "E": 2, "iterations": 3},
         vjp_magnitude=mag.routing_vjp,
         batched=("u_hat",), ranks={"u_hat": 4}, finite=("u_hat",),
-        extra_errors=(ErrorInput("iterations-zero", ("iterations",), _static("iterations", 0)),)),
+        extra_errors=(ErrorInput("iterations-zero", ("iterations",), _static("iterations", 0)),
+                      ErrorInput("none-of-the-above-not-bool", ("none_of_the_above",),
+                                 _static("none_of_the_above", 2)))),
     OpRecord(
         "capsule_lengths",
         recipes=lambda dt: S.recipe(S.seeds, S.values("domain", dt), S.capsule_shape(with_axis=False), _COT),

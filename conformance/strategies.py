@@ -40,6 +40,7 @@ from capsspec.config import CapsNetConfig
 
 __all__ = ["DTYPES", "RANGES", "POOL_SIZE", "Shapes", "pool_shapes", "pooled", "shapes", "seeds", "batch", "values",
            "cotangents", "conv_geometry", "capsule_shape", "sizes", "margins", "label_rows", "recipe", "configs",
+           "none_of_the_above",
            "SMALL_CONFIG", "small_model_recipes", "model_recipes", "adam_recipes", "trajectory_recipes",
            "TWO_DIGIT_MODEL_RECIPE", "TWO_DIGIT_TRAJECTORY_RECIPE"]
 
@@ -123,6 +124,11 @@ def values(range_name: str, dtype: str, kinds: tuple[str, ...] = KINDS) -> st.Se
     return st.fixed_dictionaries({"kind": st.sampled_from(kinds), "scale": scale, "row_scales": st.just([lo, hi])})
 
 
+# Routing's none-of-the-above logit (the paper's section 7), on or off. A static argument, so with pooled
+# sizes it follows the pool index: a compiling backend gets no more programs for it.
+none_of_the_above = shapes(st.fixed_dictionaries({"none_of_the_above": st.booleans()}),
+                           [{"none_of_the_above": v} for v in (False, False, True, True)])
+
 cotangents = st.fixed_dictionaries({"cot": st.fixed_dictionaries({
     "seed": st.integers(0, 2**16), "kind": st.sampled_from(("normal", "zeros")), "with_gc": st.booleans()})})
 
@@ -204,10 +210,16 @@ def _input_size(grid: int, primary_kernel: int, primary_stride: int, conv1_kerne
     return (h1 - 1) * conv1_stride + conv1_kernel + spare[1]
 
 
+# Classes: 2 to 12, with 2 (the fewest routing allows) drawn more often, and sometimes 50 (more classes
+# than any of the paper's data sets: the softmax over many parents, a wide decoder input).
+_CLASSES = st.one_of(st.integers(2, 12), st.integers(2, 12), st.sampled_from((2, 50)))
+
+
 @st.composite
 def configs(draw: Any) -> dict[str, Any]:
-    """A small CapsNetConfig (as its dict): any kernels, strides, channels, capsule types and dims,
-    2 to 12 classes, 1 to 5 routing iterations, with or without a decoder, non-square inputs."""
+    """A small CapsNetConfig (as its dict): any kernels, strides, capsule types and dims, 1 to 3 input
+    channels (3: colour images), 2 to 12 or 50 classes, 1 to 5 routing iterations, with or without
+    the none-of-the-above logit and a decoder, non-square inputs."""
     conv1_kernel, conv1_stride = draw(st.integers(1, 5)), draw(st.integers(1, 2))
     primary_kernel, primary_stride = draw(st.integers(1, 4)), draw(st.integers(1, 2))
     grid = [draw(st.integers(1, 3), label="grid h"), draw(st.integers(1, 3), label="grid w")]
@@ -217,12 +229,13 @@ def configs(draw: Any) -> dict[str, Any]:
         hw.append(_input_size(g, primary_kernel, primary_stride, conv1_kernel, conv1_stride, spare))
     use_decoder = draw(st.booleans(), label="use_decoder")
     config = CapsNetConfig(
-        input_channels=draw(st.integers(1, 2)), input_height=hw[0], input_width=hw[1],
+        input_channels=draw(st.integers(1, 3), label="channels"), input_height=hw[0], input_width=hw[1],
         conv1_channels=draw(st.integers(1, 6)), conv1_kernel=conv1_kernel, conv1_stride=conv1_stride,
         primary_types=draw(st.integers(1, 3)), primary_dim=draw(st.integers(1, 5)),
         primary_kernel=primary_kernel, primary_stride=primary_stride,
-        num_classes=draw(st.integers(2, 12), label="classes"), class_dim=draw(st.integers(1, 6)),
+        num_classes=draw(_CLASSES, label="classes"), class_dim=draw(st.integers(1, 6)),
         routing_iterations=draw(st.integers(1, 5), label="routing iterations"),
+        none_of_the_above=draw(st.booleans(), label="none_of_the_above"),
         use_decoder=use_decoder,
         decoder_widths=tuple(draw(st.lists(st.integers(1, 8), min_size=0, max_size=2))),
         reconstruction_scale=draw(st.sampled_from((0.0005, 0.05, 1.0))),
@@ -239,17 +252,20 @@ def _pool_config(grid: tuple[int, int], spare: tuple[int, int], conv1: tuple[int
                          primary_stride=ps, **rest).to_dict()
 
 
-# The pools of configs() and of the model's batch size, in the same order as _corners'.
+# The pools of configs() and of the model's batch size, in the same order as _corners'. Between them:
+# 1, 2 and 3 channels, square and non-square inputs, 2, 7, 12 and 50 classes, the none-of-the-above logit.
 CONFIG_POOL: tuple[dict[str, Any], ...] = (
-    _pool_config((2, 3), (1, 0), (3, 1), (2, 2), input_channels=1, conv1_channels=3, primary_types=2, primary_dim=3,
-                 num_classes=7, class_dim=3, routing_iterations=3, use_decoder=True, decoder_widths=(4,)),
+    _pool_config((2, 3), (1, 0), (3, 1), (2, 2), input_channels=3, conv1_channels=3, primary_types=2, primary_dim=3,
+                 num_classes=7, class_dim=3, routing_iterations=3, none_of_the_above=True, use_decoder=True,
+                 decoder_widths=(4,)),
     _pool_config((1, 1), (0, 0), (1, 1), (1, 1), input_channels=1, conv1_channels=1, primary_types=1, primary_dim=1,
                  num_classes=2, class_dim=1, routing_iterations=1, use_decoder=False),
-    _pool_config((3, 3), (1, 1), (5, 2), (4, 2), input_channels=2, conv1_channels=6, primary_types=3, primary_dim=5,
-                 num_classes=12, class_dim=6, routing_iterations=5, use_decoder=True, decoder_widths=(8, 8),
+    _pool_config((3, 3), (1, 1), (5, 2), (4, 2), input_channels=3, conv1_channels=6, primary_types=3, primary_dim=5,
+                 num_classes=50, class_dim=6, routing_iterations=5, use_decoder=True, decoder_widths=(8, 8),
                  reconstruction_scale=1.0, m_plus=0.95, m_minus=0.3, lambda_=1.0),
     _pool_config((3, 1), (0, 1), (5, 2), (1, 1), input_channels=2, conv1_channels=1, primary_types=3, primary_dim=1,
-                 num_classes=12, class_dim=1, routing_iterations=5, use_decoder=True, decoder_widths=(),
+                 num_classes=12, class_dim=1, routing_iterations=5, none_of_the_above=True, use_decoder=True,
+                 decoder_widths=(),
                  reconstruction_scale=0.05, m_plus=0.6, m_minus=0.05, lambda_=0.25),
 )
 BATCH_POOL = (2, 1, 4, 4)

@@ -383,19 +383,20 @@ def test_predictions(arr, batch):
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(1, 4, 3, 2), (3, 7, 4, 5)])
 @pytest.mark.parametrize("with_g_c", [False, True])
-def test_routing(arr, iterations, shape, with_g_c):
+@pytest.mark.parametrize("nota", [False, True])
+def test_routing(arr, iterations, shape, with_g_c, nota):
     rng = np.random.default_rng(iterations * 10 + len(shape))
     u_hat = rng.normal(size=shape)
     u_hat[0, 0] = 0  # a child that predicts nothing
-    v_want, c_want = ref_ops.routing(arr.ref(u_hat), iterations)
-    v, c = cp_ops.routing(arr(u_hat), iterations)
+    v_want, c_want = ref_ops.routing(arr.ref(u_hat), iterations, nota)
+    v, c = cp_ops.routing(arr(u_hat), iterations, nota)
     assert_close(v, v_want, arr, "routing v")
     assert_close(c, c_want, arr, "routing c")
     g_v = rng.normal(size=v_want.shape)
     g_c = rng.normal(size=c_want.shape) if with_g_c else None
     ref_g = (arr.ref(g_v), None if g_c is None else arr.ref(g_c))
-    got = cp_ops.routing_vjp((arr(g_v), None if g_c is None else arr(g_c)), arr(u_hat), iterations)
-    assert_close(got, ref_ops.routing_vjp(ref_g, arr.ref(u_hat), iterations), arr, "routing_vjp")
+    got = cp_ops.routing_vjp((arr(g_v), None if g_c is None else arr(g_c)), arr(u_hat), iterations, nota)
+    assert_close(got, ref_ops.routing_vjp(ref_g, arr.ref(u_hat), iterations, nota), arr, "routing_vjp")
 
 
 def test_routing_of_zero_predictions(arr):
@@ -499,6 +500,7 @@ MODEL_CONFIGS = [
     pytest.param(SMALL, id="decoder-r3"),
     pytest.param(SMALL.replace(use_decoder=False, routing_iterations=1), id="nodecoder-r1"),
     pytest.param(SMALL.replace(routing_iterations=2, conv1_stride=2, primary_stride=1), id="strides-r2"),
+    pytest.param(SMALL.replace(input_channels=3, none_of_the_above=True), id="rgb-none-of-the-above-r3"),
 ]
 
 
@@ -707,9 +709,10 @@ def test_host_routing_kernels(host_kernels, dtype):
     v, gs = _rand(rng, (bsz, j, e), dtype), _rand(rng, (bsz, j, e), dtype)
     dims = dict(batch=bsz, parents=j, children=n)
 
-    c = np.full_like(logits, np.nan)
-    k.call("routing_softmax", logits=logits, c=c, **dims)
-    _close(c, kernels.routing_softmax(np, logits), dtype)
+    for nota in (0, 1):
+        c = np.full_like(logits, np.nan)
+        k.call("routing_softmax", logits=logits, c=c, none_of_the_above=nota, **dims)
+        _close(c, kernels.routing_softmax(np, logits, bool(nota)), dtype)
 
     out = np.full_like(logits, np.nan)
     k.call("routing_agreement", logits=logits, ut=ut, v=v, out=out, dim=e, **dims)
@@ -803,6 +806,7 @@ def test_gpu_kernels_match_fallbacks(dtype):
         (kernels.squash_forward(cupy, dev["s"]), kernels.squash_forward(np, host["s"])),
         (kernels.squash_backward(cupy, dev["s"], dev["g"]), kernels.squash_backward(np, host["s"], host["g"])),
         (kernels.routing_softmax(cupy, dev["logits"]), c_host),
+        (kernels.routing_softmax(cupy, dev["logits"], True), kernels.routing_softmax(np, host["logits"], True)),
         (kernels.routing_agreement(cupy, dev["logits"], dev["ut"], dev["v"]),
          kernels.routing_agreement(np, host["logits"], host["ut"], host["v"])),
         (kernels.routing_softmax_backward(cupy, dev["ut"], dev["gs"], c_dev, dev["g_c"], dev["g_l"].copy()),

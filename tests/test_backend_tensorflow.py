@@ -262,6 +262,27 @@ def test_no_decoder_and_one_routing_iteration(backend):
         _close(grads[k], want_grads[k])
 
 
+def test_strided_1x1_convolutions_and_none_of_the_above_on_colour_images(backend):
+    """TensorFlow 2.21's oneDNN gradient of a 1x1 convolution of stride 2 corrupts the heap (the process
+    aborts); the backend takes every second pixel instead. Also 3 channels and the none-of-the-above logit."""
+    config = CapsNetConfig(input_channels=3, input_height=14, input_width=10, conv1_channels=3, conv1_kernel=1,
+                           conv1_stride=2, primary_types=2, primary_dim=3, primary_kernel=1, primary_stride=2,
+                           num_classes=5, class_dim=3, none_of_the_above=True, decoder_widths=(6,))
+    params = ref_model.init_params(config, seed=6, dtype="float64")
+    x, y = _data(config, 3, "float32")
+    net = backend.params_from_numpy({k: v.astype(np.float32) for k, v in params.items()}, config)
+    state = backend.adam_init(net)
+    for _ in range(5):  # float32 training steps: where the corruption aborted the suite
+        net, state, _ = backend.train_step(net, state, backend.asarray(x), backend.asarray(y), config)
+    net = backend.params_from_numpy(params, config)
+    x = x.astype(np.float64)
+    total, grads = backend.value_and_grad(net, backend.asarray(x), backend.asarray(y), config)
+    want_total, want_grads = ref_model.value_and_grad(params, x, y, config)
+    _close(total, want_total)
+    for k in want_grads:
+        _close(grads[k], want_grads[k])
+
+
 # ------------------------------------------------------------------------------ tracing
 def test_changing_batch_sizes_does_not_retrace(backend):
     params = ref_model.init_params(SMALL, seed=6, dtype="float32")

@@ -139,22 +139,40 @@ def test_predictions_vjp(seed, b, n, j, e, d):
 
 
 @given(seed=seeds, b=st.integers(1, 3), n=st.integers(1, 6), j=st.integers(2, 5), e=st.integers(1, 4),
-       iterations=st.integers(1, 5), scale=st.sampled_from([0.0, 1e-3, 0.3, 1.0, 5.0]), with_gc=st.booleans())
-def test_routing_vjp(seed, b, n, j, e, iterations, scale, with_gc):
+       iterations=st.integers(1, 5), scale=st.sampled_from([0.0, 1e-3, 0.3, 1.0, 5.0]), with_gc=st.booleans(),
+       nota=st.booleans())
+def test_routing_vjp(seed, b, n, j, e, iterations, scale, with_gc, nota):
     rng = np.random.default_rng(seed)
     u_hat = rng.normal(size=(b, n, j, e)) * scale
-    v, c = ops.routing(u_hat, iterations)
+    v, c = ops.routing(u_hat, iterations, nota)
     gv = rng.normal(size=v.shape)
     gc = rng.normal(size=c.shape) if with_gc else None
-    (gu,) = ops.routing_vjp((gv, gc), u_hat, iterations)
+    (gu,) = ops.routing_vjp((gv, gc), u_hat, iterations, nota)
     assert np.all(np.isfinite(gu))
     dirn = rng.normal(size=u_hat.shape)
     h = H if scale > 0 else 1e-10  # squash is O(|s|^2) at 0, so the difference itself is O(h) there
     if with_gc:
-        num = directional_fd(lambda z: ops.routing(z, iterations), (u_hat,), 0, dirn, (gv, gc), h=h)
+        num = directional_fd(lambda z: ops.routing(z, iterations, nota), (u_hat,), 0, dirn, (gv, gc), h=h)
     else:
-        num = directional_fd(lambda z: ops.routing(z, iterations)[0], (u_hat,), 0, dirn, gv, h=h)
+        num = directional_fd(lambda z: ops.routing(z, iterations, nota)[0], (u_hat,), 0, dirn, gv, h=h)
     assert_close_fd(np.vdot(gu, dirn), num, atol=1e-7)
+
+
+def test_none_of_the_above_coupling():
+    """With none_of_the_above the first iteration's c is 1/(J+1), not 1/J (the extra logit is 0 like the
+    others), later ones are exp(b_ij) / (1 + sum_k exp(b_ik)) written out here by hand, and huge logits
+    of either sign give finite coefficients (the shift counts the 0 logit)."""
+    rng = np.random.default_rng(3)
+    u_hat = rng.normal(size=(2, 5, 4, 3))
+    _, c1 = ops.routing(u_hat, 1, True)
+    np.testing.assert_array_equal(c1, np.full((2, 5, 4), 1 / 5))
+    v1, _ = ops.routing(u_hat, 1, True)
+    b = np.einsum("bije,bje->bij", u_hat, v1)  # the logits after one update, from their definition
+    expected = np.exp(b) / (1 + np.exp(b).sum(axis=2, keepdims=True))
+    np.testing.assert_allclose(ops.routing(u_hat, 2, True)[1], expected, rtol=1e-12)
+    for big in (1e4, -1e4):
+        _, c = ops.routing(np.full((1, 2, 3, 2), big), 3, True)
+        assert np.all(np.isfinite(c)) and np.all(c.sum(axis=2) <= 1 + 1e-12)
 
 
 @given(seed=seeds, b=st.integers(1, 4), j=st.integers(2, 6), e=st.integers(1, 5), zero_rows=st.booleans())
@@ -257,7 +275,7 @@ SIZE_RANGES = {
 configs = st.builds(
     CapsNetConfig,
     **{name: st.integers(lo, hi) for name, (lo, hi) in SIZE_RANGES.items()},
-    use_decoder=st.booleans(),
+    use_decoder=st.booleans(), none_of_the_above=st.booleans(),
     decoder_widths=st.lists(st.integers(1, 6), min_size=0, max_size=2).map(tuple),
 )
 

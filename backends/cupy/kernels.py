@@ -11,7 +11,8 @@ Kernels (one thread per item, grid-stride loops, no shared memory and no atomics
 element is written by exactly one thread, so results are deterministic):
 
 * squash_forward / squash_backward: one thread per capsule; norm, scale and the VJP fused.
-* routing_softmax: one thread per (example, child); the softmax over the parents.
+* routing_softmax: one thread per (example, child); the softmax over the parents (and, with
+  none_of_the_above, one more logit fixed at 0 that no parent stands for).
 * routing_agreement: one thread per (example, parent, child); b += <u_hat, v>.
 * routing_softmax_backward: one thread per (example, child); <u_hat, g_s>, the softmax VJP and
   the accumulation into the logits' gradient, fused.
@@ -108,9 +109,10 @@ KERNELS: dict[str, KernelDef] = {k.name: k for k in (
     KernelDef(
         "routing_softmax",
         ("const T* __restrict__ logits", "T* __restrict__ c", "long long batch", "long long parents",
-         "long long children"),
+         "long long children", "int none_of_the_above"),
         r"""
-    // logits and c are (batch, parents, children); the softmax runs over the parents.
+    // logits and c are (batch, parents, children); the softmax runs over the parents, and with
+    // none_of_the_above over one more logit fixed at 0 (counted in the max too, so exp never overflows).
     FOR_EACH_ITEM(k, batch * children) {
         const long long b = k / children;
         const long long i = k - b * children;
@@ -120,7 +122,8 @@ KERNELS: dict[str, KernelDef] = {k.name: k for k in (
             const T l = logits[base + j * children];
             m = l > m ? l : m;
         }
-        T z = T(0);
+        if (none_of_the_above && m < T(0)) m = T(0);
+        T z = none_of_the_above ? exp(-m) : T(0);
         for (long long j = 0; j < parents; ++j) {
             const T e = exp(logits[base + j * children] - m);
             c[base + j * children] = e;
@@ -373,15 +376,21 @@ def squash_backward(xp: Any, s: Any, g: Any) -> Any:
 # Routing works in the layout (B, J, N, E) for u_hat ("ut") and (B, J, N) for logits and
 # coupling coefficients, so that the softmax over parents j reads a stride-N column and every
 # other access is contiguous in the child index.
-def routing_softmax(xp: Any, logits: Any) -> Any:
-    """Coupling coefficients c = softmax over the parents (axis 1) of logits (B, J, N)."""
+def routing_softmax(xp: Any, logits: Any, none_of_the_above: bool = False) -> Any:
+    """Coupling coefficients c = softmax over the parents (axis 1) of logits (B, J, N); with
+    none_of_the_above over one more logit, fixed at 0, that no parent stands for."""
     if not uses_kernels(xp):
-        z = xp.exp(logits - logits.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
+        top = logits.max(axis=1, keepdims=True)
+        if none_of_the_above:
+            top = xp.maximum(top, 0)
+        z = xp.exp(logits - top)
+        total = z.sum(axis=1, keepdims=True)
+        return z / (total + xp.exp(-top) if none_of_the_above else total)
     logits = xp.ascontiguousarray(logits)
     bsz, j, n = logits.shape
     c = xp.empty_like(logits)
-    _launch("routing_softmax", logits.dtype, bsz * n, (logits, c, _ll(bsz), _ll(j), _ll(n)))
+    _launch("routing_softmax", logits.dtype, bsz * n,
+            (logits, c, _ll(bsz), _ll(j), _ll(n), _flag(none_of_the_above)))
     return c
 
 

@@ -50,7 +50,7 @@ def _forward(xp: Any, params: Params, x: Any, config: CapsNetConfig, labels: Any
         xp, h1, params["primary.weight"], params["primary.bias"], config.primary_dim, config.primary_stride
     )
     u_hat, pred_cache = ops._predictions_fwd(xp, u, params["digit.weight"])
-    (v, c), routing_cache = ops._routing_fwd(xp, u_hat, config.routing_iterations)
+    (v, c), routing_cache = ops._routing_fwd(xp, u_hat, config.routing_iterations, config.none_of_the_above)
     lengths = ops.capsule_lengths(v)
     recon = onehot = hs = None
     if config.use_decoder and decode:

@@ -218,7 +218,7 @@ def predictions_vjp(xp: Any, g: Array, u: Array, weight: Array):
 
 
 # ============================================================================== routing
-def _routing_fwd(xp, u_hat, iterations):
+def _routing_fwd(xp, u_hat, iterations, none_of_the_above=False):
     bsz, n, j, e = u_hat.shape
     # (B, J, N, E): the contractions over children are batched matmuls and the kernels read
     # children contiguously.
@@ -226,7 +226,7 @@ def _routing_fwd(xp, u_hat, iterations):
     logits = xp.zeros((bsz, j, n), dtype=u_hat.dtype)  # b_ij, one per example, starts at 0
     cs, ss, vs = [], [], []
     for t in range(iterations):
-        c = kernels.routing_softmax(xp, logits)  # over the parents j, never over the children
+        c = kernels.routing_softmax(xp, logits, none_of_the_above)  # over the parents j, never the children
         s = xp.ascontiguousarray(xp.matmul(c[:, :, None, :], ut)[:, :, 0, :])  # (B, J, E)
         v = kernels.squash_forward(xp, s)
         cs.append(c), ss.append(s), vs.append(v)
@@ -253,24 +253,27 @@ def _routing_bwd(xp, cache, g_v, g_c=None):
         # s_t = sum_i c_t u_hat, and (when t is not last) the agreement b_t = b_{t-1} + <u_hat, v_t>.
         g_ut = kernels.routing_grad_ut(xp, g_ut, g_logits, v, c, gs)
         if t > 0:  # b_0 = 0 is a constant: its gradient is never used
-            # c_t = softmax_j(b_{t-1}); b_{t-1} also passes straight through to b_t.
+            # c_t = softmax_j(b_{t-1}); b_{t-1} also passes straight through to b_t. (none_of_the_above's
+            # extra logit is a constant: the softmax's VJP c (gc - sum_j c gc) is the same.)
             g_logits = kernels.routing_softmax_backward(xp, ut, gs, c, g_c_t if last else None, g_logits)
     return xp.ascontiguousarray(g_ut.transpose(0, 2, 1, 3))
 
 
 @on_device
-def routing(xp: Any, u_hat: Array, iterations: int) -> tuple[Array, Array]:
+def routing(xp: Any, u_hat: Array, iterations: int, none_of_the_above: bool = False) -> tuple[Array, Array]:
     """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
 
-    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
+    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j (less than 1
+    with none_of_the_above).
     """
-    return _routing_fwd(xp, u_hat, iterations)[0]
+    return _routing_fwd(xp, u_hat, iterations, none_of_the_above)[0]
 
 
 @on_device
-def routing_vjp(xp: Any, g: tuple[Array, Array | None], u_hat: Array, iterations: int):
+def routing_vjp(xp: Any, g: tuple[Array, Array | None], u_hat: Array, iterations: int,
+                none_of_the_above: bool = False):
     """Gradient of routing with respect to (u_hat,), given g = (g_v, g_c); g_c may be None."""
-    return (_routing_bwd(xp, _routing_fwd(xp, u_hat, iterations)[1], *g),)
+    return (_routing_bwd(xp, _routing_fwd(xp, u_hat, iterations, none_of_the_above)[1], *g),)
 
 
 # ============================================================================== lengths

@@ -43,7 +43,8 @@ def forward(params: Params, x: jax.Array, config: CapsNetConfig, labels: jax.Arr
     h1 = jax.nn.relu(ops.conv2d(x, params["conv1.weight"], params["conv1.bias"], config.conv1_stride))
     u = ops.primary_capsules(h1, params["primary.weight"], params["primary.bias"], config.primary_dim,
                              config.primary_stride)
-    v, c = ops.routing(ops.predictions(u, params["digit.weight"]), config.routing_iterations)
+    v, c = ops.routing(ops.predictions(u, params["digit.weight"]), config.routing_iterations,
+                       config.none_of_the_above)
     n = config.num_decoder_layers
     recon = ops.decoder(ops.mask(v, labels), [params[f"decoder.{k}.weight"] for k in range(n)],
                         [params[f"decoder.{k}.bias"] for k in range(n)]) if config.use_decoder else None

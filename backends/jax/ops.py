@@ -105,19 +105,28 @@ def predictions(u: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.einsum("njed,bnd->bnje", weight, u)
 
 
-@_spec_op("iterations")
-def routing(u_hat: jax.Array, iterations: int) -> tuple[jax.Array, jax.Array]:
+def _coupling(b: jax.Array, none_of_the_above: bool) -> jax.Array:
+    """softmax over the parents (axis 2) of logits (B, N, J); with none_of_the_above over one more logit,
+    fixed at 0, that no parent stands for (appended, then dropped: softmax's own shift counts it)."""
+    if not none_of_the_above:
+        return jax.nn.softmax(b, axis=2)
+    return jax.nn.softmax(jnp.concatenate([b, jnp.zeros_like(b[:, :, :1])], axis=2), axis=2)[:, :, :-1]
+
+
+@_spec_op("iterations", "none_of_the_above")
+def routing(u_hat: jax.Array, iterations: int, none_of_the_above: bool = False) -> tuple[jax.Array, jax.Array]:
     """Procedure 1, routing by agreement: u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)), c the coupling
-    coefficients used in the last iteration (c[b, i] sums to 1 over j)."""
+    coefficients used in the last iteration (c[b, i] sums to 1 over j, less than 1 with none_of_the_above)."""
     def parents(c: jax.Array) -> jax.Array:  # v_j = squash(sum_i c_ij u_hat_j|i)
         return squash(jnp.einsum("bij,bije->bje", c, u_hat))
 
-    # b starts at 0 for each example, so the first c is softmax(0) = 1/J, written as such: XLA
-    # would otherwise spend seconds constant-folding the softmax of a large array of zeros.
-    b, c = jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], 1 / u_hat.shape[2], u_hat.dtype)
+    # b starts at 0 for each example, so the first c is softmax(0) = 1/J (1/(J+1) with the extra 0 logit),
+    # written as such: XLA would otherwise spend seconds constant-folding the softmax of a large array of zeros.
+    first = 1 / (u_hat.shape[2] + (1 if none_of_the_above else 0))
+    b, c = jnp.zeros(u_hat.shape[:3], u_hat.dtype), jnp.full(u_hat.shape[:3], first, u_hat.dtype)
     for _ in range(iterations - 1):  # unrolled, not lax.fori_loop: it compiles and runs faster (docs/backends.md)
         b = b + jnp.einsum("bije,bje->bij", u_hat, parents(c))  # b_ij += u_hat_j|i . v_j
-        c = jax.nn.softmax(b, axis=2)  # over the parents j
+        c = _coupling(b, none_of_the_above)  # over the parents j
     return parents(c), c
 
 

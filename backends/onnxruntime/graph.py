@@ -10,7 +10,8 @@ step below is the reference's arithmetic (capsspec/ops.py, model.py) spelled in 
       -> Conv -> Reshape (B, T, D, Gh, Gw) -> Transpose (B, T, Gh, Gw, D) -> Reshape (B, N, D)
          -> squash                                              PrimaryCaps, capsule i = (t*Gh + y)*Gw + x
       -> MatMul with digit.weight as (N, D, J*E)                predictions u_hat
-      -> routing, unrolled: softmax over the parents j of logits that start at 0 per example,
+      -> routing, unrolled: softmax over the parents j of logits that start at 0 per example
+         (with none_of_the_above, over them and one more 0 logit, Concat then Slice),
          s = c . u_hat, v = squash(s), logits += u_hat . v (not after the last iteration)
       -> lengths = sqrt(sum v^2)    predicted = ArgMax(lengths)  (first maximum: ties go to the lowest index)
       -> mask by the longest capsule (ArgMax of sum v^2, as the reference's mask) -> decoder
@@ -154,9 +155,20 @@ def _routing(g: _Graph, k: _Consts, uh: str, c: CapsNetConfig) -> tuple[str, str
                         axis=0)
     logits = g.op("ConstantOfShape", [logits_shape], value=helper.make_tensor("zero", TP.FLOAT, [1], [0.0]),
                   hint="logits")
+    nowhere = ""
+    if c.none_of_the_above:  # one more logit per child, fixed at 0, that no class stands for: (B, 1, N) zeros
+        nowhere_shape = g.op("Concat", [batch, g.const(np.array([1, c.num_primary], np.int64), "shape")], axis=0)
+        nowhere = g.op("ConstantOfShape", [nowhere_shape], value=helper.make_tensor("zero", TP.FLOAT, [1], [0.0]),
+                       hint="none_of_the_above")
     v = coupling = ""
     for t in range(c.routing_iterations):
-        coupling = g.op("Softmax", [logits], axis=1, hint=f"c{t}")  # over the parents j
+        if nowhere:  # softmax over the J parents and the 0 logit (its own shift counts it), then the J kept
+            both = g.op("Softmax", [g.op("Concat", [logits, nowhere], axis=1)], axis=1)
+            coupling = g.op("Slice", [both, g.const(np.array([0], np.int64)),
+                                      g.const(np.array([c.num_classes], np.int64)),
+                                      g.const(np.array([1], np.int64))], hint=f"c{t}")
+        else:
+            coupling = g.op("Softmax", [logits], axis=1, hint=f"c{t}")  # over the parents j
         s = g.op("MatMul", [g.op("Unsqueeze", [coupling, g.const(np.array([2], np.int64))]), uh])  # (B, J, 1, E)
         s = g.op("Squeeze", [s, g.const(np.array([2], np.int64))], hint=f"s{t}")  # (B, J, E)
         v = _squash(g, s, k.last_axis, k.zero, k.one, f"v{t}")
@@ -244,7 +256,8 @@ def build_model(params: Mapping[str, np.ndarray], config: CapsNetConfig, *, with
     model.ir_version = IR_VERSION
 
     meta = {"capsspec_version": __version__, "config": json.dumps(c.to_dict(), sort_keys=True),
-            "routing": f"{c.routing_iterations} iterations, unrolled",
+            "routing": f"{c.routing_iterations} iterations, unrolled"
+                       + (", with the none-of-the-above logit" if c.none_of_the_above else ""),
             "outputs": ", ".join(o.name for o in outputs)}
     helper.set_model_props(model, meta)
     return model

@@ -111,13 +111,16 @@ class DigitCaps(tf.Module):
     """The class capsules: u_hat = W u (one W (E, D) per child/parent pair, no bias), then routing
     by agreement. __call__(u) -> (v (B, J, E), coupling c (B, N, J))."""
 
-    def __init__(self, weight: Any, routing_iterations: int, name: str | None = None) -> None:
+    def __init__(self, weight: Any, routing_iterations: int, none_of_the_above: bool = False,
+                 name: str | None = None) -> None:
         super().__init__(name=name)
         self.routing_iterations = routing_iterations
+        self.none_of_the_above = none_of_the_above
         self.weight = tf.Variable(weight, name="weight")  # (N, J, E, D)
 
     def __call__(self, u: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return ops._routing_bjne(ops._predictions_bjne(u, self.weight), self.routing_iterations)
+        return ops._routing_bjne(ops._predictions_bjne(u, self.weight), self.routing_iterations,
+                                 self.none_of_the_above)
 
 
 class Dense(tf.Module):
@@ -189,7 +192,7 @@ class CapsNet(tf.Module):
             self.conv1 = Conv2D(p["conv1.weight"], p["conv1.bias"], c.conv1_stride, name="conv1")
             self.primary = PrimaryCaps(p["primary.weight"], p["primary.bias"], c.primary_stride, c.primary_dim,
                                        name="primary")
-            self.digit = DigitCaps(p["digit.weight"], c.routing_iterations, name="digit")
+            self.digit = DigitCaps(p["digit.weight"], c.routing_iterations, c.none_of_the_above, name="digit")
             self.decoder = (Decoder([Dense(p[f"decoder.{k}.weight"], p[f"decoder.{k}.bias"], name=f"decoder_{k}")
                                      for k in range(c.num_decoder_layers)], name="decoder")
                             if c.use_decoder else None)

@@ -79,6 +79,10 @@ def vjp(f: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[[Any], tupl
 
 def _conv2d_nhwc(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, stride: int) -> tf.Tensor:
     """Valid cross-correlation in TensorFlow's layouts: x (B,H,W,C), kernel (kh,kw,C,O) -> (B,Ho,Wo,O)."""
+    if stride > 1 and kernel.shape[0] == 1 and kernel.shape[1] == 1:
+        # TensorFlow 2.21's CPU (oneDNN) gradient of a 1x1 convolution of stride 2 corrupts the heap (abort or
+        # segfault, found by the conformance suite). The same arithmetic: the 1x1 convolution of every stride-th pixel.
+        x, stride = x[:, ::stride, ::stride], 1
     return tf.nn.bias_add(tf.nn.conv2d(x, kernel, strides=stride, padding="VALID"), bias)
 
 
@@ -168,14 +172,23 @@ def _predictions_bjne(u: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
     return tf.transpose(_predictions_nbje(u, weight), (1, 2, 0, 3))
 
 
-def _routing_bjne(ut: tf.Tensor, iterations: int) -> tuple[tf.Tensor, tf.Tensor]:
+def _coupling(logits: tf.Tensor, none_of_the_above: bool) -> tf.Tensor:
+    """softmax over the parents (axis 1) of logits (B, J, N); with none_of_the_above over one more logit,
+    fixed at 0, that no parent stands for (appended, then dropped: softmax's own shift counts it)."""
+    if not none_of_the_above:
+        return tf.nn.softmax(logits, axis=1)
+    nowhere = tf.zeros_like(logits[:, :1])
+    return tf.nn.softmax(tf.concat([logits, nowhere], axis=1), axis=1)[:, :-1]
+
+
+def _routing_bjne(ut: tf.Tensor, iterations: int, none_of_the_above: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """Routing on u_hat laid out (B, J, N, E), so both contractions are batched matmuls over (B, J).
 
     Returns v (B, J, E) and the last iteration's coupling coefficients c (B, N, J).
     """
     logits = tf.zeros(tf.shape(ut)[:3], dtype=ut.dtype)  # b_ij, one set per example, starting at 0
     for t in range(iterations):
-        c = tf.nn.softmax(logits, axis=1)  # over the parents j, never over the children i
+        c = _coupling(logits, none_of_the_above)  # over the parents j, never over the children i
         s = tf.squeeze(tf.matmul(c[:, :, tf.newaxis, :], ut), axis=2)  # (B, J, E)
         v = squash(s)
         if t + 1 < iterations:  # the last update of b cannot change any output
@@ -184,12 +197,13 @@ def _routing_bjne(ut: tf.Tensor, iterations: int) -> tuple[tf.Tensor, tf.Tensor]
     return v, tf.transpose(c, (0, 2, 1))
 
 
-def routing(u_hat: tf.Tensor, iterations: int) -> tuple[tf.Tensor, tf.Tensor]:
+def routing(u_hat: tf.Tensor, iterations: int, none_of_the_above: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
 
-    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
+    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j (less than 1
+    with none_of_the_above).
     """
-    return _routing_bjne(tf.transpose(u_hat, (0, 2, 1, 3)), iterations)
+    return _routing_bjne(tf.transpose(u_hat, (0, 2, 1, 3)), iterations, none_of_the_above)
 
 
 def capsule_lengths(v: tf.Tensor) -> tf.Tensor:

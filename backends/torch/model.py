@@ -64,9 +64,10 @@ class DigitCaps(nn.Module):
     routing by agreement. forward(u) -> (v (B, J, E), coupling c (B, N, J))."""
 
     def __init__(self, num_primary: int, num_classes: int, class_dim: int, primary_dim: int,
-                 routing_iterations: int, **factory: Any) -> None:
+                 routing_iterations: int, none_of_the_above: bool = False, **factory: Any) -> None:
         super().__init__()
         self.routing_iterations = routing_iterations
+        self.none_of_the_above = none_of_the_above
         self.weight = nn.Parameter(torch.empty(num_primary, num_classes, class_dim, primary_dim, **factory))
         self.reset_parameters()
 
@@ -76,7 +77,7 @@ class DigitCaps(nn.Module):
         nn.init.normal_(self.weight, 0.0, 0.01)
 
     def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.routing(ops.predictions(u, self.weight), self.routing_iterations)
+        return ops.routing(ops.predictions(u, self.weight), self.routing_iterations, self.none_of_the_above)
 
 
 class Decoder(nn.Sequential):
@@ -125,7 +126,7 @@ class CapsNet(nn.Module):
         self.primary = PrimaryCaps(c.conv1_channels, c.primary_types, c.primary_dim, c.primary_kernel,
                                    c.primary_stride, **factory)
         self.digit = DigitCaps(c.num_primary, c.num_classes, c.class_dim, c.primary_dim, c.routing_iterations,
-                               **factory)
+                               c.none_of_the_above, **factory)
         self.decoder = (Decoder([c.num_classes * c.class_dim, *c.decoder_widths, c.image_size], **factory)
                         if c.use_decoder else None)
         # Set by TorchBackend (fast=True / compile=True on CUDA): train_step takes the fast path.

@@ -17,8 +17,9 @@ Numerics the spec fixes (docs/spec.md) and how they are met under autograd:
 * capsule_lengths has gradient 0 at v = 0 (same double where).
 * Both hold over the whole finite range: where |s|^2 over- or underflows, |s| is max|s_i| |s / max|s_i||
   (_norm_parts), and beyond sqrt(max) squash is the unit vector; elsewhere the arithmetic is the above.
-* routing: b starts at 0 per example, softmax over the parents j, nothing detached, the
-  coupling coefficients returned are the last iteration's; only the iterations are a loop.
+* routing: b starts at 0 per example, softmax over the parents j (and the 0 logit of
+  none_of_the_above when set), nothing detached, the coupling coefficients returned are the
+  last iteration's; only the iterations are a loop.
 
 What this module must never do: import the reference's implementation, or change its inputs.
 """
@@ -117,17 +118,27 @@ def predictions(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(n, u.shape[0], j, e).transpose(0, 1)
 
 
-def routing(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _coupling(logits: torch.Tensor, none_of_the_above: bool) -> torch.Tensor:
+    """softmax over the parents (dim 1) of logits (B, J, N); with none_of_the_above over one more logit,
+    fixed at 0, that no parent stands for (appended, then dropped: softmax's own shift counts it)."""
+    if not none_of_the_above:
+        return torch.softmax(logits, dim=1)
+    nowhere = logits.new_zeros(logits.shape[0], 1, logits.shape[2])
+    return torch.softmax(torch.cat([logits, nowhere], dim=1), dim=1)[:, :-1]
+
+
+def routing(u_hat: torch.Tensor, iterations: int, none_of_the_above: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Procedure 1, routing by agreement. u_hat (B,N,J,E) -> (v (B,J,E), c (B,N,J)).
 
-    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j.
+    c are the coupling coefficients used in the last iteration: c[b, i] sums to 1 over j (less than 1
+    with none_of_the_above).
     """
     bsz, n, j, e = u_hat.shape
     # (B, J, N, E): both contractions below become batched matrix products over (B, J).
     ut = u_hat.permute(0, 2, 1, 3).contiguous()
     logits = u_hat.new_zeros(bsz, j, n)  # b_ij, one set per example, starting at 0
     for t in range(iterations):
-        c = torch.softmax(logits, dim=1)  # over the parents j, never over the children i
+        c = _coupling(logits, none_of_the_above)  # over the parents j, never over the children i
         s = torch.matmul(c.unsqueeze(2), ut).squeeze(2)  # (B, J, E)
         v = squash(s)
         if t + 1 < iterations:  # the last update of b cannot change any output

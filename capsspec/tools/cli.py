@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import FIELD_LIMITS
+from ..training.presets import PRESETS, preset_help
 from .args import (OneLineParser, UsageError, backend_option, check_out_file, check_out_folder, finite_float,
                    int_in)
 
@@ -149,8 +150,15 @@ def _image_flags(g: Any) -> None:
                         "(several labels separated by ';'); the model's channels, size and classes come from them")
     g.add_argument("--image-size", type=int_in(1, FIELD_LIMITS["input_height"]), nargs=2, default=None, metavar=("H", "W"),
                    help="--data: resize every image to H x W (Pillow, bilinear)")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="--data: convert the images to 1 (grey) or 3 (RGB) channels (default: as the data are)")
+    g.add_argument("--channels", type=int, choices=(1, 2, 3), default=None,
+                   help="--data: convert the images to 1 (grey) or 3 (RGB) channels (default: as the data are); 2: "
+                        "an .npz of 2-channel images, taken as they are")
+    g.add_argument("--crop", type=int_in(1, FIELD_LIMITS["input_height"]), nargs=2, default=None, metavar=("H", "W"),
+                   help="--data: the model sees H x W crops: random ones in training (replacing the shifts), the "
+                        "centre one in evaluation, eval, predict and figures")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="--data: the paper's section-7 settings; flags you name override the preset's values. "
+                        + preset_help())
     g.add_argument("--layout", choices=("nchw", "nhwc"), default=None,
                    help="--data FILE.npz: the arrays' layout, when their shapes cannot tell it")
     g.add_argument("--skip-bad-images", action="store_true", default=None,
@@ -165,6 +173,9 @@ def _train_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--conv1-channels", type=int_in(1, FIELD_LIMITS["conv1_channels"]), default=None, help="default 256")
     g.add_argument("--primary-types", type=int_in(1, FIELD_LIMITS["primary_types"]), default=None, help="capsule types in PrimaryCaps (default 32)")
     g.add_argument("--primary-dim", type=int_in(1, FIELD_LIMITS["primary_dim"]), default=None, help="default 8")
+    g.add_argument("--class-dim", type=int_in(1, FIELD_LIMITS["class_dim"]), default=None, help="default 16")
+    g.add_argument("--none-of-the-above", action="store_true", default=None,
+                   help="routing's softmax gets one more logit, fixed at 0, that no class stands for (docs/spec.md)")
     g.add_argument("--conv1-kernel", type=int_in(1, FIELD_LIMITS["conv1_kernel"]), default=None, help="default 9")
     g.add_argument("--conv1-stride", type=int_in(1, FIELD_LIMITS["conv1_stride"]), default=None, help="default 1")
     g.add_argument("--primary-kernel", type=int_in(1, FIELD_LIMITS["primary_kernel"]), default=None, help="default 9")
@@ -311,8 +322,9 @@ def _train_values(args: argparse.Namespace):
     fills what was left out from the run itself (its backend, device and dtype included)."""
     from ..config import AdamConfig, CapsNetConfig
     from ..training.settings import TrainSettings, plan_resume
-    from .own_images import image_settings
+    from .own_images import apply_preset, image_settings
 
+    apply_preset(args)
     config_flags = _config_flags(args)
     adam_flags = {"lr": args.lr, "decay_rate": args.lr_decay_rate, "decay_steps": args.lr_decay_steps,
                   "lr_floor": args.lr_floor}
@@ -349,7 +361,8 @@ def _train_values(args: argparse.Namespace):
 def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The model's fields the train flags name (None: not named)."""
     return {"routing_iterations": args.routing_iterations, "conv1_channels": args.conv1_channels,
-            "primary_types": args.primary_types, "primary_dim": args.primary_dim,
+            "primary_types": args.primary_types, "primary_dim": args.primary_dim, "class_dim": args.class_dim,
+            "none_of_the_above": args.none_of_the_above,
             "reconstruction_scale": args.reconstruction_scale, "use_decoder": False if args.no_decoder else None,
             "conv1_kernel": args.conv1_kernel, "conv1_stride": args.conv1_stride,
             "primary_kernel": args.primary_kernel, "primary_stride": args.primary_stride}
@@ -418,6 +431,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         say(f"capsspec: training on backend {why}; {avail.version or ''} on {avail.device}")
         splits = own if own is not None else _mnist_splits(args.data_dir, config, settings)
         shifts = ("MultiMNIST pairs, each digit shifted up to 4 px" if settings.dataset == "multimnist" else
+                  f"random {settings.crop[0]}x{settings.crop[1]} crops" if settings.crop else
                   f"shifts up to {settings.max_shift} px")
         say(f"capsspec: {splits.train_x.shape[0]} training images per epoch ({shifts}), "
               f"{splits.val_x.shape[0]} validation, {splits.test_x.shape[0]} test; {config.parameter_count():,} "

@@ -2,7 +2,8 @@
 
 Each file is read as training read it (capsspec.training.decode_cache.read_image: converted to
 the model's channels, resized with the same filter to the model's size when it differs, scaled
-by 1/255), so a test image gets the prediction `capsspec eval` counted for it. A capsule's
+by 1/255; a model trained on crops: resized as training resized it, then its centre crop), so a
+test image gets the prediction `capsspec eval` counted for it. A capsule's
 length lies in [0, 1) and is the network's probability-like score that the class is present
 (the lengths are not a distribution: they need not sum to 1). A checkpoint trained with K labels
 per image predicts its K longest capsules. A folder argument predicts every image file under it
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["predict_command", "expand_files", "predict_files"]
+__all__ = ["predict_command", "expand_files", "predict_files", "reading"]
 
 
 def expand_files(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -43,17 +44,41 @@ def expand_files(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, bad
 
 
+def reading(ck: Any) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(the size to resize a file to, the centre crop to take then) that give the checkpoint's model its input."""
+    s, config = ck.training or {}, ck.config
+    if not s.get("crop_height"):
+        return (config.input_height, config.input_width), None
+    size = (s["image_height"], s["image_width"]) if s.get("image_height") else None
+    return size, (config.input_height, config.input_width)
+
+
+def _read(path: Path, channels: int, size: tuple[int, int] | None, crop: tuple[int, int] | None) -> np.ndarray:
+    from ..training.augmentation import centre_offset
+    from ..training.decode_cache import read_image
+
+    a = read_image(path, channels, size)
+    if crop is None:
+        return a
+    if a.shape[1] < crop[0] or a.shape[2] < crop[1]:
+        raise ValueError(f"a {a.shape[1]}x{a.shape[2]} image is smaller than the model's {crop[0]}x{crop[1]} crop")
+    top, left = centre_offset(a.shape[1], crop[0]), centre_offset(a.shape[2], crop[1])
+    return a[:, top:top + crop[0], left:left + crop[1]]
+
+
 def predict_files(backend: Any, ck: Any, files: list[Path], batch_size: int = 64
                   ) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[str, str]]]:
     """([(file, capsule lengths (J,))], [(file, why it could not be read)])."""
-    from ..training.decode_cache import read_image
-
     config = ck.config
+    if config.input_channels not in (1, 3):
+        raise ValueError(f"this checkpoint's model takes {config.input_channels}-channel images; image files have 1 "
+                         "or 3 channels (evaluate it on an .npz with capsspec eval --data)")
     params = backend.params_from_numpy(ck.params, config)
+    size, crop = reading(ck)
     good, bad, images = [], [], []
     for f in files:
         try:
-            images.append(read_image(f, config.input_channels, (config.input_height, config.input_width)))
+            images.append(_read(f, config.input_channels, size, crop))
             good.append(f)
         except (OSError, ValueError, SyntaxError) as exc:
             bad.append((str(f), " ".join(str(exc).split()) or type(exc).__name__))

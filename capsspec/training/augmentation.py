@@ -1,4 +1,7 @@
-"""The paper's augmentation: random integer shifts of up to 2 pixels, zero padded, training only.
+"""The paper's augmentation: random integer shifts of up to 2 pixels, zero padded, training only;
+and the crops of its section-7 settings (capsspec.training.presets): a crop per image at given
+offsets (random ones in training, drawn by capsspec.training.splits.epoch_crops; the centre,
+centre_offset, everywhere else).
 
 Each image is shifted by (dy, dx), each drawn independently and uniformly from
 {-max_shift, ..., max_shift}; pixels moved in from outside are 0, pixels moved out are lost.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MAX_SHIFT", "random_shifts", "shift_images", "augment_batch"]
+__all__ = ["MAX_SHIFT", "random_shifts", "shift_images", "augment_batch", "crop_images", "centre_offset"]
 
 MAX_SHIFT = 2  # the paper's "shifted by up to 2 pixels in each direction"
 
@@ -73,3 +76,25 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, max_shift: int =
     _check_images(images)
     dy, dx = random_shifts(rng, images.shape[0], max_shift)
     return shift_images(images, dy, dx)
+
+
+def centre_offset(size: int, crop: int) -> int:
+    """Where the centre crop of `crop` pixels starts in `size` (an odd margin leaves the extra pixel at the end)."""
+    if not 1 <= crop <= size:
+        raise ValueError(f"a crop of {crop} pixels does not fit in {size}")
+    return (size - crop) // 2
+
+
+def crop_images(images: np.ndarray, top: np.ndarray, left: np.ndarray, height: int, width: int) -> np.ndarray:
+    """out[n, c, y, x] = images[n, c, top[n] + y, left[n] + x]: a height x width window of each image (a new array)."""
+    _check_images(images)
+    n, c, h, w = images.shape
+    top, left = np.asarray(top, dtype=np.int64), np.asarray(left, dtype=np.int64)
+    if top.shape != (n,) or left.shape != (n,):
+        raise ValueError(f"top and left must have shape ({n},), got {top.shape} and {left.shape}")
+    if n and (top.min() < 0 or left.min() < 0 or top.max() + height > h or left.max() + width > w):
+        raise ValueError(f"a {height}x{width} crop at these offsets leaves a {h}x{w} image")
+    rows = top[:, None] + np.arange(height)[None, :]
+    cols = left[:, None] + np.arange(width)[None, :]
+    return images[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]

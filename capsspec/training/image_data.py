@@ -18,6 +18,11 @@ rest by the seed (default: VAL_FRACTION of them).
 What the model gets from the data: input channels, height, width and the number of classes
 (`config_for`); several labels per image ((N, K) labels) train with the margin loss's (B, K)
 form and no decoder (docs/own-images.md says why).
+
+With a crop (settings.crop, from a preset of capsspec.training.presets or --crop) the model's input
+is the crop: every split's view gives the centre crop, and training batches
+(CroppedImageSplits.training_batch, which the trainer calls in place of indexing train_x) a
+random crop per image, drawn by splits.epoch_crops from (seed, epoch) alone.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from typing import Any, Callable, Mapping, TextIO
 import numpy as np
 
 from ..config import CapsNetConfig
-from .splits import Splits, split_data
+from .augmentation import centre_offset, crop_images
+from .splits import Splits, epoch_crops, split_data
 
-__all__ = ["TEST_FRACTION", "TEST_SEED", "VAL_FRACTION", "ImageView", "ImageSplits", "ImageData", "open_images",
-           "image_splits", "config_for", "default_val_size", "data_kind"]
+__all__ = ["TEST_FRACTION", "TEST_SEED", "VAL_FRACTION", "ImageView", "ImageSplits", "CroppedImageSplits", "ImageData",
+           "open_images", "image_splits", "config_for", "default_val_size", "data_kind", "check_crop"]
 
 TEST_FRACTION = 0.2
 TEST_SEED = 0
@@ -43,11 +49,13 @@ VAL_FRACTION = 0.1
 
 
 class ImageView:
-    """Rows `index` of an (N, C, H, W) pool, indexable like a float32 array in [0, 1] (uint8 rows scaled by 1/255)."""
+    """Rows `index` of an (N, C, H, W) pool, indexable like a float32 array in [0, 1] (uint8 rows scaled by 1/255);
+    with crop (h, w), the centre h x w of each image."""
 
-    def __init__(self, pool: np.ndarray, index: np.ndarray) -> None:
+    def __init__(self, pool: np.ndarray, index: np.ndarray, crop: tuple[int, int] | None = None) -> None:
         self.pool, self.index = pool, np.asarray(index, dtype=np.int64)
-        self.shape = (int(self.index.size), *pool.shape[1:])
+        self.crop = None if crop is None or tuple(crop) == tuple(pool.shape[2:]) else tuple(crop)
+        self.shape = (int(self.index.size), pool.shape[1], *(self.crop or pool.shape[2:]))
         self.ndim = 4
 
     def __len__(self) -> int:
@@ -58,6 +66,9 @@ class ImageView:
         if np.ndim(rows) == 0:
             rows = np.asarray([rows])
         a = self.pool[rows]
+        if self.crop is not None:
+            top, left = (centre_offset(s, c) for s, c in zip(self.pool.shape[2:], self.crop))
+            a = a[:, :, top:top + self.crop[0], left:left + self.crop[1]]
         return a.astype(np.float32) / np.float32(255.0) if a.dtype == np.uint8 else np.array(a, dtype=np.float32)
 
 
@@ -81,6 +92,24 @@ class ImageSplits(Splits):
             if len(x):
                 h.update(np.ascontiguousarray(x[np.arange(0, len(x), 97)][:, :, ::3, ::3]).tobytes())
         return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CroppedImageSplits(ImageSplits):
+    """ImageSplits whose model sees crops: train_x (like val_x and test_x) gives centre crops, and the trainer
+    takes its training batches from `training_batch`, a random crop of each image drawn for the epoch."""
+
+    seed: int = 0
+
+    def training_batch(self, epoch: int, idx: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, None]:
+        """(images, labels, None) of training positions idx in epoch `epoch` (1-based): random crops, the same
+        for the same (seed, epoch, image) however the epoch is split into runs."""
+        view = self.train_x
+        _, _, h, w = view.pool.shape
+        ch, cw = view.shape[2:]
+        top, left = epoch_crops(self.seed, epoch, view.shape[0], (h - ch, w - cw))
+        whole = ImageView(view.pool, view.index)[idx]
+        return crop_images(whole, top[idx], left[idx], ch, cw).astype(dtype), self.train_y[idx], None
 
 
 @dataclass
@@ -130,6 +159,10 @@ def open_images(path: str | os.PathLike, *, size: tuple[int, int] | None = None,
         return data
     if layout is not None:
         raise ValueError("--layout is for .npz arrays; image files have no layout to choose (leave the flag out)")
+    if channels == 2:
+        raise ValueError(f"--data {path}: image files have 1 (grey) or 3 (RGB) channels, not 2; give 2-channel images "
+                         "(smallNORB's stereo pairs) as an .npz with x_train, x_test of shape (N, 2, H, W) "
+                         "(docs/own-images.md, Presets)")
     return _from_files(path, kind, size, channels, skip_bad, progress, check)
 
 
@@ -237,14 +270,30 @@ def image_splits(data: ImageData, settings: Any) -> ImageSplits:
                     f"(fixed seed {TEST_SEED}, the same for every run), {test.size} images")
     info["labels_per_image"] = int(data.labels.shape[1]) if data.multi_label else 1
     info["validation"] = "the source's own" if data.parts["val"] is not None else f"{val.size} held out by the seed"
-    return ImageSplits(ImageView(data.pool, train), data.labels[train], ImageView(data.pool, val), data.labels[val],
-                       ImageView(data.pool, test), data.labels[test], class_names=data.class_names, info=info)
+    crop = getattr(settings, "crop", None)
+    views = [ImageView(data.pool, i, crop) for i in (train, val, test)]
+    arrays = (views[0], data.labels[train], views[1], data.labels[val], views[2], data.labels[test])
+    if crop is None:
+        return ImageSplits(*arrays, class_names=data.class_names, info=info)
+    info["crop"] = f"{crop[0]}x{crop[1]}: random in training, the centre for validation and test"
+    return CroppedImageSplits(*arrays, class_names=data.class_names, info=info, seed=settings.seed)
 
 
-def config_for(data: ImageData, flags: Mapping[str, Any]) -> CapsNetConfig:
-    """The model for data: the given config fields (None: the default), the data's input shape and classes, and
-    no decoder for several labels per image."""
-    c, h, w = data.pool.shape[1:]
+def check_crop(shape: tuple[int, ...], crop: tuple[int, int] | None, path: Any) -> tuple[int, int, int]:
+    """The model's input (C, H, W) for images of shape (C, H, W) and crop; refuses a crop larger than the images."""
+    c, h, w = (int(s) for s in shape)
+    if crop is None:
+        return c, h, w
+    if crop[0] > h or crop[1] > w:
+        raise ValueError(f"--crop {crop[0]} {crop[1]}: the images of {path} are {h}x{w}, smaller than the crop; "
+                         "choose a smaller --crop or a larger --image-size")
+    return c, int(crop[0]), int(crop[1])
+
+
+def config_for(data: ImageData, flags: Mapping[str, Any], crop: tuple[int, int] | None = None) -> CapsNetConfig:
+    """The model for data: the given config fields (None: the default), the data's input shape (the crop's, with
+    a crop) and classes, and no decoder for several labels per image."""
+    c, h, w = check_crop(data.pool.shape[1:], crop, data.info["source"])
     fields: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     fields.update(input_channels=int(c), input_height=int(h), input_width=int(w), num_classes=len(data.class_names))
     if data.multi_label:

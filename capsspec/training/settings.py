@@ -84,6 +84,11 @@ class TrainSettings:
     channels: int | None = None
     layout: str | None = None
     skip_bad_images: bool = False
+    # crop_height/width: the model sees crops of the (resized) images, random in training, the centre
+    # elsewhere (capsspec.training.presets); preset: the name of the preset the run was started with.
+    crop_height: int | None = None
+    crop_width: int | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
@@ -126,12 +131,35 @@ class TrainSettings:
         for name in ("image_height", "image_width"):
             if getattr(self, name) is not None:
                 _check_int(f"TrainSettings.{name}", getattr(self, name), 1)
-        if self.channels not in (None, 1, 3):
-            raise ValueError(f"TrainSettings.channels must be 1 or 3 (or None: the data's), got {self.channels!r}")
+        if self.channels not in (None, 1, 2, 3):
+            raise ValueError(f"TrainSettings.channels must be 1, 2 or 3 (or None: the data's), got {self.channels!r}")
+        self._check_crop()
         if self.layout not in (None, "nchw", "nhwc"):
             raise ValueError(f"TrainSettings.layout must be 'nchw' or 'nhwc' (or None), got {self.layout!r}")
         if not isinstance(self.skip_bad_images, bool):
             raise ValueError(f"TrainSettings.skip_bad_images must be a bool, got {self.skip_bad_images!r}")
+
+    def _check_crop(self) -> None:
+        if (self.crop_height is None) != (self.crop_width is None):
+            raise ValueError("TrainSettings.crop_height and crop_width go together: set both or neither")
+        if self.crop is None:
+            return
+        for name in ("crop_height", "crop_width"):
+            _check_int(f"TrainSettings.{name}", getattr(self, name), 1)
+        if self.dataset != "images":
+            raise ValueError("TrainSettings.crop_height/crop_width are for your own images (dataset 'images')")
+        if self.max_shift:
+            raise ValueError(f"TrainSettings.max_shift={self.max_shift}: a random crop already moves the image, so "
+                             "max_shift must be 0 with a crop")
+        size = self.image_size
+        if size is not None and (self.crop_height > size[0] or self.crop_width > size[1]):
+            raise ValueError(f"TrainSettings: a {self.crop_height}x{self.crop_width} crop does not fit in images "
+                             f"resized to {size[0]}x{size[1]}")
+
+    @property
+    def crop(self) -> tuple[int, int] | None:
+        """(crop_height, crop_width), or None: the model sees the whole image."""
+        return None if self.crop_height is None else (self.crop_height, self.crop_width)
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -162,7 +190,8 @@ RESUME_MAY_SWITCH = ("backend", "device", "backend_options", "dtype")
 REPRODUCIBILITY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainSettings)
                                if f.name not in RESUME_MAY_CHANGE + RESUME_MAY_SWITCH)
 SETTING_DEFAULTS = {"dataset": "mnist", "images_per_epoch": None, "data": None, "image_height": None,
-                    "image_width": None, "channels": None, "layout": None, "skip_bad_images": False}  # fields added after checkpoints were written
+                    "image_width": None, "channels": None, "layout": None, "skip_bad_images": False,
+                    "crop_height": None, "crop_width": None, "preset": None}  # fields added after checkpoints were written
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The data of a run: the training, validation and test split, and the seeded draws of each epoch.
 
 Every random choice derives from (seed, purpose[, epoch]) through numpy.random.SeedSequence:
-the validation split from (seed, 1), epoch e's shuffle from (seed, 2, e) and its augmentation
-shifts from (seed, 3, e). A resumed run re-derives an epoch's generators from these functions
+the validation split from (seed, 1), epoch e's shuffle from (seed, 2, e), its augmentation
+shifts from (seed, 3, e) and, for a run with a crop (capsspec.training.presets), its crops' offsets
+from (seed, 4, e): one per training image, drawn whole for the epoch (`epoch_crops`). A resumed run re-derives an epoch's generators from these functions
 alone (`epoch_draws`), which is what makes it bit-exact.
 """
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # annotations only: settings does not import this module eith
     from .settings import TrainSettings
 
 # SeedSequence purposes: one stream per kind of random choice.
-_STREAM_VALIDATION, _STREAM_SHUFFLE, _STREAM_AUGMENT = 1, 2, 3
+_STREAM_VALIDATION, _STREAM_SHUFFLE, _STREAM_AUGMENT, _STREAM_CROP = 1, 2, 3, 4
 RNG_SCHEME = ("numpy PCG64 from SeedSequence((seed, stream, epoch)); streams: 1 validation split, 2 shuffle, "
               "3 shifts; 'augment' is the shift generator's state after the epoch's first 'batch' batches")
 
@@ -104,6 +105,16 @@ def epoch_draws(settings: TrainSettings, epoch: int, batches_done: int,
         for b in range(batches_done):
             random_shifts(shifts, min(settings.batch_size, n_train - b * settings.batch_size), settings.max_shift)
     return perm, shuffle, shifts
+
+
+def epoch_crops(seed: int, epoch: int, n_train: int, room: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(top, left) of every training image's crop in epoch `epoch`, each int64 (n_train,): top uniform in
+    [0, room[0]], left in [0, room[1]] (room: the image's size less the crop's), top drawn before left.
+    A function of (seed, epoch) alone, indexed by the image's position in the training split: a
+    resumed run draws the same crops without replaying anything."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _STREAM_CROP, epoch]))
+    top = rng.integers(0, room[0] + 1, size=n_train, dtype=np.int64)
+    return top, rng.integers(0, room[1] + 1, size=n_train, dtype=np.int64)
 
 
 def rng_record(settings: TrainSettings, epoch: int, batches_done: int, n_train: int) -> dict[str, Any]:

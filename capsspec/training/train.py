@@ -352,7 +352,7 @@ def _training_batch(run: _Run, idx: np.ndarray, shift_rng: np.random.Generator
     s, data = run.settings, run.data
     if callable(getattr(data, "training_batch", None)):  # generated data: a function of (seed, epoch, idx)
         xb, yb, tb = data.training_batch(run.epoch, idx, s.dtype)
-        return np.ascontiguousarray(xb, dtype=s.dtype), yb, np.ascontiguousarray(tb, dtype=s.dtype)
+        return np.ascontiguousarray(xb, dtype=s.dtype), yb, None if tb is None else np.ascontiguousarray(tb, s.dtype)
     xb = augment_batch(data.train_x[idx], shift_rng, s.max_shift) if s.max_shift else data.train_x[idx]
     return np.ascontiguousarray(xb, dtype=s.dtype), data.train_y[idx], None
 
