@@ -20,3 +20,13 @@ known_gaps/<backend>.txt lists what a backend is known not to meet yet.
 
 Importing this package imports nothing (no framework, no Hypothesis).
 """
+
+__all__ = ["check_op", "assert_conforms", "Report"]
+
+
+def __getattr__(name: str):  # the public API of "Check your own CapsNet" (own.py), imported on first use
+    if name in __all__:
+        from . import own
+
+        return getattr(own, name)
+    raise AttributeError(f"module 'capsspec.conformance' has no attribute {name!r}")

@@ -1,0 +1,350 @@
+"""Check your own CapsNet: one call holds a user's piece (squash, routing, a loss...) to the reference.
+
+    from capsspec.conformance import check_op
+    report = check_op("squash", my_squash, framework="torch", layout="batch caps dim")
+    print(report)                 # what was checked, on how many draws; on failure the smallest
+                                  # counterexample, reference and user side by side, the named
+                                  # deviation and the line that reproduces it
+    report.raise_for_failure()    # or assert_conforms(...) in a test
+
+The draws are the suite's (own_ops.py: each piece's record, strategies and tolerance levels);
+Hypothesis runs them under a profile of profiles.py (ci: derandomised; full: random, ~10x the
+examples) and shrinks a failure to its smallest draw. The user's function runs in its own
+framework (frameworks.py), forward and, through that framework's autodiff, backward; its axes
+are permuted to and from the reference's order by the layout (layouts.py). A mismatch is named
+when it matches a known deviation (deviations.py).
+
+What this module must never do: raise for a mismatch unless asked (raise_for_failure), or report
+a pass for a draw it did not compare.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import frameworks, profiles
+from .check_kit import acceptable_argmax
+from .compare import ConformanceFailure, Context, assert_close, summarize
+from .deviations import Deviation, name_forward, name_gradient
+from .layouts import parse
+from .own_ops import (PIECES, Draw, Options, cotangents_to_user, draw_case, grads_to_canonical, outputs_to_canonical,
+                      piece_recipes, user_args, with_iterations)
+from .records import record
+
+__all__ = ["check_op", "assert_conforms", "Report", "Failure", "PIECES"]
+
+
+@dataclass
+class Failure:
+    """The smallest failing draw Hypothesis found, and what went wrong on it."""
+
+    what: str  # e.g. "forward v", "gradient d/du_hat", "raised"
+    message: str
+    recipe: dict[str, Any]
+    dtype: str
+    reference: Any = None  # canonical float64
+    user: Any = None  # canonical, the user's values
+    inputs: dict[str, Any] = field(default_factory=dict)
+    deviation: Deviation | None = None
+    repro: str = ""
+    # Names the deviation; called once, on the smallest failing draw (not on every draw Hypothesis shrinks through).
+    namer: Callable[[], Deviation | None] | None = field(default=None, repr=False)
+
+    def side_by_side(self, width: int = 8) -> str:
+        """The capsule (last-axis row) with the largest difference: reference and user values."""
+        if self.reference is None or self.user is None or np.shape(self.reference) != np.shape(self.user):
+            return ""
+        r, u = np.asarray(self.reference, np.float64), np.asarray(self.user, np.float64)
+        if r.ndim == 0:
+            return f"  reference {float(r):.9g}\n  yours     {float(u):.9g}"
+        with np.errstate(all="ignore"):
+            err = np.where(np.isfinite(u), np.abs(u - r), np.inf)
+        idx = np.unravel_index(int(np.argmax(err)), err.shape)
+        row = idx[:-1]
+        where = f"[{', '.join(str(int(i)) for i in row)}{', ' if row else ''}:]"
+        fmt = lambda a: np.array2string(a[:width], max_line_width=200,  # noqa: E731
+                                        formatter={"float_kind": lambda x: f"{x:.8g}"})
+        more = f" (first {width} of {r.shape[-1]})" if r.shape[-1] > width else ""
+        return (f"  at {where} (canonical axes){more}, largest difference at index {int(idx[-1])}:\n"
+                f"  reference {fmt(r[row])}\n  yours     {fmt(u[row])}")
+
+
+@dataclass
+class Report:
+    """What check_op checked and found. str() reads as a paragraph; raise_for_failure() raises on a failure."""
+
+    op: str
+    function: str
+    framework: str
+    layout: str
+    profile: str
+    dtypes: tuple[str, ...]
+    checked: list[str] = field(default_factory=list)
+    draws: dict[str, int] = field(default_factory=dict)
+    failure: Failure | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+    @property
+    def deviation(self) -> str | None:
+        """The key of the named deviation (None: passed, or a mismatch of no known form)."""
+        return None if self.failure is None or self.failure.deviation is None else self.failure.deviation.key
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        head = "PASSED" if self.passed else "FAILED"
+        total = sum(self.draws.values())
+        lines = [f"{head}: {self.op} of {self.function} ({self.framework}, layout {self.layout!r}, profile "
+                 f"{self.profile}, {', '.join(self.dtypes)}): {total} draw(s) in {self.seconds:.1f} s",
+                 f"  checked: {'; '.join(self.checked)}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        f = self.failure
+        if f is not None:
+            lines.append(f"smallest failing draw ({f.dtype}): {json.dumps(f.recipe, sort_keys=True, default=str)}")
+            for k, v in f.inputs.items():
+                lines.append(f"  input {k}: {summarize(v)}")
+            lines.append(f"what differs: {f.what}")
+            lines += ["  " + ln for ln in f.message.splitlines()]
+            sbs = f.side_by_side()
+            if sbs:
+                lines.append(sbs)
+            if f.deviation is not None:
+                lines.append(f"named deviation: {f.deviation.describe()}")
+            else:
+                lines.append("named deviation: none of the known ones matches; compare the values above with "
+                             "docs/spec.md")
+            lines.append(f"reproduce with: {f.repro}")
+        return "\n".join(lines)
+
+    def raise_for_failure(self) -> "Report":
+        if self.failure is not None:
+            raise ConformanceFailure(str(self))
+        return self
+
+
+class _Mismatch(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.what)
+        self.failure = failure
+
+
+@dataclass
+class _Who:
+    """What compare.Context prints as the thing under test."""
+
+    spec: str
+    device: Any = None
+
+
+def _reference_to(fn: Any) -> str | None:
+    """'module:qualname' when `fn` can be imported back by that name (for the command line), else None."""
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not mod or not qual or "<" in qual or mod == "__main__":
+        return None
+    try:
+        obj: Any = importlib.import_module(mod)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{mod}:{qual}" if obj is fn else None
+
+
+def _repro(op: str, fn: Any, framework: str, layout_text: str, opts: Options, recipe: Mapping[str, Any],
+           dtype: str) -> str:
+    extra = {"labels": opts.labels, "iterations": opts.iterations, "outputs": opts.outputs}
+    defaults = {"labels": "index", "iterations": 3, "outputs": 0}
+    flags = [f"--{k} {shlex.quote(str(v))}" for k, v in extra.items() if v != defaults[k]]
+    ref = _reference_to(fn)
+    if ref is not None:
+        return " ".join([f"capsspec conformance --op {op}={ref} --framework {framework}",
+                         f"--layout {shlex.quote(layout_text)}", *flags, f"--dtype {dtype}",
+                         f"--recipe {shlex.quote(json.dumps(dict(recipe), sort_keys=True))}"])
+    kwargs = "".join(f", {k}={v!r}" for k, v in extra.items() if v != defaults[k])
+    return (f"capsspec.conformance.check_op({op!r}, <your function>, framework={framework!r}, layout="
+            f"{layout_text!r}{kwargs}, dtypes=({dtype!r},), recipe={json.dumps(dict(recipe), sort_keys=True)})")
+
+
+def _compare(d: Draw, user: list[Any], refs: list[Any], refs32: list[Any], names: Sequence[str], level: str,
+             dtype: str, who: _Who, mags: Sequence[Any] = ()) -> tuple[str, str, Any, Any] | None:
+    """The first of the user's values that is not the reference's: (what, message, reference, user), or None."""
+    ctx = Context(f"{d.piece}", who, dtype, d.recipe, "")
+    for i, (name, u, r, r32) in enumerate(zip(names, user, refs, refs32)):
+        try:
+            if u is None:
+                u = np.zeros(np.shape(r), dtype=dtype)
+            assert_close(np.asarray(u), r, what=name, level=level, ctx=ctx, ref_float32=r32,
+                         magnitude=mags[i] if i < len(mags) else None)
+        except ConformanceFailure as exc:
+            # compare.py speaks of a backend; here it is the user's function.
+            return name, str(exc).split("\ncheck:")[0].replace("backend ", "yours "), r, u
+    return None
+
+
+def _one_draw(fn: Callable[..., Any], d: Draw, dtype: str, framework: str, opts: Options, gradients: bool,
+              numpy_vjp: Any, who: _Who) -> None:
+    """Forward (and gradients) of the user's function on one draw; raises _Mismatch on the first difference."""
+    rec = record(d.piece)
+    f = with_iterations(fn, d, opts)
+    names = PIECES[d.piece][1][:opts.outputs or None]
+    args = user_args(d, dtype, opts)
+    try:
+        out = frameworks.call(f, args, framework)
+    except (ValueError, frameworks.FrameworkError):
+        raise
+    except Exception as exc:  # the user's function failing on a valid draw is a finding, not a crash
+        raise _Mismatch(Failure("raised", f"{type(exc).__name__}: {exc}", d.recipe, dtype)) from None
+    user = outputs_to_canonical(d, out, opts, f"{who.spec}")
+    bad = _compare(d, user, d.ref_out, d.ref32_out, [f"forward {n}" for n in names], rec.levels[0], dtype, who)
+    if bad is not None:
+        namer = (lambda: name_forward(d, user, dtype, rec.levels[0])) if len(user) == len(d.ref_out) else None
+        raise _Mismatch(Failure(bad[0], bad[1], d.recipe, dtype, bad[2], bad[3], namer=namer))
+    if d.piece == "mask" and opts.inference:
+        _mask_without_labels(f, d, dtype, framework, opts, who)
+    if not gradients:
+        return
+    wrt = PIECES[d.piece][2]
+    cots = cotangents_to_user(d, opts)
+    grads = frameworks.vjp(f, args, cots, wrt, framework, numpy_vjp)
+    grads = grads_to_canonical(d, grads, opts)
+    inputs = PIECES[d.piece][0]
+    gnames = [f"gradient d/d{inputs[i]}" for i in wrt]
+    bad = _compare(d, grads, d.ref_grads, d.ref32_grads, gnames, rec.levels[1], dtype, who, d.magnitudes)
+    if bad is not None:
+        raise _Mismatch(Failure(bad[0], bad[1], d.recipe, dtype, bad[2], bad[3],
+                                namer=lambda: name_gradient(d, grads, dtype, rec.levels[1])))
+
+
+def _mask_without_labels(f: Callable[..., Any], d: Draw, dtype: str, framework: str, opts: Options,
+                         who: _Who) -> None:
+    from capsspec import ops as ref_ops
+
+    v = d.case.ref_args[0]
+    out = frameworks.call(f, user_args(d, dtype, opts, with_labels=False), framework)
+    user = outputs_to_canonical(d, out, opts, f"{who.spec} without labels")
+    # Near ties of the lengths may go either way in float32: the user's choice stands where it is tied.
+    kept = np.argmax(np.sum(np.asarray(user[0], np.float64) ** 2, axis=-1), axis=1)
+    ok = acceptable_argmax(np.sqrt(np.sum(v * v, axis=-1)), dtype, "reduction")
+    labels = np.array([k if k in ok[b] else ok[b][0] for b, k in enumerate(kept)], dtype=np.int64)
+    ref = ref_ops.mask(v, labels).reshape(v.shape)
+    bad = _compare(d, user, [ref], [None], ["forward without labels (the longest capsule kept)"], "exact", dtype, who)
+    if bad is not None:
+        raise _Mismatch(Failure(bad[0], bad[1], d.recipe, dtype, bad[2], bad[3]))
+
+
+# ---------------------------------------------------------------------------------------- the one call
+def _run_dtype(fn: Callable[..., Any], op: str, dtype: str, framework: str, opts: Options, gradients: bool,
+               numpy_vjp: Any, who: _Who, profile: str, max_examples: int | None,
+               recipe: Mapping[str, Any] | None) -> tuple[int, Failure | None]:
+    """(draws made, the smallest failure or None) for one dtype."""
+    from hypothesis import given, settings
+
+    count = [0]
+
+    def one(r: Mapping[str, Any]) -> None:
+        count[0] += 1
+        _one_draw(fn, draw_case(op, r, dtype), dtype, framework, opts, gradients, numpy_vjp, who)
+
+    if recipe is not None:
+        try:
+            one(dict(recipe))
+        except _Mismatch as m:
+            return 1, m.failure
+        return 1, None
+    budget = max_examples or profiles.PROFILES[profile]["ops"]
+    # The profile's settings (ci: derandomised; full: random, failures kept in the example database).
+    run = settings(profiles._settings(profile), max_examples=budget, report_multiple_bugs=False)(given(piece_recipes(op, dtype, opts))(one))
+    try:
+        run()
+    except _Mismatch as m:
+        return count[0], m.failure
+    return count[0], None
+
+
+def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
+             layout: str | Mapping[str, str] | None = None, profile: str = "ci",
+             dtypes: Sequence[str] = ("float32",), labels: str = "index", iterations: int | str = 3,
+             scale: float = 0.0005, inference: bool = True, outputs: int = 0, gradients: bool = True,
+             vjp: Callable[..., Any] | None = None, max_examples: int | None = None,
+             recipe: Mapping[str, Any] | None = None) -> Report:
+    """Hold the user's `fn` for piece `op` (one of PIECES) to the reference; returns a Report (never raises
+    for a mismatch). ValueError for bad arguments: an unknown op, framework, layout or profile.
+
+    fn takes the piece's tensors in the user's layout: squash(s), capsule_lengths(v), predictions(u,
+    weight), routing(u_hat) -> (v, c) (or v alone with outputs=1), margin_loss(lengths, labels),
+    mask(v, labels) and mask(v), reconstruction_loss(reconstruction, images). labels: "index" or
+    "onehot". iterations: routing's fixed count, or the name of fn's keyword that takes it (then
+    1 to 5 are drawn). scale: the reconstruction loss's built-in scale. vjp: NumPy functions'
+    gradients, vjp(cotangent, *args) -> gradients (other frameworks use their autodiff). recipe:
+    one draw only (what a failure's reproduction line passes)."""
+    if op not in PIECES:
+        raise ValueError(f"op must be one of {', '.join(PIECES)}, got {op!r}")
+    if profile not in profiles.PROFILES:
+        raise ValueError(f"profile must be one of {sorted(profiles.PROFILES)}, got {profile!r}")
+    if labels not in ("index", "onehot"):
+        raise ValueError(f"labels must be 'index' or 'onehot', got {labels!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, str)) or (
+            isinstance(iterations, int) and iterations < 1):
+        raise ValueError(f"iterations must be a positive int or the name of fn's keyword, got {iterations!r}")
+    bad = [d for d in dtypes if d not in ("float32", "float64")]
+    if bad or not dtypes:
+        raise ValueError(f"dtypes must be float32 and/or float64, got {list(dtypes)!r}")
+    fw = frameworks.normalize(framework) if framework else frameworks.infer_framework(fn)
+    lay = parse(op, layout)
+    opts = Options(lay, labels, iterations, float(scale), inference, int(outputs))
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    report = Report(op, f"{getattr(fn, '__module__', '?')}.{name}", fw, lay.text, profile, tuple(dtypes))
+    grads = gradients and (frameworks.has_autodiff(fw) or vjp is not None)
+    _describe(report, op, opts, grads, fw, gradients)
+    who = _Who(f"{fw} {name}")
+    start = time.perf_counter()
+    for dtype in dtypes:
+        n, failure = _run_dtype(fn, op, dtype, fw, opts, grads, vjp, who, profile, max_examples, recipe)
+        report.draws[dtype] = n
+        if failure is not None:
+            failure.deviation = failure.namer() if failure.namer is not None else None
+            failure.repro = _repro(op, fn, fw, lay.text, opts, failure.recipe, dtype)
+            failure.inputs = _inputs(op, failure.recipe, dtype)
+            report.failure = failure
+            break
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _inputs(op: str, recipe: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    d = draw_case(op, recipe, dtype)
+    return dict(zip(PIECES[op][0], d.case.args))
+
+
+def _describe(report: Report, op: str, opts: Options, grads: bool, fw: str, asked: bool) -> None:
+    outs = PIECES[op][1][:opts.outputs or None]
+    report.checked.append(f"forward {', '.join(outs)} against capsspec.ops.{op} (float64), tolerance level "
+                          f"{record(op).levels[0]!r}")
+    if op == "mask" and opts.inference:
+        report.checked.append("forward without labels (the longest capsule kept)")
+    if grads:
+        wrt = ", ".join(f"d/d{PIECES[op][0][i]}" for i in PIECES[op][2])
+        report.checked.append(f"gradients {wrt} through {fw}'s autodiff, tolerance level {record(op).levels[1]!r}")
+    elif asked:
+        report.notes.append(f"gradients not checked: {fw} has no autodiff (pass vjp=... to check them)")
+    if op == "routing":
+        k = opts.iterations
+        report.checked.append(f"iterations {'1 to 5 drawn, passed as ' + repr(k) if isinstance(k, str) else k}")
+
+
+def assert_conforms(op: str, fn: Callable[..., Any], **kwargs: Any) -> Report:
+    """check_op that raises ConformanceFailure (an AssertionError) with the report on a failure: for tests."""
+    return check_op(op, fn, **kwargs).raise_for_failure()

@@ -1,0 +1,122 @@
+"""PyTorch pieces in the style of nn.Module-based CapsNets: capsules (batch, caps, dim), routing on
+u_hat laid out (batch, classes, in_caps, dim), one-hot targets. Imported only when torch is."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Exact squash, safe at 0 and for huge norms: the largest component is divided out first."""
+    m = s.abs().amax(dim=dim, keepdim=True)
+    t = s / torch.where(m > 0, m, torch.ones_like(m))
+    nt2 = (t * t).sum(dim=dim, keepdim=True)
+    nt = torch.sqrt(torch.where(m > 0, nt2, torch.ones_like(nt2)))
+    unit = t / nt
+    n = m * nt
+    big = n > 1
+    n_big = torch.where(big, n, torch.ones_like(n))
+    n_small = torch.where(big, torch.zeros_like(n), n)
+    scale = torch.where(big, 1 / (1 + (1 / n_big) ** 2), n_small ** 2 / (1 + n_small ** 2))
+    return unit * scale
+
+
+def squash_eps(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    n2 = (s ** 2).sum(dim=dim, keepdim=True)
+    return n2 / (1 + n2) * s / torch.sqrt(n2 + 1e-8)
+
+
+def routing(u_hat: torch.Tensor, iterations: int = 3):
+    """u_hat (batch, classes, in_caps, dim) -> v (batch, classes, dim), c (batch, classes, in_caps)."""
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
+    for r in range(iterations):
+        c = F.softmax(b, dim=1)
+        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
+        if r < iterations - 1:
+            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
+    return v, c
+
+
+def routing_softmax_over_inputs(u_hat: torch.Tensor, iterations: int = 3):
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
+    for r in range(iterations):
+        c = F.softmax(b, dim=2)  # over the input capsules
+        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
+        if r < iterations - 1:
+            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
+    return v, c
+
+
+def routing_detached(u_hat: torch.Tensor, iterations: int = 3):
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
+    for r in range(iterations):
+        c = F.softmax(b, dim=1).detach()  # "c is not a parameter"
+        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
+        if r < iterations - 1:
+            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
+    return v, c
+
+
+def routing_fixed_three(u_hat: torch.Tensor, iterations: int = 3):
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
+    for r in range(3):  # the argument is never read
+        c = F.softmax(b, dim=1)
+        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
+        if r < 2:
+            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
+    return v, c
+
+
+def margin_loss(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """lengths (batch, classes), target one-hot (batch, classes)."""
+    present = F.relu(0.9 - lengths) ** 2
+    absent = F.relu(lengths - 0.1) ** 2
+    return (target * present + 0.5 * (1 - target) * absent).sum(dim=1).mean()
+
+
+def margin_loss_mean(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    present = F.relu(0.9 - lengths) ** 2
+    absent = F.relu(lengths - 0.1) ** 2
+    return (target * present + 0.5 * (1 - target) * absent).mean()
+
+
+def _longest(v: torch.Tensor) -> torch.Tensor:
+    m = v.abs().amax(dim=(1, 2), keepdim=True)
+    return (v / torch.where(m > 0, m, torch.ones_like(m))).norm(dim=-1).argmax(dim=1)
+
+
+def mask(v: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """v (batch, classes, dim) -> (batch, classes * dim), all but one capsule zeroed."""
+    if labels is None:
+        labels = _longest(v)
+    keep = F.one_hot(labels, v.shape[1]).to(v.dtype)
+    return (v * keep.unsqueeze(-1)).flatten(1)
+
+
+def mask_by_prediction(v: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    keep = F.one_hot(_longest(v), v.shape[1]).to(v.dtype)  # the labels are never used
+    return (v * keep.unsqueeze(-1)).flatten(1)
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """reconstruction (batch, pixels), images (batch, channels, height, width)."""
+    return 0.0005 * ((reconstruction - images.flatten(1)) ** 2).sum(dim=1).mean()
+
+
+ROUTE = {"layout": "batch classes in_caps dim", "iterations": "iterations"}
+CASES = [
+    ("squash", "squash", squash, {"layout": "batch caps dim"}, None),
+    ("squash_eps", "squash", squash_eps, {"layout": "batch caps dim"}, "squash_epsilon_in_sqrt"),
+    ("routing", "routing", routing, ROUTE, None),
+    ("routing_softmax_over_inputs", "routing", routing_softmax_over_inputs, ROUTE, "softmax_over_children"),
+    ("routing_detached", "routing", routing_detached, ROUTE, "detached_routing"),
+    ("routing_fixed_three", "routing", routing_fixed_three, ROUTE, "iterations_always_3"),
+    ("margin_loss", "margin_loss", margin_loss, {"layout": "batch classes", "labels": "onehot"}, None),
+    ("margin_loss_mean", "margin_loss", margin_loss_mean, {"layout": "batch classes", "labels": "onehot"},
+     "margin_mean_over_classes"),
+    ("mask", "mask", mask, {"layout": "batch classes dim"}, None),
+    ("mask_by_prediction", "mask", mask_by_prediction, {"layout": "batch classes dim"},
+     "mask_by_prediction_in_training"),
+    ("reconstruction_loss", "reconstruction_loss", reconstruction_loss, {"layout": "b c h w"}, None),
+]
