@@ -30,12 +30,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import frameworks, profiles
+from . import strategies as S
 from .check_kit import acceptable_argmax
 from .compare import ConformanceFailure, Context, assert_close, summarize
 from .deviations import Deviation, name_forward, name_gradient
 from .layouts import parse
 from .own_ops import (PIECES, Draw, Options, cotangents_to_user, draw_case, grads_to_canonical, outputs_to_canonical,
-                      piece_recipes, user_args, with_iterations)
+                      piece_recipes, user_args, with_iterations, check_order)
 from .records import record
 
 __all__ = ["check_op", "assert_conforms", "Report", "Failure", "PIECES"]
@@ -165,9 +166,11 @@ def _reference_to(fn: Any) -> str | None:
 
 def _repro(op: str, fn: Any, framework: str, layout_text: str, opts: Options, recipe: Mapping[str, Any],
            dtype: str) -> str:
-    extra = {"labels": opts.labels, "iterations": opts.iterations, "outputs": opts.outputs}
-    defaults = {"labels": "index", "iterations": 3, "outputs": 0}
-    flags = [f"--{k} {shlex.quote(str(v))}" for k, v in extra.items() if v != defaults[k]]
+    extra = {"labels": opts.labels, "iterations": opts.iterations, "outputs": opts.outputs,
+             "order": ",".join(opts.order), "extremes": opts.extremes}
+    defaults = {"labels": "index", "iterations": 3, "outputs": 0, "order": "", "extremes": True}
+    flags = [f"--{k} {shlex.quote(str(v))}" for k, v in extra.items() if v != defaults[k] and k != "extremes"]
+    flags += [] if opts.extremes else ["--no-extremes"]
     ref = _reference_to(fn)
     if ref is not None:
         return " ".join([f"capsspec conformance --op {op}={ref} --framework {framework}",
@@ -225,7 +228,24 @@ def _one_draw(fn: Callable[..., Any], d: Draw, dtype: str, framework: str, opts:
     bad = _compare(d, grads, d.ref_grads, d.ref32_grads, gnames, rec.levels[1], dtype, who, d.magnitudes)
     if bad is not None:
         raise _Mismatch(Failure(bad[0], bad[1], d.recipe, dtype, bad[2], bad[3],
-                                namer=lambda: name_gradient(d, grads, dtype, rec.levels[1])))
+                                namer=lambda: name_gradient(d, grads, dtype, rec.levels[1])
+                                or _name_on_ordinary_values(fn, d, dtype, framework, opts, who)))
+
+
+def _name_on_ordinary_values(fn: Callable[..., Any], d: Draw, dtype: str, framework: str, opts: Options,
+                             who: _Who) -> Deviation | None:
+    """A gradient that differs on a draw whose forward agrees (all capsules equal, say) may come from a
+    mistake of the forward that this draw hides: the user's forward on a draw of the same sizes with
+    ordinary values (normal, scale 1) names it where it matches a known form there."""
+    ordinary = draw_case(d.piece, {**d.recipe, "kind": "normal", "scale": 0}, dtype)
+    try:
+        out = frameworks.call(with_iterations(fn, ordinary, opts), user_args(ordinary, dtype, opts), framework)
+        user = outputs_to_canonical(ordinary, out, opts, who.spec)
+    except Exception:  # the name is a courtesy: a function that fails here has already failed the check
+        return None
+    if len(user) != len(ordinary.ref_out):
+        return None
+    return name_forward(ordinary, user, dtype, record(d.piece).levels[0])
 
 
 def _mask_without_labels(f: Callable[..., Any], d: Draw, dtype: str, framework: str, opts: Options,
@@ -266,18 +286,26 @@ def _run_dtype(fn: Callable[..., Any], op: str, dtype: str, framework: str, opts
         return 1, None
     budget = max_examples or profiles.PROFILES[profile]["ops"]
     # The profile's settings (ci: derandomised; full: random, failures kept in the example database).
-    run = settings(profiles._settings(profile), max_examples=budget, report_multiple_bugs=False)(given(piece_recipes(op, dtype, opts))(one))
+    run = settings(profiles._settings(profile), max_examples=budget, report_multiple_bugs=False)(
+        given(piece_recipes(op, dtype, opts))(one))
+    # JAX compiles every op anew for each new shape: but in the full profile its sizes come from the suite's shape
+    # pools, as for the jax backend (strategies.py, "Shape pools").
+    was = S.pooled()
+    S.pool_shapes(was or (framework == "jax" and profile != "full"))
     try:
         run()
     except _Mismatch as m:
         return count[0], m.failure
+    finally:
+        S.pool_shapes(was)
     return count[0], None
 
 
 def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
              layout: str | Mapping[str, str] | None = None, profile: str = "ci",
              dtypes: Sequence[str] = ("float32",), labels: str = "index", iterations: int | str = 3,
-             scale: float = 0.0005, inference: bool = True, outputs: int = 0, gradients: bool = True,
+             scale: float = 0.0005, inference: bool = True, outputs: int = 0, order: Any = (),
+             extremes: bool = True, gradients: bool = True,
              vjp: Callable[..., Any] | None = None, max_examples: int | None = None,
              recipe: Mapping[str, Any] | None = None) -> Report:
     """Hold the user's `fn` for piece `op` (one of PIECES) to the reference; returns a Report (never raises
@@ -287,7 +315,9 @@ def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
     weight), routing(u_hat) -> (v, c) (or v alone with outputs=1), margin_loss(lengths, labels),
     mask(v, labels) and mask(v), reconstruction_loss(reconstruction, images). labels: "index" or
     "onehot". iterations: routing's fixed count, or the name of fn's keyword that takes it (then
-    1 to 5 are drawn). scale: the reconstruction loss's built-in scale. vjp: NumPy functions'
+    1 to 5 are drawn). scale: the reconstruction loss's built-in scale. order: fn's inputs in its own
+    order, e.g. ("labels", "lengths") for a Keras loss(y_true, y_pred). extremes=False keeps the drawn
+    values within 1e-6..1e6 (the suite draws up to the edges of the float range, where |s|^2 overflows). vjp: NumPy functions'
     gradients, vjp(cotangent, *args) -> gradients (other frameworks use their autodiff). recipe:
     one draw only (what a failure's reproduction line passes)."""
     if op not in PIECES:
@@ -304,7 +334,8 @@ def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
         raise ValueError(f"dtypes must be float32 and/or float64, got {list(dtypes)!r}")
     fw = frameworks.normalize(framework) if framework else frameworks.infer_framework(fn)
     lay = parse(op, layout)
-    opts = Options(lay, labels, iterations, float(scale), inference, int(outputs))
+    opts = Options(lay, labels, iterations, float(scale), inference, int(outputs), check_order(op, order),
+                   bool(extremes))
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
     report = Report(op, f"{getattr(fn, '__module__', '?')}.{name}", fw, lay.text, profile, tuple(dtypes))
     grads = gradients and (frameworks.has_autodiff(fw) or vjp is not None)
@@ -340,6 +371,9 @@ def _describe(report: Report, op: str, opts: Options, grads: bool, fw: str, aske
         report.checked.append(f"gradients {wrt} through {fw}'s autodiff, tolerance level {record(op).levels[1]!r}")
     elif asked:
         report.notes.append(f"gradients not checked: {fw} has no autodiff (pass vjp=... to check them)")
+    if not opts.extremes:
+        report.notes.append("values within 1e-6..1e6 only (extremes=False): the edges of the float range are not "
+                            "checked")
     if op == "routing":
         k = opts.iterations
         report.checked.append(f"iterations {'1 to 5 drawn, passed as ' + repr(k) if isinstance(k, str) else k}")

@@ -28,7 +28,7 @@ from .layouts import Layout
 from .records import record
 
 __all__ = ["PIECES", "Options", "Draw", "piece_recipes", "draw_case", "user_args", "outputs_to_canonical",
-           "cotangents_to_user", "grads_to_canonical"]
+           "cotangents_to_user", "grads_to_canonical", "with_iterations", "check_order"]
 
 PAPER_MARGINS = {"m_plus": 0.9, "m_minus": 0.1, "lambda_": 0.5}
 
@@ -55,6 +55,8 @@ class Options:
     scale: float = 0.0005  # the reconstruction loss's scale built into the user's function
     inference: bool = True  # mask: also call fn(v) without labels (the longest capsule is kept)
     outputs: int = 0  # how many outputs the user's function returns (routing: 1 for v alone); 0: all
+    order: tuple[str, ...] = ()  # the user's order of the inputs, e.g. ("labels", "lengths"); (): PIECES's
+    extremes: bool = True  # draw the edges of the float range; False: log10 scales within +-MODERATE
 
 
 @dataclass
@@ -74,12 +76,30 @@ class Draw:
 
 
 # ---------------------------------------------------------------------------------------- recipes
-def _shape3(r: dict[str, Any]) -> dict[str, Any]:
-    return {**r, "shape": [r["B"], r["N"], r["D"]], "axis": -1}
+MODERATE = 6  # |log10 scale| of the values drawn with extremes=False
+
+
+def _moderate(r: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with its value scales clipped to +-MODERATE (the same draws otherwise)."""
+    out = dict(r)
+    if "scale" in out:
+        out["scale"] = max(-MODERATE, min(MODERATE, int(out["scale"])))
+    if "row_scales" in out:
+        out["row_scales"] = [max(-MODERATE, min(MODERATE, int(x))) for x in out["row_scales"]]
+    return out
 
 
 def piece_recipes(piece: str, dtype: str, opts: Options) -> st.SearchStrategy[dict[str, Any]]:
     """The recipes of a piece: its record's building blocks, with the user's fixed rank and constants."""
+    recipes = _recipes(piece, dtype, opts)
+    return recipes if opts.extremes else recipes.map(_moderate)
+
+
+def _shape3(r: dict[str, Any]) -> dict[str, Any]:
+    return {**r, "shape": [r["B"], r["N"], r["D"]], "axis": -1}
+
+
+def _recipes(piece: str, dtype: str, opts: Options) -> st.SearchStrategy[dict[str, Any]]:
     cot = S.cotangents
     if piece in ("squash", "capsule_lengths"):
         return S.recipe(S.seeds, S.values("domain", dtype), S.sizes(B=(1, 4), N=(1, 6), D=(1, 16)), cot).map(_shape3)
@@ -231,8 +251,24 @@ def grads_to_canonical(d: Draw, grads: list[Any], opts: Options) -> list[Any]:
 
 
 def with_iterations(fn: Callable[..., Any], d: Draw, opts: Options) -> Callable[..., Any]:
-    """The user's routing called with the drawn iteration count where their function takes it as a keyword."""
+    """The user's function called with the inputs in PIECES's order: the drawn iteration count passed where
+    their routing takes it as a keyword, the inputs reordered where they take them in another order."""
+    if opts.order and tuple(opts.order) != PIECES[d.piece][0][:len(opts.order)]:
+        perm = [PIECES[d.piece][0].index(n) for n in opts.order]
+        inner = fn
+        fn = lambda *a: inner(*[a[i] for i in perm]) if len(a) == len(perm) else inner(*a)  # noqa: E731
     if d.piece != "routing" or not isinstance(opts.iterations, str):
         return fn
     k = int(d.case.static["iterations"])
     return lambda *a: fn(*a, **{opts.iterations: k})
+
+
+def check_order(piece: str, order: Any) -> tuple[str, ...]:
+    """The user's order of a piece's inputs, checked: every input named once (ValueError otherwise)."""
+    if not order:
+        return ()
+    names = tuple(n.strip() for n in (order.split(",") if isinstance(order, str) else order))
+    if sorted(names) != sorted(PIECES[piece][0]):
+        raise ValueError(f"order must name the inputs of {piece} once each ({', '.join(PIECES[piece][0])}), "
+                         f"got {', '.join(names)}")
+    return names

@@ -1,5 +1,5 @@
 """PyTorch pieces in the style of nn.Module-based CapsNets: capsules (batch, caps, dim), routing on
-u_hat laid out (batch, classes, in_caps, dim), one-hot targets. Imported only when torch is."""
+priors laid out (classes, batch, in_caps, dim), one-hot targets."""
 
 from __future__ import annotations
 
@@ -23,49 +23,45 @@ def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def squash_eps(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    norm = s.norm(dim=dim, keepdim=True)
+    return norm ** 2 / (1 + norm ** 2) * s / (norm + 1e-8)
+
+
+# Routing on priors laid out (classes, batch, in_caps, dim), as in implementations that stack one
+# prior tensor per class capsule: b and c are (classes, batch, in_caps), v is (classes, batch, dim).
+def _route(u_hat: torch.Tensor, iterations: int, softmax_dim: int = 0, detach: bool = False):
+    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
+    for r in range(iterations):
+        c = F.softmax(b, dim=softmax_dim)
+        if detach:
+            c = c.detach()  # "c is not a parameter"
+        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
+        if r < iterations - 1:
+            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
+    return v, c
+
+
+def squash_plain(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Guarded at 0, but |s|^2 overflows float32 for |s| beyond ~1.8e19."""
     n2 = (s ** 2).sum(dim=dim, keepdim=True)
-    return n2 / (1 + n2) * s / torch.sqrt(n2 + 1e-8)
+    safe = torch.where(n2 > 0, n2, torch.ones_like(n2))
+    return torch.where(n2 > 0, n2 / (1 + n2) / torch.sqrt(safe), torch.zeros_like(n2)) * s
 
 
 def routing(u_hat: torch.Tensor, iterations: int = 3):
-    """u_hat (batch, classes, in_caps, dim) -> v (batch, classes, dim), c (batch, classes, in_caps)."""
-    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
-    for r in range(iterations):
-        c = F.softmax(b, dim=1)
-        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
-        if r < iterations - 1:
-            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
-    return v, c
+    return _route(u_hat, iterations)
 
 
 def routing_softmax_over_inputs(u_hat: torch.Tensor, iterations: int = 3):
-    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
-    for r in range(iterations):
-        c = F.softmax(b, dim=2)  # over the input capsules
-        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
-        if r < iterations - 1:
-            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
-    return v, c
+    return _route(u_hat, iterations, softmax_dim=2)  # over the input capsules
 
 
 def routing_detached(u_hat: torch.Tensor, iterations: int = 3):
-    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
-    for r in range(iterations):
-        c = F.softmax(b, dim=1).detach()  # "c is not a parameter"
-        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
-        if r < iterations - 1:
-            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
-    return v, c
+    return _route(u_hat, iterations, detach=True)
 
 
 def routing_fixed_three(u_hat: torch.Tensor, iterations: int = 3):
-    b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
-    for r in range(3):  # the argument is never read
-        c = F.softmax(b, dim=1)
-        v = squash((c.unsqueeze(-1) * u_hat).sum(dim=2))
-        if r < 2:
-            b = b + (u_hat * v.unsqueeze(2)).sum(dim=-1)
-    return v, c
+    return _route(u_hat, 3)  # the argument is never read
 
 
 def margin_loss(lengths: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -104,10 +100,13 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> t
     return 0.0005 * ((reconstruction - images.flatten(1)) ** 2).sum(dim=1).mean()
 
 
-ROUTE = {"layout": "batch classes in_caps dim", "iterations": "iterations"}
+# An epsilon shows on small vectors only: the ci profile's draws (and its shrinking) find them.
+EPS = {"layout": "batch caps dim", "extremes": False, "profile": "ci"}
+ROUTE = {"layout": "classes batch in_caps dim", "iterations": "iterations"}
 CASES = [
     ("squash", "squash", squash, {"layout": "batch caps dim"}, None),
-    ("squash_eps", "squash", squash_eps, {"layout": "batch caps dim"}, "squash_epsilon_in_sqrt"),
+    ("squash_eps", "squash", squash_eps, EPS, "squash_epsilon_on_norm"),
+    ("squash_plain", "squash", squash_plain, {"layout": "batch caps dim"}, "overflow"),
     ("routing", "routing", routing, ROUTE, None),
     ("routing_softmax_over_inputs", "routing", routing_softmax_over_inputs, ROUTE, "softmax_over_children"),
     ("routing_detached", "routing", routing_detached, ROUTE, "detached_routing"),
