@@ -52,8 +52,8 @@ def infer_framework(fn: Any) -> str:
     the defining module decide when exactly one framework appears there."""
     for cls in type(fn).__mro__:
         top = (cls.__module__ or "").split(".")[0]
-        if top in ("torch", "keras", "tensorflow", "flax", "haiku", "equinox"):
-            return _ALIASES.get(top, "tensorflow" if top == "keras" else top)
+        if top in ("torch", "keras", "tensorflow", "flax", "haiku", "equinox", "jaxlib"):
+            return "jax" if top == "jaxlib" else _ALIASES[top]  # jaxlib: a jax.jit-compiled function
     target = getattr(fn, "func", fn)  # functools.partial
     module = inspect.getmodule(target) or inspect.getmodule(type(target))
     found = set()

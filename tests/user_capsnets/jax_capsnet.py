@@ -4,6 +4,8 @@ routing with a num_iters keyword, channels-last images."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -65,6 +67,7 @@ def _route_one(u_hat, num_iters):
     return v, c
 
 
+@functools.partial(jax.jit, static_argnames=("num_iters",))
 def routing(u_hat, num_iters=3):
     return jax.vmap(lambda x: _route_one(x, num_iters))(u_hat)
 

@@ -7,19 +7,39 @@ import torch
 import torch.nn.functional as F
 
 
-def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Exact squash, safe at 0 and for huge norms: the largest component is divided out first."""
+def _norm_terms(s: torch.Tensor, dim: int):
+    """|s|, s / |s| (0 at s = 0) and |s| / (1 + |s|^2), with the largest component divided out first so that
+    neither huge nor tiny vectors over- or underflow."""
     m = s.abs().amax(dim=dim, keepdim=True)
-    t = s / torch.where(m > 0, m, torch.ones_like(m))
-    nt2 = (t * t).sum(dim=dim, keepdim=True)
-    nt = torch.sqrt(torch.where(m > 0, nt2, torch.ones_like(nt2)))
-    unit = t / nt
-    n = m * nt
-    big = n > 1
-    n_big = torch.where(big, n, torch.ones_like(n))
-    n_small = torch.where(big, torch.zeros_like(n), n)
-    scale = torch.where(big, 1 / (1 + (1 / n_big) ** 2), n_small ** 2 / (1 + n_small ** 2))
-    return unit * scale
+    nonzero = m > 0
+    t = s / torch.where(nonzero, m, torch.ones_like(m))
+    r = torch.sqrt(torch.where(nonzero, (t * t).sum(dim=dim, keepdim=True), torch.ones_like(m)))
+    n = torch.where(nonzero, m * r, torch.zeros_like(m))
+    safe = torch.where(nonzero, n, torch.ones_like(n))
+    f = torch.where(nonzero, 1 / (safe + 1 / safe), torch.zeros_like(n))
+    return n, t / r, f
+
+
+class Squash(torch.autograd.Function):
+    """squash with its gradient written out: d/ds [f(|s|) s] g = f (g + q u (u . g)), q = (1 - n^2) / (1 + n^2)."""
+
+    @staticmethod
+    def forward(ctx, s, dim):
+        n, unit, f = _norm_terms(s, dim)
+        ctx.save_for_backward(s)
+        ctx.dim = dim
+        return f * s
+
+    @staticmethod
+    def backward(ctx, g):
+        (s,) = ctx.saved_tensors
+        n, unit, f = _norm_terms(s, ctx.dim)
+        q = 2 / (1 + n * n) - 1
+        return f * (g + q * unit * (unit * g).sum(dim=ctx.dim, keepdim=True)), None
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return Squash.apply(s, dim)
 
 
 def squash_eps(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
