@@ -32,12 +32,14 @@ EXPECTED_AT_LEAST = {
     "docs/training.md": {"bash": 1},
     "docs/gpu-check.md": {"bash": 1},
     "docs/performance.md": {"bash": 1},
+    "docs/check-your-own.md": {"python": 1, "bash": 1},
 }
 
 # Examples show `import capsspec` and the names of capsspec.__all__ (capsspec.get_backend(...) and
-# the backend's own methods). One module more is for backend authors, whom docs/backends.md shows
-# how to build on the kit.
-AUTHOR_MODULES = ("capsspec.backend_kit",)
+# the backend's own methods). Two modules more: the kit, for backend authors, whom docs/backends.md
+# shows how to build on it; and the conformance package, whose check_op docs/check-your-own.md shows
+# to anyone holding their own CapsNet to the reference.
+AUTHOR_MODULES = ("capsspec.backend_kit", "capsspec.conformance")
 
 
 @dataclass(frozen=True)
