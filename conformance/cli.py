@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     own = p.add_argument_group("your own CapsNet (docs/check-your-own.md)")
     own.add_argument("--op", action="append", default=[], metavar="PIECE=module:attr",
                      help="a piece of your code to check, e.g. squash=mypkg.layers:squash (repeatable); pieces: "
-                          "squash, capsule_lengths, predictions, routing, margin_loss, mask, reconstruction_loss")
+                          "squash, capsule_lengths, predictions, routing, margin_loss, mask, reconstruction_loss, "
+                          "capsule_head")
     own.add_argument("--framework", default=None, help="torch, tensorflow (keras), jax or numpy (default: inferred)")
     own.add_argument("--layout", default=None, help='your axes, e.g. "batch caps dim" (default: the reference\'s)')
     own.add_argument("--dtype", action="append", default=None, choices=("float32", "float64"),
@@ -204,7 +205,8 @@ def _load(spec: str) -> tuple[str, Any]:
         except Exception as exc:
             raise ValueError(f"--op {spec!r}: cannot make {attr.strip()}() without arguments: {exc}") from None
     if not callable(obj):
-        raise ValueError(f"--op {spec!r}: {attr.strip()} is not callable (a {type(obj).__name__}): name a function or a layer")
+        raise ValueError(f"--op {spec!r}: {attr.strip()} is not callable (a {type(obj).__name__}): name a function "
+                         f"or a layer")
     return piece.strip(), obj
 
 

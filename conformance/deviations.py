@@ -88,9 +88,21 @@ def _lengths_eps_sqrt(d: Any) -> list[list[np.ndarray]]:
     return [[np.sqrt(np.sum(v * v, axis=-1) + eps)] for eps in _EPSILONS]
 
 
+def _head(d: Any, routing: Callable[..., Any] = ref_ops.routing,
+          loss: Callable[..., Any] = ref_ops.margin_loss) -> list[np.ndarray]:
+    """The capsule head (own_head.py) on the draw, with a deviant routing or margin loss in its place."""
+    u, w, labels = _args(d)
+    st = d.case.static
+    v, _ = routing(ref_ops.predictions(u, w), int(st["iterations"]))
+    lengths = ref_ops.capsule_lengths(v)
+    return [lengths, np.asarray(loss(lengths, labels, st["m_plus"], st["m_minus"], st["lambda_"]))]
+
+
 def _routing_broken(key: str) -> Callable[[Any], list[list[np.ndarray]]]:
     def form(d: Any) -> list[list[np.ndarray]]:
         with np.errstate(all="ignore"):
+            if d.piece == "capsule_head":
+                return [_head(d, routing=_broken_ops(key).routing)]
             return [list(_broken_ops(key).routing(_args(d)[0], int(d.case.static["iterations"])))]
     return form
 
@@ -99,24 +111,32 @@ def _routing_broken_grads(key: str) -> Callable[[Any], list[list[np.ndarray]]]:
     """The gradient of a broken backend's routing, where its VJP is the exact gradient of its forward (the
     iterations' mistakes; not the softmax's or the shared logits', whose VJPs are the reference's)."""
     def form(d: Any) -> list[list[np.ndarray]]:
+        if d.piece != "routing":
+            return []
         cot = tuple(None if c is None else np.asarray(c, dtype=np.float64) for c in d.cots)
         return [list(_broken_ops(key).routing_vjp(cot, _args(d)[0], int(d.case.static["iterations"])))]
     return form
 
 
 def _routing_off_by_one_grads(d: Any) -> list[list[np.ndarray]]:
+    if d.piece != "routing":
+        return []
     k = int(d.case.static["iterations"])
     cot = tuple(None if c is None else np.asarray(c, dtype=np.float64) for c in d.cots)
     return [list(ref_ops.routing_vjp(cot, _args(d)[0], t)) for t in (k - 1, k + 1) if t >= 1]
 
 
 def _margin_on_softmax_grads(d: Any) -> list[list[np.ndarray]]:
+    if d.piece != "margin_loss":
+        return []
     g = np.asarray(d.cots[0], dtype=np.float64)
     return [list(_broken_ops("margin_on_softmax").margin_loss_vjp(g, *_args(d), **d.case.static))]
 
 
 def _routing_off_by_one(d: Any) -> list[list[np.ndarray]]:
     k = int(d.case.static["iterations"])
+    if d.piece == "capsule_head":
+        return [_head(d, routing=lambda u_hat, _k, t=t: ref_ops.routing(u_hat, t)) for t in (k - 1, k + 1) if t >= 1]
     return [list(ref_ops.routing(_args(d)[0], t)) for t in (k - 1, k + 1) if t >= 1]
 
 
@@ -127,15 +147,28 @@ def _routing_detached_grads(d: Any) -> list[list[np.ndarray]]:
 
 
 def _margin_scaled(factor: Callable[[Any], float]) -> Callable[[Any], list[list[np.ndarray]]]:
-    return lambda d: [[np.asarray(d.ref_out[0] * factor(d))]]
+    """The loss times a factor of the lengths' shape (B, J); the head's lengths unchanged."""
+    def form(d: Any) -> list[list[np.ndarray]]:
+        lengths = d.ref_out[0] if d.piece == "capsule_head" else _args(d)[0]
+        return [[*d.ref_out[:-1], np.asarray(d.ref_out[-1] * factor(np.shape(lengths)))]]
+    return form
 
 
-def _margin_on_softmax(d: Any) -> list[list[np.ndarray]]:
-    return [[np.asarray(_broken_ops("margin_on_softmax").margin_loss(*_args(d), **d.case.static))]]
+def _margin_deviant(loss: Callable[..., Any]) -> Callable[[Any], list[list[np.ndarray]]]:
+    def form(d: Any) -> list[list[np.ndarray]]:
+        if d.piece == "capsule_head":
+            return [_head(d, loss=loss)]
+        st = d.case.static
+        return [[np.asarray(loss(*_args(d), st["m_plus"], st["m_minus"], st["lambda_"]))]]
+    return form
 
 
-def _margin_lambda_one(d: Any) -> list[list[np.ndarray]]:
-    return [[np.asarray(ref_ops.margin_loss(*_args(d), **{**d.case.static, "lambda_": 1.0}))]]
+def _softmax_margin(lengths: Any, labels: Any, m_plus: float, m_minus: float, lambda_: float) -> Any:
+    return _broken_ops("margin_on_softmax").margin_loss(lengths, labels, m_plus, m_minus, lambda_)
+
+
+def _lambda_one_margin(lengths: Any, labels: Any, m_plus: float, m_minus: float, lambda_: float) -> Any:
+    return ref_ops.margin_loss(lengths, labels, m_plus, m_minus, 1.0)
 
 
 def _mask_by_prediction(d: Any) -> list[list[np.ndarray]]:
@@ -154,21 +187,23 @@ def _pixels(d: Any) -> float:
 DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("softmax_over_children", "softmax over the wrong axis: over the children i instead of the parents j",
               "each child's coupling coefficients c_ij sum to 1 over the parents j (Procedure 1, line 4).",
-              f"{_MISTAKES} (1) and {_DECIDES} (4)", ("routing",), forward=_routing_broken("softmax_over_children")),
+              f"{_MISTAKES} (1) and {_DECIDES} (4)", ("routing", "capsule_head"),
+              forward=_routing_broken("softmax_over_children")),
     Deviation("shared_routing_logits", "routing logits b shared across the batch",
               "b_ij start at 0 for each example; one example's routing never depends on another's.",
-              f"{_MISTAKES} (7) and {_DECIDES} (3)", ("routing",), forward=_routing_broken("shared_routing_logits")),
+              f"{_MISTAKES} (7) and {_DECIDES} (3)", ("routing", "capsule_head"),
+              forward=_routing_broken("shared_routing_logits")),
     Deviation("iterations_always_1", "the routing-iterations setting ignored (always 1)",
               "routing runs the number of iterations it is given (the paper uses 3).", f"{_MISTAKES} (8)",
-              ("routing",), forward=_routing_broken("iterations_always_1"),
+              ("routing", "capsule_head"), forward=_routing_broken("iterations_always_1"),
               grads=_routing_broken_grads("iterations_always_1")),
     Deviation("iterations_always_3", "the routing-iterations setting ignored (always 3)",
               "routing runs the number of iterations it is given (the paper uses 3).", f"{_MISTAKES} (8)",
-              ("routing",), forward=_routing_broken("iterations_always_3"),
+              ("routing", "capsule_head"), forward=_routing_broken("iterations_always_3"),
               grads=_routing_broken_grads("iterations_always_3")),
     Deviation("iterations_off_by_one", "one routing iteration too few or too many",
               "r iterations compute r softmaxes of b and r outputs v; the last update of b is not used.",
-              f"{_DECIDES} (6)", ("routing",), forward=_routing_off_by_one,
+              f"{_DECIDES} (6)", ("routing", "capsule_head"), forward=_routing_off_by_one,
               grads=_routing_off_by_one_grads),
     Deviation("detached_routing", "detached routing / stop-gradient: gradients through the last iteration's "
               "weighted sum only (b, c or the agreement u_hat . v detached)",
@@ -185,16 +220,18 @@ DEVIATIONS: tuple[Deviation, ...] = (
               ("capsule_lengths",), forward=_lengths_eps_sqrt),
     Deviation("margin_on_softmax", "the margin loss on a softmax of the lengths",
               "Eq. 4 applies to the lengths |v_j| themselves.", f"{_MISTAKES} (4) and {_DECIDES} (9)",
-              ("margin_loss",), forward=_margin_on_softmax, grads=_margin_on_softmax_grads),
+              ("margin_loss", "capsule_head"), forward=_margin_deviant(_softmax_margin),
+              grads=_margin_on_softmax_grads),
     Deviation("margin_mean_over_classes", "the margin loss averaged over the classes instead of summed",
               "the margin loss sums L_j over the classes and averages over the batch.", f"{_DECIDES} (9)",
-              ("margin_loss",), forward=_margin_scaled(lambda d: 1.0 / d.case.args[0].shape[1])),
+              ("margin_loss", "capsule_head"), forward=_margin_scaled(lambda shape: 1.0 / shape[1])),
     Deviation("margin_sum_over_batch", "the margin loss summed over the batch instead of averaged",
               "the margin loss sums L_j over the classes and averages over the batch.", f"{_DECIDES} (9)",
-              ("margin_loss",), forward=_margin_scaled(lambda d: float(d.case.args[0].shape[0]))),
+              ("margin_loss", "capsule_head"), forward=_margin_scaled(lambda shape: float(shape[0]))),
     Deviation("margin_without_lambda", "the margin loss without its down-weighting lambda (lambda = 1)",
               "L_j = T_j max(0, m+ - |v_j|)^2 + lambda (1 - T_j) max(0, |v_j| - m-)^2 with lambda = 0.5.",
-              f"{SPEC}#1-the-model-as-the-paper-states-it", ("margin_loss",), forward=_margin_lambda_one),
+              f"{SPEC}#1-the-model-as-the-paper-states-it", ("margin_loss", "capsule_head"),
+              forward=_margin_deviant(_lambda_one_margin)),
     Deviation("mask_by_prediction_in_training", "masking by the prediction (the longest capsule) in training",
               "in training the mask keeps the true class's capsule; the longest one only without labels.",
               f"{_DECIDES} (10)", ("mask",), forward=_mask_by_prediction),
@@ -212,14 +249,15 @@ DEVIATIONS: tuple[Deviation, ...] = (
     # Recognised by where the values go wrong (see the module docstring), not by a form.
     Deviation("nan_at_zero", "NaN at zero vectors (a division by |s| or a norm's gradient unguarded at 0)",
               "squash and the length are 0 at a zero vector, with gradient 0 there.",
-              f"{_MISTAKES} (2) and {_DECIDES} (1, 2)", ("squash", "capsule_lengths", "routing", "mask")),
+              f"{_MISTAKES} (2) and {_DECIDES} (1, 2)",
+              ("squash", "capsule_lengths", "routing", "mask", "capsule_head")),
     Deviation("overflow", "|s|^2 overflows the dtype (NaN, inf or 0 for vectors longer than sqrt(float max))",
               "squash's domain is every s whose |s|^2 is finite in the dtype; no intermediate overflows in it.",
               f"{_DECIDES} (1)", ("squash", "capsule_lengths", "mask")),
     Deviation("tf32", "TF32 rounding of matrix products (float32 inputs kept to 10 mantissa bits)",
               "float32 results are float32's: TF32 (torch.backends.cuda.matmul.allow_tf32, TensorFlow's "
               "tensor_float_32_execution, JAX's default matmul precision on GPUs) is a speed mode asked for by name.",
-              f"{_DECIDES} (13) and docs/backends.md", ("predictions", "routing")),
+              f"{_DECIDES} (13) and docs/backends.md", ("predictions", "routing", "capsule_head")),
 )
 
 

@@ -42,6 +42,8 @@ AXES: dict[str, dict[str, tuple[str, ...]]] = {
                 "c": ("batch", "in_caps", "classes")},
     "margin_loss": {"lengths": ("batch", "classes"), "labels": ("batch", "classes")},
     "mask": {"v": ("batch", "classes", "dim"), "masked": ("batch", "classes", "dim")},
+    "capsule_head": {"u": ("batch", "in_caps", "in_dim"), "weight": ("in_caps", "classes", "out_dim", "in_dim"),
+                     "lengths": ("batch", "classes"), "labels": ("batch", "classes")},
     "reconstruction_loss": {"images": ("batch", "channels", "height", "width"),
                             "reconstruction": ("batch", "channels", "height", "width")},
 }

@@ -36,8 +36,7 @@ from .compare import ConformanceFailure, Context, assert_close, summarize
 from .deviations import Deviation, name_forward, name_gradient
 from .layouts import parse
 from .own_ops import (PIECES, Draw, Options, cotangents_to_user, draw_case, grads_to_canonical, outputs_to_canonical,
-                      piece_recipes, user_args, with_iterations, check_order)
-from .records import record
+                      piece_recipes, user_args, with_iterations, check_order, levels)
 
 __all__ = ["check_op", "assert_conforms", "Report", "Failure", "PIECES"]
 
@@ -200,20 +199,20 @@ def _compare(d: Draw, user: list[Any], refs: list[Any], refs32: list[Any], names
 def _one_draw(fn: Callable[..., Any], d: Draw, dtype: str, framework: str, opts: Options, gradients: bool,
               numpy_vjp: Any, who: _Who) -> None:
     """Forward (and gradients) of the user's function on one draw; raises _Mismatch on the first difference."""
-    rec = record(d.piece)
+    lv = levels(d.piece)
     f = with_iterations(fn, d, opts)
     names = PIECES[d.piece][1][:opts.outputs or None]
     args = user_args(d, dtype, opts)
     try:
         out = frameworks.call(f, args, framework)
-    except (ValueError, frameworks.FrameworkError):
+    except frameworks.FrameworkError:
         raise
     except Exception as exc:  # the user's function failing on a valid draw is a finding, not a crash
         raise _Mismatch(Failure("raised", f"{type(exc).__name__}: {exc}", d.recipe, dtype)) from None
     user = outputs_to_canonical(d, out, opts, f"{who.spec}")
-    bad = _compare(d, user, d.ref_out, d.ref32_out, [f"forward {n}" for n in names], rec.levels[0], dtype, who)
+    bad = _compare(d, user, d.ref_out, d.ref32_out, [f"forward {n}" for n in names], lv[0], dtype, who)
     if bad is not None:
-        namer = (lambda: name_forward(d, user, dtype, rec.levels[0])) if len(user) == len(d.ref_out) else None
+        namer = (lambda: name_forward(d, user, dtype, lv[0])) if len(user) == len(d.ref_out) else None
         raise _Mismatch(Failure(bad[0], bad[1], d.recipe, dtype, bad[2], bad[3], namer=namer))
     if d.piece == "mask" and opts.inference:
         _mask_without_labels(f, d, dtype, framework, opts, who)
@@ -225,10 +224,10 @@ def _one_draw(fn: Callable[..., Any], d: Draw, dtype: str, framework: str, opts:
     grads = grads_to_canonical(d, grads, opts)
     inputs = PIECES[d.piece][0]
     gnames = [f"gradient d/d{inputs[i]}" for i in wrt]
-    bad = _compare(d, grads, d.ref_grads, d.ref32_grads, gnames, rec.levels[1], dtype, who, d.magnitudes)
+    bad = _compare(d, grads, d.ref_grads, d.ref32_grads, gnames, lv[1], dtype, who, d.magnitudes)
     if bad is not None:
         raise _Mismatch(Failure(bad[0], bad[1], d.recipe, dtype, bad[2], bad[3],
-                                namer=lambda: name_gradient(d, grads, dtype, rec.levels[1])
+                                namer=lambda: name_gradient(d, grads, dtype, lv[1])
                                 or _name_on_ordinary_values(fn, d, dtype, framework, opts, who)))
 
 
@@ -243,7 +242,7 @@ def _name_on_ordinary_values(fn: Callable[..., Any], d: Draw, dtype: str, framew
         user = outputs_to_canonical(ordinary, out, opts, who.spec)
     except Exception:  # the name is a courtesy: a function that fails here has already failed the check
         return None
-    level = record(d.piece).levels[0]
+    level = levels(d.piece)[0]
     names = [f"forward {n}" for n in PIECES[d.piece][1]]
     if len(user) != len(ordinary.ref_out) or _compare(ordinary, user, ordinary.ref_out, ordinary.ref32_out, names,
                                                       level, dtype, who) is None:
@@ -319,13 +318,15 @@ def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
 
     fn takes the piece's tensors in the user's layout: squash(s), capsule_lengths(v), predictions(u,
     weight), routing(u_hat) -> (v, c) (or v alone with outputs=1), margin_loss(lengths, labels),
-    mask(v, labels) and mask(v), reconstruction_loss(reconstruction, images). labels: "index" or
-    "onehot". iterations: routing's fixed count, or the name of fn's keyword that takes it (then
-    1 to 5 are drawn). scale: the reconstruction loss's built-in scale. order: fn's inputs in its own
-    order, e.g. ("labels", "lengths") for a Keras loss(y_true, y_pred). extremes=False keeps the drawn
-    values within 1e-6..1e6 (the suite draws up to the edges of the float range, where |s|^2 overflows). vjp: NumPy functions'
-    gradients, vjp(cotangent, *args) -> gradients (other frameworks use their autodiff). recipe:
-    one draw only (what a failure's reproduction line passes)."""
+    mask(v, labels) and mask(v), reconstruction_loss(reconstruction, images), and capsule_head(u,
+    weight, labels) -> (lengths, loss): predictions, routing, lengths and margin loss composed.
+    labels: "index" or "onehot". iterations: routing's fixed count, or the name of fn's keyword
+    that takes it (then 1 to 5 are drawn). scale: the reconstruction loss's built-in scale. order:
+    fn's inputs in its own order, e.g. ("labels", "lengths") for a Keras loss(y_true, y_pred).
+    extremes=False keeps the drawn values within 1e-6..1e6 (the suite draws up to the edges of the
+    float range, where |s|^2 overflows). vjp: NumPy functions' gradients, vjp(cotangent, *args) ->
+    gradients (other frameworks use their autodiff). recipe: one draw only (what a failure's
+    reproduction line passes)."""
     if op not in PIECES:
         raise ValueError(f"op must be one of {', '.join(PIECES)}, got {op!r}")
     if profile not in profiles.PROFILES:
@@ -335,6 +336,11 @@ def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
     if isinstance(iterations, bool) or not isinstance(iterations, (int, str)) or (
             isinstance(iterations, int) and iterations < 1):
         raise ValueError(f"iterations must be a positive int or the name of fn's keyword, got {iterations!r}")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 1):
+        raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
+    if isinstance(outputs, bool) or not isinstance(outputs, int) or not 0 <= outputs <= len(PIECES[op][1]):
+        raise ValueError(f"outputs must be 0 (all) to {len(PIECES[op][1])} for {op}, got {outputs!r}")
     bad = [d for d in dtypes if d not in ("float32", "float64")]
     if bad or not dtypes:
         raise ValueError(f"dtypes must be float32 and/or float64, got {list(dtypes)!r}")
@@ -369,18 +375,18 @@ def _inputs(op: str, recipe: Mapping[str, Any], dtype: str) -> dict[str, Any]:
 def _describe(report: Report, op: str, opts: Options, grads: bool, fw: str, asked: bool) -> None:
     outs = PIECES[op][1][:opts.outputs or None]
     report.checked.append(f"forward {', '.join(outs)} against capsspec.ops.{op} (float64), tolerance level "
-                          f"{record(op).levels[0]!r}")
+                          f"{levels(op)[0]!r}")
     if op == "mask" and opts.inference:
         report.checked.append("forward without labels (the longest capsule kept)")
     if grads:
         wrt = ", ".join(f"d/d{PIECES[op][0][i]}" for i in PIECES[op][2])
-        report.checked.append(f"gradients {wrt} through {fw}'s autodiff, tolerance level {record(op).levels[1]!r}")
+        report.checked.append(f"gradients {wrt} through {fw}'s autodiff, tolerance level {levels(op)[1]!r}")
     elif asked:
         report.notes.append(f"gradients not checked: {fw} has no autodiff (pass vjp=... to check them)")
     if not opts.extremes:
         report.notes.append("values within 1e-6..1e6 only (extremes=False): the edges of the float range are not "
                             "checked")
-    if op == "routing":
+    if op in ("routing", "capsule_head"):
         k = opts.iterations
         report.checked.append(f"iterations {'1 to 5 drawn, passed as ' + repr(k) if isinstance(k, str) else k}")
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from capsspec import ops as ref_ops
 
+from . import own_head
 from . import strategies as S
 from .cases import OpCase, cotangent, generator, widen
 from .check_kit import reference_float32
@@ -28,9 +29,9 @@ from .layouts import Layout
 from .records import record
 
 __all__ = ["PIECES", "Options", "Draw", "piece_recipes", "draw_case", "user_args", "outputs_to_canonical",
-           "cotangents_to_user", "grads_to_canonical", "with_iterations", "check_order"]
+           "cotangents_to_user", "grads_to_canonical", "with_iterations", "check_order", "levels"]
 
-PAPER_MARGINS = {"m_plus": 0.9, "m_minus": 0.1, "lambda_": 0.5}
+PAPER_MARGINS = own_head.PAPER_MARGINS
 
 # piece -> (tensors given to the user's function, in order; tensors it returns; indices of the inputs
 # that are differentiated). "labels" is an input that is never differentiated.
@@ -42,6 +43,7 @@ PIECES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]] = {
     "margin_loss": (("lengths", "labels"), ("loss",), (0,)),
     "mask": (("v", "labels"), ("masked",), (0,)),
     "reconstruction_loss": (("reconstruction", "images"), ("loss",), (0,)),
+    "capsule_head": (("u", "weight", "labels"), ("lengths", "loss"), (0, 1)),
 }
 
 
@@ -99,7 +101,14 @@ def _shape3(r: dict[str, Any]) -> dict[str, Any]:
     return {**r, "shape": [r["B"], r["N"], r["D"]], "axis": -1}
 
 
+def levels(piece: str) -> tuple[str, str]:
+    """The tolerance levels of a piece's values and gradients: its op record's, the model's for the head."""
+    return own_head.LEVELS if piece == "capsule_head" else record(piece).levels
+
+
 def _recipes(piece: str, dtype: str, opts: Options) -> st.SearchStrategy[dict[str, Any]]:
+    if piece == "capsule_head":
+        return own_head.head_recipes(dtype, None if isinstance(opts.iterations, str) else opts.iterations)
     cot = S.cotangents
     if piece in ("squash", "capsule_lengths"):
         return S.recipe(S.seeds, S.values("domain", dtype), S.sizes(B=(1, 4), N=(1, 6), D=(1, 16)), cot).map(_shape3)
@@ -118,34 +127,46 @@ def _recipes(piece: str, dtype: str, opts: Options) -> st.SearchStrategy[dict[st
 
 
 # ---------------------------------------------------------------------------------------- the reference side
+def _reference(piece: str) -> tuple[Any, Any, Any, Any]:
+    """(build, forward, vjp, vjp magnitude) of a piece: its op record's and capsspec.ops's, or the head's."""
+    if piece == "capsule_head":
+        return own_head.build_head, own_head.head, own_head.head_vjp, None
+    rec = record(piece)
+    return rec.build, getattr(ref_ops, piece), getattr(ref_ops, f"{piece}_vjp"), rec.vjp_magnitude
+
+
+def _as_list(out: Any, n: int) -> list[Any]:
+    if out is None:
+        return [None] * n
+    return list(out) if isinstance(out, tuple) else [out]
+
+
 def draw_case(piece: str, recipe: Mapping[str, Any], dtype: str) -> Draw:
     """The reference's inputs, outputs, cotangents and gradients for one recipe (canonical axes)."""
-    rec = record(piece)
-    args, static = rec.build(recipe, dtype, generator(recipe["seed"]))
+    build, fwd, bwd, vjp_magnitude = _reference(piece)
+    args, static = build(recipe, dtype, generator(recipe["seed"]))
     case = OpCase(piece, args, static)
     d = Draw(piece, dict(recipe), case)
-    fwd = getattr(ref_ops, piece)
     out = fwd(*case.ref_args, **static)
-    out32 = reference_float32(fwd, *case.ref_args, **static)
-    outs = list(out) if isinstance(out, tuple) else [out]
-    outs32 = (list(out32) if isinstance(out32, tuple) else [out32]) if out32 is not None else [None] * len(outs)
+    outs = _as_list(out, 1)
+    outs32 = _as_list(reference_float32(fwd, *case.ref_args, **static), len(outs))
     if piece == "mask":  # (B, J*E) -> the masked capsules (B, J, E)
         shape = case.args[0].shape
         outs, outs32 = [outs[0].reshape(shape)], [None if outs32[0] is None else outs32[0].reshape(shape)]
     d.ref_out, d.ref32_out = outs, outs32
-    cot = cotangent(recipe, out, dtype)
-    cots = list(cot) if isinstance(cot, tuple) else [cot]
+    if piece == "capsule_head":  # one cotangent per output: the lengths' and the loss's
+        d.cots = [cotangent(recipe, o, dtype) for o in outs]
+    else:
+        cot = cotangent(recipe, out, dtype)
+        d.cots = list(cot) if isinstance(cot, tuple) else [cot]
     if piece == "mask":
-        cots = [cots[0].reshape(case.args[0].shape)]
-    d.cots = cots
-    ref_cot = tuple(widen(c) for c in cots) if piece == "routing" else widen(cots[0])
+        d.cots = [d.cots[0].reshape(case.args[0].shape)]
+    ref_cot = tuple(widen(c) for c in d.cots) if len(d.cots) > 1 else widen(d.cots[0])
     if piece == "mask":
         ref_cot = ref_cot.reshape(len(ref_cot), -1)
-    bwd = getattr(ref_ops, f"{piece}_vjp")
     d.ref_grads = list(bwd(ref_cot, *case.ref_args, **static))
-    g32 = reference_float32(bwd, ref_cot, *case.ref_args, **static)
-    d.ref32_grads = list(g32) if g32 is not None else [None] * len(d.ref_grads)
-    d.magnitudes = (list(rec.vjp_magnitude(ref_cot, case.ref_args, static)) if rec.vjp_magnitude
+    d.ref32_grads = _as_list(reference_float32(bwd, ref_cot, *case.ref_args, **static), len(d.ref_grads))
+    d.magnitudes = (list(vjp_magnitude(ref_cot, case.ref_args, static)) if vjp_magnitude
                     else [None] * len(d.ref_grads))
     return d
 
@@ -172,6 +193,8 @@ def user_args(d: Draw, dtype: str, opts: Options, with_labels: bool = True) -> l
         return [lay.to_user("u", a[0]), lay.to_user("weight", a[1])]
     if p == "routing":
         return [lay.to_user("u_hat", a[0])]
+    if p == "capsule_head":
+        return [lay.to_user("u", a[0]), lay.to_user("weight", a[1]), _labels_to_user(a[2], a[1].shape[1], dtype, opts)]
     if p == "margin_loss":
         return [lay.to_user("lengths", a[0]), _labels_to_user(a[1], a[0].shape[1], dtype, opts)]
     if p == "mask":
@@ -257,7 +280,7 @@ def with_iterations(fn: Callable[..., Any], d: Draw, opts: Options) -> Callable[
         perm = [PIECES[d.piece][0].index(n) for n in opts.order]
         inner = fn
         fn = lambda *a: inner(*[a[i] for i in perm]) if len(a) == len(perm) else inner(*a)  # noqa: E731
-    if d.piece != "routing" or not isinstance(opts.iterations, str):
+    if d.piece not in ("routing", "capsule_head") or not isinstance(opts.iterations, str):
         return fn
     k = int(d.case.static["iterations"])
     return lambda *a: fn(*a, **{opts.iterations: k})

@@ -129,7 +129,8 @@ CASES = [
     ("squash_plain", "squash", squash_plain, {"layout": "batch caps dim"}, "overflow"),
     ("routing", "routing", routing, ROUTE, None),
     ("routing_softmax_over_inputs", "routing", routing_softmax_over_inputs, ROUTE, "softmax_over_children"),
-    ("routing_detached", "routing", routing_detached, ROUTE, "detached_routing"),
+    # Detaching changes the gradient only where the agreement moves c: several iterations on large enough u_hat.
+    ("routing_detached", "routing", routing_detached, {**ROUTE, "max_examples": 30}, "detached_routing"),
     ("routing_fixed_three", "routing", routing_fixed_three, ROUTE, "iterations_always_3"),
     ("margin_loss", "margin_loss", margin_loss, {"layout": "batch classes", "labels": "onehot"}, None),
     ("margin_loss_mean", "margin_loss", margin_loss_mean, {"layout": "batch classes", "labels": "onehot"},
@@ -138,4 +139,35 @@ CASES = [
     ("mask_by_prediction", "mask", mask_by_prediction, {"layout": "batch classes dim"},
      "mask_by_prediction_in_training"),
     ("reconstruction_loss", "reconstruction_loss", reconstruction_loss, {"layout": "b c h w"}, None),
+]
+
+
+# The capsule head from the pieces above: primary capsules (batch, in_caps, in_dim) and W laid out
+# (classes, in_caps, out_dim, in_dim) to the class lengths and the margin loss, one-hot targets.
+def capsule_head(u: torch.Tensor, W: torch.Tensor, target: torch.Tensor, iterations: int = 3):
+    priors = torch.einsum("jned,bnd->jbne", W, u)  # (classes, batch, in_caps, out_dim)
+    v, _ = routing(priors, iterations)
+    lengths = squash_free_lengths(v).transpose(0, 1)  # (batch, classes)
+    return lengths, margin_loss(lengths, target)
+
+
+def capsule_head_softmax_over_inputs(u: torch.Tensor, W: torch.Tensor, target: torch.Tensor, iterations: int = 3):
+    priors = torch.einsum("jned,bnd->jbne", W, u)
+    v, _ = routing_softmax_over_inputs(priors, iterations)
+    lengths = squash_free_lengths(v).transpose(0, 1)
+    return lengths, margin_loss(lengths, target)
+
+
+def squash_free_lengths(v: torch.Tensor) -> torch.Tensor:
+    """|v| over the last axis, with gradient 0 at v = 0."""
+    n, _, _ = _norm_terms(v, -1)
+    return n.squeeze(-1)
+
+
+HEAD = {"layout": {"*": "batch in_caps classes out_dim in_dim", "weight": "classes in_caps out_dim in_dim"},
+        "labels": "onehot", "iterations": "iterations"}
+CASES += [
+    ("capsule_head", "capsule_head", capsule_head, HEAD, None),
+    ("capsule_head_softmax_over_inputs", "capsule_head", capsule_head_softmax_over_inputs, HEAD,
+     "softmax_over_children"),
 ]
