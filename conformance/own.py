@@ -87,7 +87,8 @@ class Report:
     profile: str
     dtypes: tuple[str, ...]
     checked: list[str] = field(default_factory=list)
-    draws: dict[str, int] = field(default_factory=dict)
+    draws: dict[str, int] = field(default_factory=dict)  # per dtype: the draws checked, up to the first failing one
+    shrinking: dict[str, int] = field(default_factory=dict)  # per dtype: the draws made after it, shrinking it
     failure: Failure | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -107,13 +108,16 @@ class Report:
     def __str__(self) -> str:
         head = "PASSED" if self.passed else "FAILED"
         total = sum(self.draws.values())
+        shrunk = sum(self.shrinking.values())
+        more = f" (the last failing; then {shrunk} more to shrink it)" if shrunk else ""
         lines = [f"{head}: {self.op} of {self.function} ({self.framework}, layout {self.layout!r}, profile "
-                 f"{self.profile}, {', '.join(self.dtypes)}): {total} draw(s) in {self.seconds:.1f} s",
+                 f"{self.profile}, {', '.join(self.dtypes)}): {total} draw(s){more} in {self.seconds:.1f} s",
                  f"  checked: {'; '.join(self.checked)}"]
         lines += [f"  note: {n}" for n in self.notes]
         f = self.failure
         if f is not None:
-            lines.append(f"smallest failing draw ({f.dtype}): {json.dumps(f.recipe, sort_keys=True, default=str)}")
+            recipe = json.dumps(f.recipe, sort_keys=True, default=str)
+            lines.append(f"smallest failing draw ({f.dtype}{', shrunk' if shrunk else ''}): {recipe}")
             for k, v in f.inputs.items():
                 lines.append(f"  input {k}: {summarize(v)}")
             lines.append(f"what differs: {f.what}")
@@ -274,18 +278,24 @@ def _run_dtype(fn: Callable[..., Any], op: str, dtype: str, framework: str, opts
     """(draws made, the smallest failure or None) for one dtype."""
     from hypothesis import given, settings
 
-    count = [0]
+    count = [0, 0]  # draws made; the draw that failed first (0: none did)
+    first: list[Failure | None] = [None]  # its failure, before shrinking
 
     def one(r: Mapping[str, Any]) -> None:
         count[0] += 1
-        _one_draw(fn, draw_case(op, r, dtype), dtype, framework, opts, gradients, numpy_vjp, who)
+        try:
+            _one_draw(fn, draw_case(op, r, dtype), dtype, framework, opts, gradients, numpy_vjp, who)
+        except _Mismatch as m:
+            if not count[1]:
+                count[1], first[0] = count[0], m.failure
+            raise
 
     if recipe is not None:
         try:
             one(dict(recipe))
         except _Mismatch as m:
-            return 1, m.failure
-        return 1, None
+            return (1, 0), m.failure
+        return (1, 0), None
     # The full profile keeps failing draws in its example database, keyed by the test function: one key per
     # piece, function, layout and dtype, so that each check replays its own failures first (Hypothesis's hook).
     one._hypothesis_internal_add_digest = repr((op, who.spec, framework, opts.layout.text, dtype)).encode()
@@ -300,10 +310,16 @@ def _run_dtype(fn: Callable[..., Any], op: str, dtype: str, framework: str, opts
     try:
         run()
     except _Mismatch as m:
-        return count[0], m.failure
+        f = m.failure
+        if first[0] is not None and first[0] is not f and first[0].what == f.what and f.namer is not None:
+            # Shrinking ends on the edge of the tolerance, where a deviant form may no longer stand apart from
+            # the reference: then the first failing draw (the same output failing) names the mistake.
+            final, fallback = f.namer, first[0].namer
+            f.namer = lambda: final() or (fallback() if fallback is not None else None)
+        return (count[1], count[0] - count[1]), f
     finally:
         S.pool_shapes(was)
-    return count[0], None
+    return (count[0], 0), None
 
 
 def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
@@ -355,8 +371,9 @@ def check_op(op: str, fn: Callable[..., Any], *, framework: str | None = None,
     who = _Who(f"{fw} {name}")
     start = time.perf_counter()
     for dtype in dtypes:
-        n, failure = _run_dtype(fn, op, dtype, fw, opts, grads, vjp, who, profile, max_examples, recipe)
-        report.draws[dtype] = n
+        (n, shrinking), failure = _run_dtype(fn, op, dtype, fw, opts, grads, vjp, who, profile, max_examples,
+                                             recipe)
+        report.draws[dtype], report.shrinking[dtype] = n, shrinking
         if failure is not None:
             failure.deviation = failure.namer() if failure.namer is not None else None
             failure.repro = _repro(op, fn, fw, lay.text, opts, failure.recipe, dtype)
