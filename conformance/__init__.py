@@ -16,6 +16,11 @@ optimizer_checks, property_checks, contract_checks: the error contract and purit
 check by name), reproduce (runs a failure's line again), regressions (draws kept for good),
 profiles, plugin (pytest options, profiles, known gaps, inference-only backends, summary), cli,
 broken (deliberately broken backends for the tests of the tester), and the test_*.py modules.
+Checking a user's own CapsNet pieces (docs/check-your-own.md) builds on them: frameworks (calling
+a torch / TensorFlow / JAX / NumPy function on NumPy inputs, gradients through its autodiff),
+layouts (named axes), own_head (the capsule head as one piece), own_ops (each piece's draws and
+tensors), deviations (the known mistakes, named) and own (check_op, assert_conforms, Report:
+importable from this package, loaded on first use).
 known_gaps/<backend>.txt lists what a backend is known not to meet yet.
 
 Importing this package imports nothing (no framework, no Hypothesis).
