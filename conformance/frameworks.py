@@ -14,6 +14,8 @@ come from torch.autograd, tf.GradientTape and jax.vjp; NumPy has no autodiff, so
 is checked forward only unless its author passes a vjp of their own (numpy_vjp=...).
 
 A framework is imported only when a function of it is called: importing this module imports none.
+A float64 input to a JAX function turns on jax_enable_x64 for the process (JAX narrows float64 to
+float32 otherwise); float32-only checks leave JAX's settings alone.
 
 What this module must never do: compute a gradient by finite differences, or change the user's
 arrays (every input is a fresh copy).
