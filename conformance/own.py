@@ -224,7 +224,12 @@ def _one_draw(fn: Callable[..., Any], d: Draw, dtype: str, framework: str, opts:
         return
     wrt = PIECES[d.piece][2]
     cots = cotangents_to_user(d, opts)
-    grads = frameworks.vjp(f, args, cots, wrt, framework, numpy_vjp)
+    try:
+        grads = frameworks.vjp(f, args, cots, wrt, framework, numpy_vjp)
+    except frameworks.FrameworkError:
+        raise
+    except Exception as exc:  # e.g. a backward that fails on this draw
+        raise _Mismatch(Failure("raised in the gradient", f"{type(exc).__name__}: {exc}", d.recipe, dtype)) from None
     grads = grads_to_canonical(d, grads, opts)
     inputs = PIECES[d.piece][0]
     gnames = [f"gradient d/d{inputs[i]}" for i in wrt]
@@ -240,7 +245,7 @@ def _name_on_ordinary_values(fn: Callable[..., Any], d: Draw, dtype: str, framew
     """A gradient that differs on a draw whose forward agrees (all capsules equal, say) may come from a
     mistake of the forward that this draw hides: the user's forward on a draw of the same sizes with
     ordinary values (normal, scale 1) names it where it matches a known form there."""
-    ordinary = draw_case(d.piece, {**d.recipe, "kind": "normal", "scale": 0}, dtype)
+    ordinary = draw_case(d.piece, {**d.recipe, "kind": "normal", "scale": 0}, dtype, opts.outputs)
     try:
         out = frameworks.call(with_iterations(fn, ordinary, opts), user_args(ordinary, dtype, opts), framework)
         user = outputs_to_canonical(ordinary, out, opts, who.spec)
@@ -284,7 +289,7 @@ def _run_dtype(fn: Callable[..., Any], op: str, dtype: str, framework: str, opts
     def one(r: Mapping[str, Any]) -> None:
         count[0] += 1
         try:
-            _one_draw(fn, draw_case(op, r, dtype), dtype, framework, opts, gradients, numpy_vjp, who)
+            _one_draw(fn, draw_case(op, r, dtype, opts.outputs), dtype, framework, opts, gradients, numpy_vjp, who)
         except _Mismatch as m:
             if not count[1]:
                 count[1], first[0] = count[0], m.failure

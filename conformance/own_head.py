@@ -61,8 +61,8 @@ def head_vjp(g: tuple[Any, Any], u: np.ndarray, weight: np.ndarray, labels: np.n
     u_hat = ref_ops.predictions(u, weight)
     v, _ = ref_ops.routing(u_hat, iterations)
     lengths = ref_ops.capsule_lengths(v)
-    (gl,) = ref_ops.margin_loss_vjp(np.asarray(g_loss, dtype=lengths.dtype), lengths, labels, m_plus, m_minus,
-                                    lambda_)
+    g_loss = np.zeros((), dtype=lengths.dtype) if g_loss is None else np.asarray(g_loss, dtype=lengths.dtype)
+    (gl,) = ref_ops.margin_loss_vjp(g_loss, lengths, labels, m_plus, m_minus, lambda_)
     if g_lengths is not None:
         gl = gl + g_lengths
     (gv,) = ref_ops.capsule_lengths_vjp(np.ascontiguousarray(gl, dtype=v.dtype), v)

@@ -141,8 +141,9 @@ def _as_list(out: Any, n: int) -> list[Any]:
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def draw_case(piece: str, recipe: Mapping[str, Any], dtype: str) -> Draw:
-    """The reference's inputs, outputs, cotangents and gradients for one recipe (canonical axes)."""
+def draw_case(piece: str, recipe: Mapping[str, Any], dtype: str, outputs: int = 0) -> Draw:
+    """The reference's inputs, outputs, cotangents and gradients for one recipe (canonical axes); with
+    `outputs` n > 0 the user's function returns the first n outputs only, and the others get no cotangent."""
     build, fwd, bwd, vjp_magnitude = _reference(piece)
     args, static = build(recipe, dtype, generator(recipe["seed"]))
     case = OpCase(piece, args, static)
@@ -161,7 +162,9 @@ def draw_case(piece: str, recipe: Mapping[str, Any], dtype: str) -> Draw:
         d.cots = list(cot) if isinstance(cot, tuple) else [cot]
     if piece == "mask":
         d.cots = [d.cots[0].reshape(case.args[0].shape)]
-    ref_cot = tuple(widen(c) for c in d.cots) if len(d.cots) > 1 else widen(d.cots[0])
+    if outputs:
+        d.cots = d.cots[:outputs] + [None] * (len(d.cots) - outputs)
+    ref_cot = tuple(None if c is None else widen(c) for c in d.cots) if len(d.cots) > 1 else widen(d.cots[0])
     if piece == "mask":
         ref_cot = ref_cot.reshape(len(ref_cot), -1)
     d.ref_grads = list(bwd(ref_cot, *case.ref_args, **static))

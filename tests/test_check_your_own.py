@@ -3,8 +3,8 @@
 tests/user_capsnets/ holds, per framework, a correct version and deviating versions of the pieces,
 each framework in layouts of its own. Every correct version must pass, every deviation must fail
 and (where a known deviation fits) be named by its key. Correct versions run on the ci profile;
-deviations on the meta profile (6 draws, no shrinking: naming on the first failing draw; a case may ask
-for more draws or the ci profile where its mistake shows on few draws only), and
+deviations on the meta profile (6 draws, no shrinking: naming on the first failing draw; a case whose
+mistake shows on some draws only asks for more draws, or for the ci profile), and
 one of them on ci, to show the shrunk counterexample and the reproduction line. Then the layout
 errors, the command line and the pytest fixture.
 """
@@ -137,8 +137,11 @@ def test_the_command_line_checks_a_piece_and_refuses_bad_specs_in_one_line(capsy
     base = ["--framework", "torch", "--profile", "meta", "--layout", "b n d"]
     assert cli.main(["--op", "squash=user_capsnets.torch_capsnet:squash", *base]) == 0
     assert "PASSED: squash" in capsys.readouterr().out
-    assert cli.main(["--op", "squash=user_capsnets.torch_capsnet:squash_plain", *base, "--profile", "ci"]) == 1
-    assert "named deviation: |s|^2 overflows" in capsys.readouterr().out
+    # A loss averaged over the classes is wrong on every draw: a failure whatever is drawn.
+    assert cli.main(["--op", "margin_loss=user_capsnets.torch_capsnet:margin_loss_mean", "--framework", "torch",
+                     "--layout", "batch classes", "--labels", "onehot"]) == 1
+    out = capsys.readouterr().out
+    assert "(margin_mean_over_classes)" in out and "reproduce with: capsspec conformance --op margin_loss=" in out
     for spec, message in [("squash", "expected PIECE=module:attr"), ("squash=no_such_pkg_xyz:f", "cannot import"),
                           ("squash=user_capsnets.torch_capsnet:nothing", "has no attribute"),
                           ("squash=user_capsnets.torch_capsnet:CASES", "not callable"),
@@ -150,13 +153,13 @@ def test_the_command_line_checks_a_piece_and_refuses_bad_specs_in_one_line(capsy
 
 def test_the_pytest_fixture_makes_a_users_test_one_line(tmp_path):
     (tmp_path / "test_user.py").write_text(textwrap.dedent("""
-        from user_capsnets.torch_capsnet import squash, squash_plain
+        from user_capsnets.torch_capsnet import margin_loss_mean, squash
 
         def test_my_squash(capsspec_check):
             capsspec_check("squash", squash, layout="batch caps dim")
 
         def test_my_other_squash(capsspec_check):
-            capsspec_check("squash", squash_plain, layout="batch caps dim")
+            capsspec_check("margin_loss", margin_loss_mean, layout="batch classes", labels="onehot")
     """))
     env = {**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{HERE}"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "capsspec.conformance.plugin", "-p",
@@ -164,4 +167,15 @@ def test_the_pytest_fixture_makes_a_users_test_one_line(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "1 failed, 1 passed" in out, out
-    assert "(overflow)" in out and "no backend chosen" not in out, out
+    assert "(margin_mean_over_classes)" in out and "no backend chosen" not in out, out
+
+
+def test_a_routing_that_returns_v_alone_is_checked_on_v_and_its_gradient():
+    from user_capsnets.torch_capsnet import ROUTE, routing, routing_fixed_three
+
+    ok = check_op("routing", lambda u_hat, iterations: routing(u_hat, iterations)[0], framework="torch", outputs=1,
+                  max_examples=8, **ROUTE)
+    assert ok.passed, str(ok)
+    bad = check_op("routing", lambda u_hat, iterations: routing_fixed_three(u_hat, iterations)[0], framework="torch",
+                   outputs=1, profile="meta", **ROUTE)
+    assert not bad.passed and bad.deviation == "iterations_always_3", str(bad)

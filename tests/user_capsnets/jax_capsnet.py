@@ -91,14 +91,15 @@ ROUTE = {"layout": "batch in_caps classes dim", "iterations": "num_iters"}
 CAPS = {"layout": "batch dim caps"}
 CASES = [
     ("squash", "squash", squash, CAPS, None),
-    ("squash_unguarded", "squash", squash_unguarded, CAPS, "nan_at_zero"),
+    ("squash_unguarded", "squash", squash_unguarded, {**CAPS, "max_examples": 20}, "nan_at_zero"),
     ("squash_norm_not_squared", "squash", squash_norm_not_squared, CAPS, "caught"),
     ("lengths", "capsule_lengths", lengths, CAPS, None),
     ("lengths_eps", "capsule_lengths", lengths_eps, {**CAPS, "extremes": False, "max_examples": 20},
      "lengths_epsilon_in_sqrt"),
     ("predictions", "predictions", predictions, {"layout": "batch in_caps in_dim classes out_dim"}, None),
     ("routing", "routing", routing, ROUTE, None),
-    ("routing_shared_logits", "routing", routing_shared_logits, ROUTE, "shared_routing_logits"),
+    ("routing_shared_logits", "routing", routing_shared_logits, {**ROUTE, "max_examples": 20},
+     "shared_routing_logits"),
     ("reconstruction_loss_summed", "reconstruction_loss", reconstruction_loss_summed,
      {"layout": "batch height width channels"}, "reconstruction_sum_over_batch"),
 ]
