@@ -179,3 +179,30 @@ def test_a_routing_that_returns_v_alone_is_checked_on_v_and_its_gradient():
     bad = check_op("routing", lambda u_hat, iterations: routing_fixed_three(u_hat, iterations)[0], framework="torch",
                    outputs=1, profile="meta", **ROUTE)
     assert not bad.passed and bad.deviation == "iterations_always_3", str(bad)
+
+
+def _torch_variants():
+    """The named deviations that the user-style modules do not carry, as one-line variants of their pieces."""
+    torch = pytest.importorskip("torch")
+    from user_capsnets import torch_capsnet as T
+
+    def margin(lengths, target, lam=0.5, reduce=lambda per_example: per_example.mean()):
+        per_class = target * torch.relu(0.9 - lengths) ** 2 + lam * (1 - target) * torch.relu(lengths - 0.1) ** 2
+        return reduce(per_class.sum(dim=1))
+
+    loss = {"layout": "batch classes", "labels": "onehot"}
+    return [
+        ("routing", lambda u, iterations: T._route(u, 1), T.ROUTE, "iterations_always_1"),
+        ("routing", lambda u, iterations: T._route(u, iterations + 1), T.ROUTE, "iterations_off_by_one"),
+        ("margin_loss", lambda lengths, t: margin(lengths, t, reduce=torch.sum), loss, "margin_sum_over_batch"),
+        ("margin_loss", lambda lengths, t: margin(lengths, t, lam=1.0), loss, "margin_without_lambda"),
+        ("reconstruction_loss", lambda r, im: ((r - im.flatten(1)) ** 2).sum(dim=1).mean(), {"layout": "b c h w"},
+         "reconstruction_unscaled"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_the_other_named_deviations_are_named(i):
+    op, fn, kwargs, expected = _torch_variants()[i]
+    report = check_op(op, fn, framework="torch", profile="meta", **kwargs)
+    assert not report.passed and report.deviation == expected, str(report)
