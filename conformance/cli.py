@@ -3,6 +3,8 @@
     capsspec conformance --backend NAME [--profile ci|full|meta] [--device DEV] [-- PYTEST ARGS...]
     capsspec conformance --backend package.module:Factory     (a backend not registered yet)
     capsspec conformance --backend all                         (every available backend in turn)
+    capsspec conformance --op squash=mypkg.layers:squash --framework torch --layout "batch caps dim"
+                                                               (a piece of your own CapsNet: own.py)
 
 The backend is checked before any test runs: an unknown or unavailable one prints the reason and
 exits with status 2. With `all`, the known backends that cannot run here are listed with the
@@ -11,6 +13,12 @@ state leaks between them), and the exit status is non-zero if any of them failed
 Arguments after `--` go to pytest unchanged (e.g. `-- -x -k routing`). A backend that names
 environment variables for the ci profile (Backend.ci_environment: JAX's cheaper XLA compiler
 settings) runs in a pytest process of its own with them added.
+
+With --op (repeatable) the command holds a function of the user's own code to the reference
+(own.check_op) instead of a backend: NAME=module:attr, the module imported from the current
+directory or sys.path, attr a function or a class (instantiated with no arguments: an nn.Module,
+a Keras layer). It prints each report and exits 0 if every piece passes, 1 if one fails, 2 for a
+bad spec, a missing module or a non-callable (one line each).
 
 What this module must never do: fall back to another backend than the one named.
 """
@@ -42,13 +50,47 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="capsspec conformance",
-        description="Hold a backend to the capsspec reference, forward and backward, within stated tolerances.",
-        epilog="Arguments after `--` are passed to pytest unchanged.")
-    p.add_argument("--backend", required=True, metavar="NAME",
+        description="Hold a backend, or a piece of your own CapsNet (--op), to the capsspec reference, forward "
+                    "and backward, within stated tolerances.",
+        epilog="Arguments after `--` are passed to pytest unchanged (with --backend).")
+    p.add_argument("--backend", default=None, metavar="NAME",
                    help="a registered backend name, 'module:attr' (a factory returning a capsspec.Backend), or 'all'")
     p.add_argument("--profile", default="ci", choices=sorted(PROFILES),
                    help="example budget: ci (derandomised, minutes; the default), full (release checks), meta")
     p.add_argument("--device", default=None, help="device for the backend under test (e.g. cuda:0)")
+    own = p.add_argument_group("your own CapsNet (docs/check-your-own.md)")
+    own.add_argument("--op", action="append", default=[], metavar="PIECE=module:attr",
+                     help="a piece of your code to check, e.g. squash=mypkg.layers:squash (repeatable); pieces: "
+                          "squash, capsule_lengths, predictions, routing, margin_loss, mask, reconstruction_loss, "
+                          "capsule_head")
+    own.add_argument("--framework", default=None, help="torch, tensorflow (keras), jax or numpy (default: inferred)")
+    own.add_argument("--layout", default=None, help='your axes, e.g. "batch caps dim" (default: the reference\'s)')
+    own.add_argument("--dtype", action="append", default=None, choices=("float32", "float64"),
+                     help="dtype to check (repeatable; default float32)")
+    own.add_argument("--labels", default="index", choices=("index", "onehot"), help="labels your loss or mask takes")
+    own.add_argument("--iterations", default="3",
+                     help="routing: a fixed count, or the name of your function's keyword that takes it")
+    own.add_argument("--outputs", type=int, default=0, help="routing: 1 if your function returns v alone")
+    own.add_argument("--order", default="", help="your function's inputs in its order, e.g. labels,lengths")
+    own.add_argument("--no-extremes", dest="extremes", action="store_false",
+                     help="draw values within 1e-6..1e6 only (not the edges of the float range)")
+    own.add_argument("--examples", type=int, default=None, help="draws per dtype (default: the profile's)")
+    own.add_argument("--recipe", default=None, help="one draw only: the JSON a failure's reproduction line gives")
+    whole = p.add_argument_group("your own whole model (docs/import-your-model.md; --framework as above)")
+    whole.add_argument("--model", default=None, metavar="module:attr",
+                       help="your model: an object, or a class or function that builds it without arguments (JAX: "
+                            "one returning (apply, params))")
+    whole.add_argument("--mapping", default=None, metavar="FILE",
+                       help="the JSON or TOML file mapping your parameter names and layouts to the canonical ones")
+    whole.add_argument("--input-layout", default=None, help='your model\'s input axes, e.g. "batch h w channels"')
+    whole.add_argument("--model-outputs", default=None, metavar="NAMES",
+                       help="what your model returns, in order, comma-separated (default: v,reconstruction)")
+    whole.add_argument("--output-layout", action="append", default=[], metavar='NAME="AXES"',
+                       help='an output\'s axes where they are not the reference\'s, e.g. v="batch classes dim 1" '
+                            "(repeatable)")
+    whole.add_argument("--loss", default=None, metavar="module:attr",
+                       help="your loss(model, x, labels): with it the loss and every gradient are checked too")
+    whole.add_argument("--draws", type=int, default=3, help="weight draws (default 3)")
     return p
 
 
@@ -87,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(own)
     except SystemExit as exc:  # argparse's usage error (2) or --help (0)
         return int(exc.code or 0)
+    if sum(map(bool, (args.op, args.model, args.backend))) > 1:
+        print("capsspec conformance: --backend, --op and --model are exclusive: check a backend, your own pieces "
+              "or your own model", file=sys.stderr)
+        return 2
+    if args.op:
+        return _run_own(args)
+    if args.model:
+        return _run_model(args)
+    if args.backend is None:
+        print("capsspec conformance: error: one of --backend NAME, --op PIECE=module:attr or --model module:attr is "
+              "required; see `capsspec conformance --help`", file=sys.stderr)
+        return 2
     if args.backend == "all":
         return _run_all(args.profile, args.device, extra)
     try:
@@ -141,3 +195,105 @@ def _run_all(profile: str, device: str | None, extra: Sequence[str]) -> int:
                       f"(inference-only backend)")
         print(f"  {name:<12} {status}")
     return 0 if all(code == 0 for code in results.values()) else 1
+
+
+# ---------------------------------------------------------------------------------------- your own pieces
+def _load(spec: str) -> tuple[str, Any]:
+    """(piece, callable) of an --op spec PIECE=module:attr; ValueError with one line otherwise."""
+    piece, eq, target = spec.partition("=")
+    module, colon, attr = target.partition(":")
+    if not eq or not colon or not piece.strip() or not module.strip() or not attr.strip():
+        raise ValueError(f"--op {spec!r}: expected PIECE=module:attr, e.g. squash=mypkg.layers:squash")
+    obj = _import_object(target, f"--op {spec!r}", "squash=mypkg.layers:squash")
+    if not callable(obj):
+        raise ValueError(f"--op {spec!r}: {target.partition(':')[2].strip()} is not callable (a "
+                         f"{type(obj).__name__}): name a function or a layer")
+    return piece.strip(), obj
+
+
+def _import_object(target: str, flag: str, example: str) -> Any:
+    """The object module:attr names (a class: its instance made without arguments); ValueError in one line."""
+    import importlib
+
+    module, colon, attr = target.partition(":")
+    if not colon or not module.strip() or not attr.strip():
+        raise ValueError(f"{flag}: expected module:attr, e.g. {example}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the user's package, from where they run the command
+    try:
+        obj: Any = importlib.import_module(module.strip())
+    except ImportError as exc:
+        raise ValueError(f"{flag}: cannot import module {module.strip()!r}: {exc}") from None
+    for part in attr.strip().split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{flag}: module {module.strip()!r} has no attribute {attr.strip()!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, type):
+        try:
+            obj = obj()  # a layer or module class: its default instance
+        except Exception as exc:
+            raise ValueError(f"{flag}: cannot make {attr.strip()}() without arguments: {exc}") from None
+    return obj
+
+
+def _run_own(args: Any) -> int:
+    """Check each --op; print the reports; 0 all passed, 1 one failed, 2 bad input."""
+    import json
+
+    from .own import check_op
+
+    iterations: Any = int(args.iterations) if args.iterations.strip().isdigit() else args.iterations.strip()
+    try:
+        recipe = json.loads(args.recipe) if args.recipe else None
+        pieces = [_load(spec) for spec in args.op]
+        kwargs = dict(framework=args.framework, layout=args.layout, profile=args.profile,
+                      dtypes=tuple(args.dtype or ("float32",)), labels=args.labels, iterations=iterations,
+                      outputs=args.outputs, order=args.order, extremes=args.extremes,
+                      max_examples=args.examples, recipe=recipe)
+        failed = 0
+        for piece, fn in pieces:
+            report = check_op(piece, fn, **kwargs)
+            print(report, flush=True)
+            failed += not report.passed
+    except json.JSONDecodeError as exc:
+        print(f"capsspec conformance: --recipe is not JSON: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"capsspec conformance: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+def _run_model(args: Any) -> int:
+    """Check --model against the reference through --mapping; print the report; 0 passed, 1 failed, 2 bad input."""
+    from .user_model import CANONICAL_INPUT_LAYOUT, check_model
+
+    try:
+        if not args.mapping:
+            raise ValueError("--model needs --mapping FILE (your parameter names and layouts; docs/import-your-model.md)")
+        model = _import_object(args.model, f"--model {args.model!r}", "mypkg.model:build_capsnet")
+        if callable(model) and not _is_model(model):
+            model = model()  # a factory function
+        loss = _import_object(args.loss, f"--loss {args.loss!r}", "mypkg.train:loss") if args.loss else None
+        outputs = tuple(n.strip() for n in args.model_outputs.split(",")) if args.model_outputs else (
+            "v", "reconstruction")
+        layouts = {}
+        for spec in args.output_layout:
+            name, eq, axes = spec.partition("=")
+            if not eq or not name.strip() or not axes.strip():
+                raise ValueError(f'--output-layout {spec!r}: expected NAME="AXES", e.g. v="batch classes dim 1"')
+            layouts[name.strip()] = axes.strip().strip('"')
+        report = check_model(model, args.mapping, framework=args.framework or "torch", loss=loss,
+                             output_layouts=layouts,
+                             input_layout=args.input_layout or CANONICAL_INPUT_LAYOUT, outputs=outputs,
+                             draws=args.draws)
+    except ValueError as exc:
+        print(f"capsspec conformance: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(report, flush=True)
+    return 0 if report.passed else 1
+
+
+def _is_model(obj: Any) -> bool:
+    """Whether obj is already a model (a torch module or Keras layer), not a function that builds one."""
+    return any(c.__name__ in ("Module", "Layer") for c in type(obj).__mro__)

@@ -23,6 +23,15 @@ conformance/conftest.py load it when running `python -m pytest conformance` from
   program JAX keeps holds dozens of maps, and at the limit XLA's compiler crashes the process.
 * At the end, a summary per check: examples run, comparisons made, the largest error as a
   fraction of its tolerance, and the largest absolute error.
+* The fixture `capsspec_check` holds a piece of the user's own CapsNet to the reference in one line
+  of their own test (own.check_op; docs/check-your-own.md):
+      def test_my_squash(capsspec_check):
+          capsspec_check("squash", my_squash, layout="batch caps dim")
+  It fails the test with the report when the piece does not conform. A session that only uses the
+  fixture needs no --backend; the suite's own checks still refuse to run without one.
+* The fixture `capsspec_check_model` does the same for a whole model (user_model.check_model):
+      def test_my_capsnet(capsspec_check_model):
+          capsspec_check_model(MyCapsNet(), "mapping.toml", loss=my_loss)
 
 What this module must never do: pick a backend on its own, or turn a failure into a skip.
 """
@@ -43,6 +52,9 @@ from .selection import ENV_VAR, Selected, SelectionError, backend_from_environme
 KNOWN_GAPS_DIR = Path(__file__).resolve().parent / "known_gaps"
 
 _STATE = pytest.StashKey["_State"]()
+_NO_BACKEND = pytest.StashKey[bool]()
+_NO_BACKEND_MESSAGE = (f"capsspec conformance: no backend chosen. Pass --backend NAME (or 'module:attr'), or set "
+                       f"${ENV_VAR}. The suite has no default backend.")
 
 
 @dataclass
@@ -97,9 +109,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "conformance: a check of the capsspec conformance suite")
     config.addinivalue_line("markers", "uses(*names): the spec names a check calls (for inference-only backends)")
     spec = config.getoption("--backend") or backend_from_environment()
-    if not spec:
-        pytest.exit(f"capsspec conformance: no backend chosen. Pass --backend NAME (or 'module:attr'), or set "
-                    f"${ENV_VAR}. The suite has no default backend.", returncode=pytest.ExitCode.USAGE_ERROR)
+    if not spec:  # fine for the capsspec_check fixture alone; the suite's checks stop at collection
+        config.stash[_NO_BACKEND] = True
+        return
     try:
         selected = resolve_backend(spec, config.getoption("--device"))
     except SelectionError as exc:
@@ -152,6 +164,35 @@ def backend(request: pytest.FixtureRequest) -> Selected:
     return _state(request.config).selected
 
 
+@pytest.fixture
+def capsspec_check(request: pytest.FixtureRequest) -> Any:
+    """check(piece, fn, **check_op's keywords) -> Report: fails the test (with the report) on a mismatch.
+    The profile is --conformance-profile's (or $CAPSSPEC_CONFORMANCE_PROFILE's), ci by default."""
+    from .own import assert_conforms
+
+    profile = request.config.getoption("--conformance-profile") or os.environ.get(profiles.ENV_VAR) or "ci"
+
+    def check(piece: str, fn: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("profile", profile)
+        return assert_conforms(piece, fn, **kwargs)
+
+    return check
+
+
+@pytest.fixture
+def capsspec_check_model() -> Any:
+    """check(model, mapping, **check_model's keywords) -> ModelReport: fails the test (with the report) when
+    the user's whole model does not conform (user_model.check_model; docs/import-your-model.md)."""
+    from .user_model import check_model
+
+    def check(model: Any, mapping: Any, **kwargs: Any) -> Any:
+        report = check_model(model, mapping, **kwargs)
+        report.raise_for_failure()
+        return report
+
+    return check
+
+
 def _ours(module: Any) -> bool:
     """Whether a test module is one of the suite's (other tests in the same session are left alone)."""
     path = getattr(module, "__file__", None)
@@ -174,6 +215,8 @@ def _short_id(item: pytest.Item) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.stash.get(_NO_BACKEND, False) and any(_ours(getattr(item, "module", None)) for item in items):
+        pytest.exit(_NO_BACKEND_MESSAGE, returncode=pytest.ExitCode.USAGE_ERROR)
     if _STATE not in config.stash:
         return
     st = _state(config)

@@ -1,6 +1,6 @@
 """A whole CapsNet written outside capsspec, held to the reference (check_model), and its weights imported.
 
-The models are in tests/user_capsnets.py (PyTorch) and tests/user_capsnets_jax.py (JAX), each in a
+The models are in tests/user_models.py (PyTorch) and tests/user_models_jax.py (JAX), each in a
 layout of its own: the correct ones pass; each deviating one makes one known mistake by
 construction, and the check must catch it and name that mistake (or, for a mistake the check does
 not know, catch it without naming one). `capsspec import` turns the PyTorch model's state_dict
@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import user_capsnets as uc  # noqa: E402
+import user_models as uc  # noqa: E402
 from capsspec import model as ref_model  # noqa: E402
 from capsspec.conformance.param_mapping import load_mapping, parse_mapping  # noqa: E402
 from capsspec.conformance.user_model import check_model  # noqa: E402
@@ -42,7 +42,7 @@ def _loss(**attrs):
     return type("Loss", (uc.CapsuleLoss,), attrs)()
 
 
-# Each model makes the one mistake its name says (tests/user_capsnets.py); the name is what the check must say.
+# Each model makes the one mistake its name says (tests/user_models.py); the name is what the check must say.
 DEVIATING = [
     (uc.NoChannelsLast, None, "primary-no-channels-last-dim-major", "v"),
     (uc.ReluOnPrimary, None, "primary-relu", "v"),
@@ -149,7 +149,7 @@ def test_the_mapping_round_trips_every_layout_exactly():
 # ===================================================================================== JAX
 def test_a_jax_model_in_channels_last_layouts_passes_and_its_softmax_mistake_is_named():
     pytest.importorskip("jax")
-    import user_capsnets_jax as uj
+    import user_models_jax as uj
 
     kw = {"framework": "jax", "config": uc.SMALL, "input_layout": uj.INPUT_LAYOUT,
           "outputs": ("lengths", "reconstruction"), "output_layouts": uj.OUTPUT_LAYOUTS, "loss": uj.make_loss()}
@@ -252,7 +252,7 @@ def test_weights_that_do_not_fit_the_mapping_are_one_line(tmp_path, capsys):
 # ===================================================================================== Keras
 def test_a_keras_model_passes_and_its_saved_weights_import(tmp_path, capsys):
     pytest.importorskip("keras")
-    import user_capsnets_keras as uk
+    import user_models_keras as uk
 
     model = uk.build()
     before = [w.numpy().copy() for w in model.trainable_weights]
@@ -282,3 +282,85 @@ def test_a_keras_model_passes_and_its_saved_weights_import(tmp_path, capsys):
     lengths, _ = model([x.transpose(0, 2, 3, 1), np.zeros(6, np.int32)])
     np.testing.assert_allclose(ref_model.forward(ck.params, x, ck.config).lengths, np.asarray(lengths), rtol=1e-4,
                                atol=1e-6)
+
+
+# ===================================================================================== where users are
+_USER_MODULE = '''
+import user_models as uc
+
+
+def build():
+    return uc.UserCapsNet(uc.SMALL)
+
+
+def build_unmasked():
+    return uc.DecoderUnmasked(uc.SMALL)
+
+
+loss = uc.make_loss(uc.CapsuleLoss())
+'''
+
+
+@pytest.mark.parametrize("factory, status, expected", [("build", 0, "passed"),
+                                                       ("build_unmasked", 1, "named deviation: decoder-unmasked")])
+def test_the_command_line_checks_a_model_named_by_module_and_attribute(tmp_path, monkeypatch, capsys, factory,
+                                                                        status, expected):
+    from capsspec.conformance.cli import main as conformance_main
+
+    (tmp_path / "mycaps.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mapping = _mapping_toml(tmp_path / "mapping.toml", uc.SMALL)
+    argv = ["--model", f"mycaps:{factory}", "--mapping", str(mapping), "--framework", "torch", "--loss", "mycaps:loss",
+            *(f"--output-layout={k}={v}" for k, v in uc.OUTPUT_LAYOUTS.items())]
+    assert conformance_main(argv) == status
+    assert expected in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "mycaps:build"], "--model needs --mapping"),
+    (["--model", "nosuchmodule:build", "--mapping", "m.toml"], "cannot import module 'nosuchmodule'"),
+    (["--model", "mycaps", "--mapping", "m.toml"], "expected module:attr"),
+    (["--model", "mycaps:build", "--backend", "numpy"], "exclusive"),
+])
+def test_a_bad_model_command_line_is_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    from capsspec.conformance.cli import main as conformance_main
+
+    (tmp_path / "mycaps.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    assert conformance_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_pytest_fixture_passes_a_correct_model_and_fails_a_deviating_one(tmp_path):
+    pytester_src = '''
+import pytest
+import user_models as uc
+
+
+def _kw():
+    return dict(config=uc.SMALL, outputs=uc.OUTPUTS, output_layouts=uc.OUTPUT_LAYOUTS,
+                loss=uc.make_loss(uc.CapsuleLoss()))
+
+
+def test_good(capsspec_check_model):
+    capsspec_check_model(uc.UserCapsNet(uc.SMALL), uc.MAPPING, **_kw())
+
+
+def test_bad(capsspec_check_model):
+    capsspec_check_model(uc.ReluOnPrimary(uc.SMALL), uc.MAPPING, **_kw())
+'''
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_user.py").write_text(pytester_src)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "capsspec.conformance.plugin", "-p",
+                           "no:cacheprovider", str(tmp_path / "test_user.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert "1 failed, 1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "primary-relu" in done.stdout

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from user_capsnets import SMALL
+from user_models import SMALL
 
 MAPPING = {
     "params": {"conv1.kernel": "conv1.weight", "conv1.bias": "conv1.bias",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from user_capsnets import SMALL
+from user_models import SMALL
 
 MAPPING = {
     "params": {"capsnet/conv1/kernel": "conv1.weight", "capsnet/conv1/bias": "conv1.bias",
