@@ -124,6 +124,9 @@ def _module(framework: str) -> Any:
             import torch
             return torch
         if framework == "tensorflow":
+            from capsspec.backends.tensorflow import set_environment
+
+            set_environment()  # oneDNN off, as in the tensorflow backend (its docstring says why)
             import tensorflow
             return tensorflow
         if framework == "jax":

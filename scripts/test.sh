@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+# TensorFlow 2.21's oneDNN kernels corrupt the heap in rank-4 matmuls (backends/tensorflow/__init__.py);
+# the backend turns them off itself, and this covers every process the tests start.
+export TF_ENABLE_ONEDNN_OPTS="${TF_ENABLE_ONEDNN_OPTS:-0}"
 start=$(date +%s)
 . scripts/setup.sh
 capsspec_setup "test,torch,tensorflow,onnx,jax,docs" "torch==2.13.0" "tensorflow-cpu==2.21.*" "cupy-cuda12x" "jax==0.10.2"

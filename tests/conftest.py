@@ -12,6 +12,11 @@ from hypothesis import HealthCheck, settings
 
 from capsspec.training import mnist as data
 
+# TensorFlow 2.21's oneDNN kernels corrupt the heap in rank-4 matmuls (capsspec.backends.tensorflow says
+# more); the backend turns them off before TensorFlow's first import, and so do the tests, some of which
+# import tensorflow themselves (user_models_keras.py).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 settings.register_profile(
     "ci", derandomize=True, max_examples=25, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow],

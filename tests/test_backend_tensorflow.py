@@ -12,6 +12,7 @@ config keeps the whole file to a few seconds of TensorFlow work.
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,25 @@ def test_importing_the_backend_does_not_import_tensorflow():
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("user", [None, "1"])
+def test_onednn_is_off_unless_the_user_turned_it_on(user):
+    # The backend's default keeps TensorFlow 2.21's oneDNN kernels (heap corruption in rank-4 matmul,
+    # tensorflow/tensorflow issue 117700) out of the process; a user's own setting is kept.
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if user is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = user
+    code = ("import os; from capsspec import get_backend; get_backend('tensorflow'); "
+            "import tensorflow; print('value', os.environ.get('TF_ENABLE_ONEDNN_OPTS'))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"value {user or '0'}" in res.stdout
+    # TensorFlow says at import when its oneDNN custom operations are on (an INFO line, at log level 0 or 1).
+    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert ("oneDNN custom operations are on" in res.stderr) == (user == "1"), res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)

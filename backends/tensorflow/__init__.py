@@ -20,8 +20,13 @@ TensorFlowBackend(device=None, tf32=False):
   (availability() says why not otherwise). Variables are created on that device and every
   compiled step places its ops there.
 
-TensorFlow's C++ logging is quieted (TF_CPP_MIN_LOG_LEVEL=2) before its first import unless the
-user has set that variable.
+Before TensorFlow's first import the backend sets two variables of its environment, each only where
+the user has not set it (set_environment): TF_CPP_MIN_LOG_LEVEL=2 quiets its C++ logging, and
+TF_ENABLE_ONEDNN_OPTS=0 keeps its CPU kernels off oneDNN. The second is for correctness, not speed:
+TensorFlow 2.21's oneDNN batched matmul corrupts the heap on rank-4 operands (tensorflow/tensorflow
+issue 117700), the shape of the capsule transform, and the suite saw it kill a train step with
+SIGSEGV. A process that imported tensorflow before asking for this backend keeps TensorFlow's own
+setting (docs/backends.md).
 
 What this module must never do: import tensorflow at module level (the registry imports it to
 list backends on machines without TensorFlow); only availability() and use import it.
@@ -62,8 +67,19 @@ def _parse_device(device: Any) -> tuple[str, str]:
     return f"gpu:{index}", f"/GPU:{index}"
 
 
+# What the backend puts in the environment before TensorFlow's first import (the module docstring says
+# why); a user's own setting of either wins.
+ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+def set_environment() -> None:
+    """Set ENVIRONMENT's variables that the user has not set; TensorFlow reads them at its first import."""
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
 def _import_tensorflow() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a user's own setting wins
+    set_environment()
     return importlib.import_module("tensorflow")
 
 
@@ -105,7 +121,7 @@ class TensorFlowBackend(ModuleParams, Backend):
 
     # ------------------------------------------------------------------------- availability
     def import_framework(self) -> tuple[Any, Availability | None]:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the first import; a user's setting wins
+        set_environment()  # before the first import
         return super().import_framework()
 
     def device_availability(self, tf: Any, version: str | None) -> Availability:

@@ -39,10 +39,11 @@ What this module must never do: import the reference's implementation, or change
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import; a user's setting wins
+from capsspec.backends.tensorflow import set_environment
+
+set_environment()  # before TensorFlow's first import (the package's docstring says why)
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
