@@ -20,8 +20,9 @@ TensorFlowBackend(device=None, tf32=False):
   (availability() says why not otherwise). Variables are created on that device and every
   compiled step places its ops there.
 
-Before TensorFlow's first import the backend sets two variables of its environment, each only where
-the user has not set it (set_environment): TF_CPP_MIN_LOG_LEVEL=2 quiets its C++ logging, and
+When this package is imported (before TensorFlow is: the registry imports it when the backend is
+asked for or listed), it sets two variables of the environment, each only where the user has not set
+it (set_environment): TF_CPP_MIN_LOG_LEVEL=2 quiets its C++ logging, and
 TF_ENABLE_ONEDNN_OPTS=0 keeps its CPU kernels off oneDNN. The second is for correctness, not speed:
 TensorFlow 2.21's oneDNN batched matmul corrupts the heap on rank-4 operands (tensorflow/tensorflow
 issue 117700), the shape of the capsule transform, and the suite saw it kill a train step with
@@ -78,8 +79,13 @@ def set_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+# On the package's import, which comes before any of its modules' `import tensorflow` (ops.py, model.py,
+# optim.py are submodules): the registry imports this package only when the tensorflow backend is asked
+# for or listed.
+set_environment()
+
+
 def _import_tensorflow() -> Any:
-    set_environment()
     return importlib.import_module("tensorflow")
 
 
@@ -120,10 +126,6 @@ class TensorFlowBackend(ModuleParams, Backend):
         return super()._implementations()
 
     # ------------------------------------------------------------------------- availability
-    def import_framework(self) -> tuple[Any, Availability | None]:
-        set_environment()  # before the first import
-        return super().import_framework()
-
     def device_availability(self, tf: Any, version: str | None) -> Availability:
         """Available when tensorflow imports and, for a GPU device, sees it."""
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]

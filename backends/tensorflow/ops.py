@@ -41,14 +41,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from capsspec.backends.tensorflow import set_environment
+import numpy as np
+import tensorflow as tf  # the package's import has set the environment first (its docstring says why)
 
-set_environment()  # before TensorFlow's first import (the package's docstring says why)
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from capsspec.backend_kit import make_vjps  # noqa: E402
+from capsspec.backend_kit import make_vjps
 
 # Layout permutations between the spec's canonical layouts and TensorFlow's channels-last ones.
 NCHW_TO_NHWC = (0, 2, 3, 1)
