@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The quick start on a fresh machine: set up, fetch MNIST, train a narrow CapsNet for one epoch on
-# the CPU (about 3 minutes on 2 cores; on a GPU torch uses it), then draw its figures.
+# The quick start on a fresh machine: set up, fetch MNIST, train a narrow CapsNet for four epochs
+# on the CPU (under 10 minutes on 2 cores, set-up included; on a GPU torch uses it), then draw its
+# figures. Width, epochs, batch size and learning-rate schedule were chosen by measurement on the
+# validation split (docs/performance.md, "The quick start's settings").
 #
 #   scripts/quickstart.sh            (or: make quickstart)
 #
@@ -18,7 +20,8 @@ if [ -f "$out/summary.json" ]; then
 elif [ -f "$out/checkpoint.safetensors" ]; then
     capsspec train --resume --out "$out"
 else
-    capsspec train --backend torch --epochs 1 --conv1-channels 32 --primary-types 8 --out "$out"
+    capsspec train --backend torch --epochs 4 --conv1-channels 32 --primary-types 8 \
+        --batch-size 64 --lr 0.002 --lr-decay-rate 0.9 --lr-decay-steps 200 --out "$out"
 fi
 capsspec figures "$out/final.safetensors"
 echo "capsspec: done. The run and its figures are in $out (summary.json, metrics.jsonl, *.png)."

@@ -36,8 +36,8 @@ def test_the_entry_scripts_are_executable():
 
 
 def test_every_capsspec_command_in_the_quick_start_parses():
-    commands = [line.strip() for line in (ROOT / "scripts/quickstart.sh").read_text().splitlines()
-                if line.strip().startswith("capsspec ")]
+    text = (ROOT / "scripts/quickstart.sh").read_text().replace("\\\n", " ")  # join continued lines
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("capsspec ")]
     assert any(c.startswith("capsspec train ") for c in commands) and any(c.startswith("capsspec figures ")
                                                                             for c in commands)
     parser = build_parser()
