@@ -383,3 +383,22 @@ def test_figures_have_titles_labelled_axes_and_a_colour_bar(monkeypatch, tmp_pat
     np.testing.assert_allclose(err_ax.get_lines()[0].get_xydata(), [[5, 20], [10, 0], [20, 5]], atol=1e-9)
     np.testing.assert_allclose(loss_ax.get_lines()[0].get_ydata(), [0.6, 0.4, 0.3])
     assert [a.get_xlabel() for a in loss_ax.child_axes] == ["training minutes"]  # 120 s of training
+
+
+def test_the_minutes_axis_sits_over_the_steps_it_names(monkeypatch, tmp_path):
+    from capsspec.tools import figures
+
+    drawn = {}
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: (drawn.setdefault(path.name, fig), save(fig, path))[1])
+    # 0.12 s per step: minute 1 is step 500. Points from step 5 to 1000 put matplotlib's left margin
+    # below step 0, as in any real run.
+    rows = [{"kind": "point", "epoch": 1, "step": s, "epoch_images": 10 * s, "loss": 0.5, "margin": 0.4,
+             "reconstruction": 0.1, "train_accuracy": 0.9, "seconds": 0.12 * s} for s in (5, 250, 500, 750, 1000)]
+    figures.draw_training_curves(tmp_path / "t.png", rows)
+    loss_ax = drawn["t.png"].axes[0]
+    assert loss_ax.get_xlim()[0] < 0
+    assert drawn["t.png"].axes[1].get_yscale() == "log"  # errors from ~90% to ~1% stay readable
+    (top,) = loss_ax.child_axes
+    for minute, step in ((0.0, 0), (1.0, 500), (2.0, 1000)):
+        assert top.transData.transform((minute, 0))[0] == pytest.approx(loss_ax.transData.transform((step, 0))[0])

@@ -306,8 +306,11 @@ def _minutes_axis(ax: Any, rows: list[dict[str, Any]]) -> None:
     if np.any(np.diff(seconds) < 0) or np.any(np.diff(steps) <= 0) or seconds[-1] <= 0:
         return  # not monotonic (a run whose points were rewritten out of order): no honest mapping
     unit, scale = ("minutes", 60.0) if seconds[-1] >= 120 else ("seconds", 1.0)
-    steps = np.append(steps, 100 * steps[-1])  # beyond the last point: the mean rate, so ticks stay apart
-    times = np.append(seconds, 100 * seconds[-1]) / scale
+    # Beyond both ends the run's mean rate: past the last point so that ticks stay apart, and before
+    # step 0 (the plot's left margin) so that the mapping stays one to one there; a flat stretch would
+    # let matplotlib stretch the top axis over the margin and misplace every tick.
+    steps = np.concatenate([[-100 * steps[-1]], steps, [100 * steps[-1]]])
+    times = np.concatenate([[-100 * seconds[-1]], seconds, [100 * seconds[-1]]]) / scale
     top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, steps, times),
                                                lambda m: np.interp(m, times, steps)))
     top.set_xlabel(f"training {unit}")
@@ -340,7 +343,15 @@ def draw_training_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
             err_ax.plot(*zip(*pts), marker="o", markersize=4, linestyle="--" if len(pts) > 1 else "none",
                         label=name)
     err_ax.set_title("Error rate")
-    err_ax.set_ylabel("error (%)")
+    err_ax.set_ylabel("error (%, log scale)")
+    # Log scale: a run's error falls from ~90% to ~1%, and the part a reader compares (validation and
+    # test near the end) would be a flat line at the bottom of a linear axis. An error of exactly 0
+    # (a perfect interval) is drawn at the axis' bottom edge.
+    if err_ax.get_lines():
+        err_ax.set_yscale("log", nonpositive="clip")
+        from matplotlib.ticker import FuncFormatter
+
+        err_ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     for ax in (loss_ax, err_ax):
         ax.set_xlabel("training step")
         ax.grid(True, alpha=0.3)
