@@ -69,18 +69,35 @@ __all__ = [
 
 
 # ============================================================================== conv2d
-# im2col in kernel-offset-major order: cols[(i, j, c), (b, y, x)] = x[b, c, y*stride + i, x*stride + j].
-# With the offset outermost, both im2col and its adjoint (col2im) move one contiguous block per
-# kernel offset; the loops run over kernel offsets, never over examples or positions.
+# im2col with the kernel offset outermost and the batch innermost:
+#   cols[(i, j, c), (y, x, b)] = x[b, c, y*stride + i, x*stride + j].
+# The image is first laid out (C, H, W, B), so for each kernel offset im2col (and its adjoint,
+# col2im) moves whole runs of B contiguous numbers, and the layout changes before and after are
+# plain two-dimensional transposes; the loops run over kernel offsets, never over examples or
+# positions. (With the batch outside the positions instead, every run is one output row of Wo
+# numbers taken at the stride, 6 for the paper's PrimaryCaps: that made im2col and col2im several
+# times slower on a 2-core CPU, docs/performance.md.) Layouts move numbers, never the products and
+# sums: the one matrix product per direction below is the whole convolution.
+def _transposed(a: np.ndarray) -> np.ndarray:
+    """a.T of a 2-D array as a new C-contiguous array. Copied a band of 256 source rows at a time:
+    numpy's own copy of a.T writes the output a whole row of a apart per element, and was four times
+    slower on a tall array such as the (C*H*W, B) gradient of an image batch."""
+    n, m = a.shape
+    out = np.empty((m, n), dtype=a.dtype)
+    for r in range(0, n, 256):
+        out[:, r:r + 256] = a[r:r + 256].T
+    return out
+
+
 def _im2col(x: np.ndarray, kh: int, kw: int, stride: int) -> tuple[np.ndarray, int, int]:
     b, c, h, w = x.shape
     ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
-    xt = np.ascontiguousarray(x.transpose(1, 0, 2, 3))  # (C, B, H, W)
-    cols = np.empty((kh, kw, c, b, ho, wo), dtype=x.dtype)
+    xt = _transposed(x.reshape(b, c * h * w)).reshape(c, h, w, b)
+    cols = np.empty((kh, kw, c, ho, wo, b), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            cols[i, j] = xt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-    return cols.reshape(kh * kw * c, b * ho * wo), ho, wo
+            cols[i, j] = xt[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+    return cols.reshape(kh * kw * c, ho * wo * b), ho, wo
 
 
 def _weight_matrix(weight: np.ndarray) -> np.ndarray:
@@ -92,10 +109,10 @@ def _weight_matrix(weight: np.ndarray) -> np.ndarray:
 def _conv2d_fwd(x, weight, bias, stride):
     o, _, kh, kw = weight.shape
     cols, ho, wo = _im2col(x, kh, kw, stride)
-    y = _weight_matrix(weight) @ cols  # (O, B*Ho*Wo)
+    y = _weight_matrix(weight) @ cols  # (O, Ho*Wo*B)
     y += bias[:, None]
-    y = y.reshape(o, x.shape[0], ho, wo).transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(y), (x.shape, cols, weight, stride)
+    y = _transposed(y.reshape(o * ho * wo, x.shape[0])).reshape(x.shape[0], o, ho, wo)
+    return y, (x.shape, cols, weight, stride)
 
 
 def _conv2d_bwd(cache, g, need_input_grad=True):
@@ -103,17 +120,17 @@ def _conv2d_bwd(cache, g, need_input_grad=True):
     b, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     ho, wo = g.shape[2], g.shape[3]
-    g2 = np.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, B*Ho*Wo)
+    g2 = _transposed(g.reshape(b, o * ho * wo)).reshape(o, ho * wo * b)
     gweight = (g2 @ cols.T).reshape(o, kh, kw, c).transpose(0, 3, 1, 2)
     gbias = g2.sum(axis=1)
     if not need_input_grad:
         return None, np.ascontiguousarray(gweight), gbias
-    gcols = (_weight_matrix(weight).T @ g2).reshape(kh, kw, c, b, ho, wo)
-    gxt = np.zeros((c, b, h, w), dtype=g.dtype)
+    gcols = (_weight_matrix(weight).T @ g2).reshape(kh, kw, c, ho, wo, b)
+    gxt = np.zeros((c, h, w, b), dtype=g.dtype)
     for i in range(kh):
         for j in range(kw):
-            gxt[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += gcols[i, j]
-    return np.ascontiguousarray(gxt.transpose(1, 0, 2, 3)), np.ascontiguousarray(gweight), gbias
+            gxt[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += gcols[i, j]
+    return _transposed(gxt.reshape(c * h * w, b)).reshape(b, c, h, w), np.ascontiguousarray(gweight), gbias
 
 
 
@@ -304,8 +321,13 @@ def _routing_fwd(u_hat, iterations, none_of_the_above=False):
 
 def _routing_bwd(cache, g_v, g_c=None):
     ut, cs, ss, vs = cache
+    bsz, j, n, e = ut.shape
     iterations = len(cs)
-    g_ut = np.zeros_like(ut)
+    # The gradient with respect to u_hat is a sum of outer products, one per use of u_hat: c_t (x) g_s_t
+    # for every s_t = sum_i c_t u_hat, and g_b (x) v_t for every update b += <u_hat, v_t>. Their factors
+    # are gathered here and summed in one batched matrix product at the end (left[..., k] times
+    # right[..., k, :], over k): the same sum, without a (B, J, N, E) temporary per term.
+    left, right = [], []
     g_logits = None  # gradient with respect to b after the current iteration's update
     for t in reversed(range(iterations)):
         c, s, v = cs[t], ss[t], vs[t]
@@ -313,10 +335,10 @@ def _routing_bwd(cache, g_v, g_c=None):
         if g_logits is not None:
             # b_t = b_{t-1} + <u_hat, v_t>
             gv += np.matmul(g_logits[:, :, None, :], ut)[:, :, 0, :]
-            g_ut += g_logits[..., None] * v[:, :, None, :]
+            left.append(g_logits), right.append(v)
         gs = _squash_bwd((s, -1), gv)
         # s_t = sum_i c_t u_hat
-        g_ut += c[..., None] * gs[:, :, None, :]
+        left.append(c), right.append(gs)
         gc = np.matmul(ut, gs[:, :, :, None])[..., 0]
         if t == iterations - 1 and g_c is not None:
             gc = gc + g_c.transpose(0, 2, 1)
@@ -324,7 +346,9 @@ def _routing_bwd(cache, g_v, g_c=None):
         # the softmax's extra logit is a constant, so dc_j/db_k = c_j (delta_jk - c_k) all the same.
         g_prev = c * (gc - np.sum(c * gc, axis=1, keepdims=True))
         g_logits = g_prev if g_logits is None else g_logits + g_prev
-    return np.ascontiguousarray(g_ut.transpose(0, 2, 1, 3))
+    g_u_hat = np.empty((bsz, n, j, e), dtype=ut.dtype)  # written through its (B, J, N, E) view
+    np.matmul(np.stack(left, axis=-1), np.stack(right, axis=-2), out=g_u_hat.transpose(0, 2, 1, 3))
+    return g_u_hat
 
 
 @checked

@@ -10,7 +10,8 @@ import pytest
 from capsspec.tools.bench import main
 
 
-def test_a_json_line_records_the_machine_the_settings_and_consistent_figures(tmp_path, capsys):
+def test_a_json_line_records_the_machine_the_settings_and_consistent_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CAPSSPEC_REUSE_FREED_MEMORY", "0")  # this test's process keeps glibc's defaults
     out = tmp_path / "bench.jsonl"
     args = ["--backend", "numpy", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--matmul-size", "128"]
     assert main([*args, "--json", str(out)]) == 0
@@ -19,7 +20,8 @@ def test_a_json_line_records_the_machine_the_settings_and_consistent_figures(tmp
     m = r["machine"]
     assert m["cpu_count"] == os.cpu_count() and 1 <= m["usable_cpus"] <= os.cpu_count()
     assert m["cpu_model"] and m["python"].count(".") == 2 and m["numpy"] and m["capsspec"]
-    assert r["settings"] == {"steps": 1, "warmup": 1, "matmul_size": 128, "backend_options": {}}
+    assert r["settings"] == {"steps": 1, "warmup": 1, "matmul_size": 128, "backend_options": {},
+                             "freed_host_memory": "system default (CAPSSPEC_REUSE_FREED_MEMORY=0)"}
     assert r["batch_size"] == 2 and r["config"]["conv1_channels"] == 256 and r["paper_config"] is True
     # The derived figures follow from the measured ones.
     assert r["train_images_per_second"] == pytest.approx(2 / r["train_step_seconds"])

@@ -34,6 +34,7 @@ from ..config import (MAX_ROUTING_ITERATIONS, AdamConfig, CapsNetConfig, availab
                       forward_flops)
 from ..model import init_params
 from ..registry import get_backend
+from ..training.host_memory import freed_memory_policy
 from ..version import __version__
 from .args import OneLineParser, UsageError, check_out_file, int_in
 
@@ -149,6 +150,7 @@ def run_benchmark(backend_name: str, *, device: str | None = None, config: CapsN
         "fraction_of_matmul_rate": train_rate / mm_rate,
         **_peak_memory(backend),
         "settings": {"steps": steps, "warmup": warmup, "matmul_size": matmul_size,
+                     "freed_host_memory": freed_memory_policy(),
                      "backend_options": {k: str(v) for k, v in backend_options.items()}},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -285,7 +287,8 @@ def _format(r: dict[str, Any]) -> str:
         f"  inference:  {r['inference_images_per_second']:10.1f} images/s\n"
         f"  compute:    {r['achieved_tflops'] * 1e3:10.2f} GFLOP/s achieved, dense matmul {r['matmul_tflops'] * 1e3:.2f} "
         f"GFLOP/s -> {100 * r['fraction_of_matmul_rate']:.1f}% of it\n"
-        f"  peak memory: {mem:9.1f} MiB ({r['peak_memory_kind']})"
+        f"  peak memory: {mem:9.1f} MiB ({r['peak_memory_kind']})\n"
+        f"  freed host memory: {r['settings']['freed_host_memory']}"
     )
 
 
@@ -340,7 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"capsspec bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     from ..training.distributed import launch
+    from ..training.host_memory import reuse_freed_memory
     from ..registry import available_backends
+
+    reuse_freed_memory()  # as every command that trains does (host_memory.py); the JSON records it
 
     where = launch()
     if where is not None:  # one of several processes started by torchrun: the distributed step

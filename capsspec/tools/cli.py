@@ -665,6 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:
             return _reader_went_away()
         return exc.code if isinstance(exc.code, int) else 2
+    from ..training.host_memory import reuse_freed_memory
+
+    reuse_freed_memory()  # large arrays reused from step to step, not faulted in again (host_memory.py)
     try:
         status = _COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's flush at exit
