@@ -87,6 +87,10 @@ class Backend(ArrayAdapter):
     # Environment variables for the conformance suite's ci profile, which then runs the backend in
     # a process of its own; each value is appended (after a space) to one the user has set.
     ci_environment: Mapping[str, str] = {}
+    # How long the conformance suite's ci profile runs on this backend, relative to the reference's (1):
+    # `capsspec conformance --backend all --jobs N` starts the longest first, so that the short ones fill
+    # in beside them instead of one long suite running alone at the end.
+    conformance_cost: float = 1.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

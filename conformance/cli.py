@@ -3,6 +3,7 @@
     capsspec conformance --backend NAME [--profile ci|full|meta] [--device DEV] [-- PYTEST ARGS...]
     capsspec conformance --backend package.module:Factory     (a backend not registered yet)
     capsspec conformance --backend all                         (every available backend in turn)
+    capsspec conformance --backend all --jobs 2                (two backends' suites at a time)
     capsspec conformance --op squash=mypkg.layers:squash --framework torch --layout "batch caps dim"
                                                                (a piece of your own CapsNet: own.py)
 
@@ -34,7 +35,7 @@ from typing import Any, NoReturn, Sequence
 from .profiles import PROFILES
 from .selection import SelectionError, resolve_backend, skipped_backends
 
-__all__ = ["main", "build_parser", "pytest_args", "environment"]
+__all__ = ["main", "build_parser", "pytest_args", "environment", "run_suites"]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="ci", choices=sorted(PROFILES),
                    help="example budget: ci (derandomised, minutes; the default), full (release checks), meta")
     p.add_argument("--device", default=None, help="device for the backend under test (e.g. cuda:0)")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="with --backend all: run up to N backends' suites at once, each one's output printed whole "
+                        "when it ends (default 1: one after another, output as it comes)")
     own = p.add_argument_group("your own CapsNet (docs/check-your-own.md)")
     own.add_argument("--op", action="append", default=[], metavar="PIECE=module:attr",
                      help="a piece of your code to check, e.g. squash=mypkg.layers:squash (repeatable); pieces: "
@@ -92,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="your loss(model, x, labels): with it the loss and every gradient are checked too")
     whole.add_argument("--draws", type=int, default=3, help="weight draws (default 3)")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected 1 to 64 processes, got {value}")
+    return value
 
 
 def pytest_args(backend: str, profile: str, device: str | None, extra: Sequence[str]) -> list[str]:
@@ -142,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
               "required; see `capsspec conformance --help`", file=sys.stderr)
         return 2
     if args.backend == "all":
-        return _run_all(args.profile, args.device, extra)
+        return _run_all(args.profile, args.device, extra, args.jobs)
+    if args.jobs != 1:
+        print("capsspec conformance: --jobs runs several backends at once: it needs --backend all", file=sys.stderr)
+        return 2
     try:
         selected = resolve_backend(args.backend, args.device)
     except SelectionError as exc:
@@ -158,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
-def _run_all(profile: str, device: str | None, extra: Sequence[str]) -> int:
+def _run_all(profile: str, device: str | None, extra: Sequence[str], jobs: int = 1) -> int:
     from capsspec.registry import available_backends
 
     for name, reason in skipped_backends():
@@ -167,8 +184,9 @@ def _run_all(profile: str, device: str | None, extra: Sequence[str]) -> int:
     if not names:
         print("capsspec conformance: no backend is available", file=sys.stderr)
         return 2
-    results: dict[str, int] = {}
+    runs: list[tuple[str, list[str], dict[str, str] | None]] = []
     inference_only: dict[str, str] = {}
+    costs: dict[str, float] = {}
     for name in names:
         if device is not None:
             try:
@@ -180,13 +198,18 @@ def _run_all(profile: str, device: str | None, extra: Sequence[str]) -> int:
         try:
             b = resolve_backend(name, device).backend
             env = environment(b, profile)
+            costs[name] = float(getattr(b, "conformance_cost", 1.0))
             if not b.trains:
                 inference_only[name] = ", ".join(b.required_names())
         except SelectionError:
             pass  # the pytest run below says why
-        print(f"\ncapsspec conformance: === backend {name!r} ===", flush=True)
-        cmd = [sys.executable, "-m", "pytest", *pytest_args(name, profile, device, extra)]
-        results[name] = subprocess.call(cmd, env=env)
+        runs.append((name, [sys.executable, "-m", "pytest", *pytest_args(name, profile, device, extra)], env))
+    if jobs > 1:  # the longest suites first (Backend.conformance_cost); the report keeps the names' order
+        order = sorted(runs, key=lambda run: -costs.get(run[0], 1.0))
+        codes = run_suites(order, jobs)
+        results = {name: codes[name] for name, _, _ in runs}
+    else:
+        results = run_suites(runs, jobs)
     print("\ncapsspec conformance: results")
     for name, code in results.items():
         status = "passed" if code == 0 else f"FAILED (pytest exit status {code})"
@@ -195,6 +218,55 @@ def _run_all(profile: str, device: str | None, extra: Sequence[str]) -> int:
                       f"(inference-only backend)")
         print(f"  {name:<12} {status}")
     return 0 if all(code == 0 for code in results.values()) else 1
+
+
+def _print_finished(name: str, proc: subprocess.Popen, out: Any) -> int:
+    """Print a finished suite's kept output under its heading; return its exit status."""
+    print(f"\ncapsspec conformance: === backend {name!r} ===", flush=True)
+    out.seek(0)
+    sys.stdout.buffer.write(out.read())
+    sys.stdout.flush()
+    out.close()
+    return proc.returncode
+
+
+def run_suites(runs: Sequence[tuple[str, list[str], dict[str, str] | None]], jobs: int = 1) -> dict[str, int]:
+    """Run each (name, command, environment) and return its exit status by name, in the order given.
+
+    jobs 1: one after another, each one's output straight to this process's. More: up to `jobs` at once,
+    each one's output (stdout and stderr together) kept in a temporary file and printed whole, under
+    its heading, when it ends, so that the suites' lines never interleave. On a CPU whose cores a single
+    suite leaves partly idle (Python between small kernels, compiling, starting up), two at once finish
+    sooner than two in turn.
+    """
+    if jobs == 1:
+        codes = {}
+        for name, cmd, env in runs:
+            print(f"\ncapsspec conformance: === backend {name!r} ===", flush=True)
+            codes[name] = subprocess.call(cmd, env=env)
+        return codes
+    import tempfile
+    import time
+
+    waiting, running, codes = list(runs), [], {}
+    with tempfile.TemporaryDirectory(prefix="capsspec-conformance-") as tmp:
+        try:
+            while waiting or running:
+                while waiting and len(running) < jobs:
+                    name, cmd, env = waiting.pop(0)
+                    out = open(os.path.join(tmp, f"{len(codes) + len(running)}.log"), "w+b")
+                    print(f"capsspec conformance: started backend {name!r}", flush=True)
+                    running.append((name, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), out))
+                for item in [r for r in running if r[1].poll() is not None]:
+                    running.remove(item)
+                    codes[item[0]] = _print_finished(*item)
+                time.sleep(0.2)
+        finally:  # interrupted (Ctrl-C) or failed here: no suite is left running behind the command
+            for _, proc, out in running:
+                proc.terminate()
+                proc.wait()
+                out.close()
+    return {name: codes[name] for name, _, _ in runs}
 
 
 # ---------------------------------------------------------------------------------------- your own pieces

@@ -198,3 +198,76 @@ def test_every_op_has_one_record_and_distinct_error_inputs():
     assert len(ids) == len(set(ids))
     covered = {name for name, _ in ids}
     assert covered >= set(SPEC_NAMES) - {"adam_init"}  # adam_init takes only parameters it made itself
+
+
+def _suite_stand_in(name: str, code: int, wait_for: str | None, tmp_path: Path) -> tuple[str, list[str], None]:
+    """A command standing in for one backend's suite: it announces itself with a file, waits (up to 60 s)
+    for another stand-in's file where told to, prints three lines and exits with `code`."""
+    script = (
+        "import os, sys, time\n"
+        f"open(os.path.join({str(tmp_path)!r}, {name!r}), 'w').close()\n"
+        f"other = {wait_for!r}\n"
+        "deadline = time.time() + 60\n"
+        f"while other and not os.path.exists(os.path.join({str(tmp_path)!r}, other)) and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        f"for i in range(3): print({name!r}, 'line', i, flush=True); time.sleep(0.05)\n"
+        f"print({name!r}, 'saw', other, os.path.exists(os.path.join({str(tmp_path)!r}, other)) if other else None)\n"
+        f"sys.exit({code})\n")
+    return name, [sys.executable, "-c", script], None
+
+
+def test_jobs_2_runs_two_suites_at_once_and_prints_each_whole(tmp_path, capfd):
+    from capsspec.conformance.cli import run_suites
+
+    # a and b each wait for the other: they can only both see the other if they ran at the same time.
+    runs = [_suite_stand_in("a", 0, "b", tmp_path), _suite_stand_in("b", 3, "a", tmp_path),
+            _suite_stand_in("c", 0, None, tmp_path)]
+    assert run_suites(runs, jobs=2) == {"a": 0, "b": 3, "c": 0}
+    out = capfd.readouterr().out
+    assert "a saw b True" in out and "b saw a True" in out
+    for name in "abc":  # each suite's lines together, under its own heading
+        block = out.split(f"=== backend {name!r} ===")[1].split("=== backend")[0]
+        assert [line for line in block.splitlines() if line.startswith(f"{name} line")] == [
+            f"{name} line 0", f"{name} line 1", f"{name} line 2"]
+
+
+def test_jobs_1_runs_the_suites_in_turn(tmp_path, capfd):
+    from capsspec.conformance.cli import run_suites
+
+    # One at a time, in the order given: d starts only after c has printed everything and ended.
+    runs = [_suite_stand_in("c", 0, None, tmp_path), _suite_stand_in("d", 1, "c", tmp_path)]
+    assert run_suites(runs, jobs=1) == {"c": 0, "d": 1}
+    out = capfd.readouterr().out
+    assert out.index("c line 2") < out.index("=== backend 'd' ===") and "d saw c True" in out
+
+
+def test_jobs_needs_backend_all_and_a_sane_count(capsys):
+    assert conformance_main(["--backend", "numpy", "--jobs", "2"]) == 2
+    assert "--jobs runs several backends at once: it needs --backend all" in capsys.readouterr().err
+    for bad in ("0", "two", "65"):
+        assert conformance_main(["--backend", "all", "--jobs", bad]) == 2
+        assert "--jobs" in capsys.readouterr().err
+
+
+def test_jobs_start_the_costliest_suites_first_and_report_in_name_order(monkeypatch, capsys):
+    import types
+
+    import capsspec.registry
+    from capsspec.conformance import cli
+
+    costs = {"alpha": 1.0, "beta": 4.0, "gamma": 0.5, "delta": 3.5}
+    monkeypatch.setattr(capsspec.registry, "available_backends", lambda: list(costs))
+    monkeypatch.setattr(cli, "skipped_backends", lambda: [])
+    monkeypatch.setattr(cli, "resolve_backend", lambda name, device: types.SimpleNamespace(
+        backend=types.SimpleNamespace(conformance_cost=costs[name], trains=True, ci_environment={})))
+    started = []
+
+    def fake_run_suites(runs, jobs):
+        started.extend(name for name, _, _ in runs)
+        return {name: 0 for name, _, _ in runs}
+
+    monkeypatch.setattr(cli, "run_suites", fake_run_suites)
+    assert cli._run_all("ci", None, [], jobs=2) == 0
+    assert started == ["beta", "delta", "alpha", "gamma"]
+    report = capsys.readouterr().out.split("results")[1]
+    assert [line.split()[0] for line in report.strip().splitlines()] == list(costs)
