@@ -245,10 +245,15 @@ def run_suites(runs: Sequence[tuple[str, list[str], dict[str, str] | None]], job
             print(f"\ncapsspec conformance: === backend {name!r} ===", flush=True)
             codes[name] = subprocess.call(cmd, env=env)
         return codes
+    import signal
     import tempfile
     import time
 
+    def stop(signum: int, frame: Any) -> None:  # a kill (scripts/test.sh's exit trap): the finally below runs
+        raise SystemExit(128 + signum)
+
     waiting, running, codes = list(runs), [], {}
+    previous = signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="capsspec-conformance-") as tmp:
         try:
             while waiting or running:
@@ -261,7 +266,8 @@ def run_suites(runs: Sequence[tuple[str, list[str], dict[str, str] | None]], job
                     running.remove(item)
                     codes[item[0]] = _print_finished(*item)
                 time.sleep(0.2)
-        finally:  # interrupted (Ctrl-C) or failed here: no suite is left running behind the command
+        finally:  # interrupted (Ctrl-C, a kill) or failed here: no suite is left running behind the command
+            signal.signal(signal.SIGTERM, previous)
             for _, proc, out in running:
                 proc.terminate()
                 proc.wait()

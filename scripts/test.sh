@@ -24,13 +24,24 @@ capsspec backends
 if [ "$#" -gt 0 ]; then
     python -m pytest "$@"
 else
-    python -m pytest -q --durations=15  # the slowest tests, so that where CI time goes stays visible
+    # The conformance suite runs beside the tests, two backends' suites at a time, its output kept
+    # and printed after them: one suite keeps about one core busy (Python between small kernels,
+    # tracing, compiling) and so does much of pytest, so together they use both cores of a 2-core
+    # CI machine instead of one after another.
+    work="$(mktemp -d)"
+    capsspec conformance --backend all --jobs 2 > "$work/conformance.log" 2>&1 &
+    conformance_pid=$!
+    trap 'kill "$conformance_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+    failed=""
+    python -m pytest -q --durations=15 || failed="$failed pytest"  # the slowest tests: where CI time goes
     # The site goes to a temporary folder: the build is a check here, nothing to keep.
-    site_dir="$(mktemp -d)"
-    trap 'rm -rf "$site_dir"' EXIT
-    NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet --site-dir "$site_dir"
-    # Two backends' suites at a time: one suite keeps about one core busy (Python between small kernels,
-    # tracing, compiling), so two share this 2-core machine's CI without waiting on each other.
-    capsspec conformance --backend all --jobs 2
+    NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet --site-dir "$work/site" || failed="$failed docs"
+    echo "waiting for the conformance suite (started with the tests)"
+    wait "$conformance_pid" || failed="$failed conformance"
+    cat "$work/conformance.log"
+    if [ -n "$failed" ]; then
+        echo "scripts/test.sh: failed:$failed" >&2
+        exit 1
+    fi
 fi
 echo "tests took $(( $(date +%s) - start )) s"

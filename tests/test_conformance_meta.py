@@ -271,3 +271,28 @@ def test_jobs_start_the_costliest_suites_first_and_report_in_name_order(monkeypa
     assert started == ["beta", "delta", "alpha", "gamma"]
     report = capsys.readouterr().out.split("results")[1]
     assert [line.split()[0] for line in report.strip().splitlines()] == list(costs)
+
+
+def test_a_killed_parallel_run_leaves_no_suite_running(tmp_path):
+    # The command runs two stand-in suites that would sleep for minutes; killed with SIGTERM (as
+    # scripts/test.sh's exit trap does), it must stop them before it exits.
+    import os
+    import signal
+    import time
+
+    pids = tmp_path / "pids"
+    script = (f"import os, time; open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n'); time.sleep(300)")
+    driver = ("import sys\nfrom capsspec.conformance.cli import run_suites\n"
+              f"run_suites([('a', [sys.executable, '-c', {script!r}], None), "
+              f"('b', [sys.executable, '-c', {script!r}], None)], jobs=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    deadline = time.time() + 60
+    while (not pids.exists() or len(pids.read_text().split()) < 2) and time.time() < deadline:
+        time.sleep(0.1)
+    children = [int(p) for p in pids.read_text().split()]
+    assert len(children) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in children:  # terminated and reaped by the command before it exited: gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
