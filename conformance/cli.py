@@ -32,6 +32,8 @@ import subprocess
 import sys
 from typing import Any, NoReturn, Sequence
 
+from capsspec.tools.args import int_in
+
 from .profiles import PROFILES
 from .selection import SelectionError, resolve_backend, skipped_backends
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="ci", choices=sorted(PROFILES),
                    help="example budget: ci (derandomised, minutes; the default), full (release checks), meta")
     p.add_argument("--device", default=None, help="device for the backend under test (e.g. cuda:0)")
-    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--jobs", type=int_in(1, 64, "positive"), default=1, metavar="N",
                    help="with --backend all: run up to N backends' suites at once, each one's output printed whole "
                         "when it ends (default 1: one after another, output as it comes)")
     own = p.add_argument_group("your own CapsNet (docs/check-your-own.md)")
@@ -96,16 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="your loss(model, x, labels): with it the loss and every gradient are checked too")
     whole.add_argument("--draws", type=int, default=3, help="weight draws (default 3)")
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of processes, got {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"expected 1 to 64 processes, got {value}")
-    return value
 
 
 def pytest_args(backend: str, profile: str, device: str | None, extra: Sequence[str]) -> list[str]:
@@ -204,12 +196,10 @@ def _run_all(profile: str, device: str | None, extra: Sequence[str], jobs: int =
         except SelectionError:
             pass  # the pytest run below says why
         runs.append((name, [sys.executable, "-m", "pytest", *pytest_args(name, profile, device, extra)], env))
-    if jobs > 1:  # the longest suites first (Backend.conformance_cost); the report keeps the names' order
-        order = sorted(runs, key=lambda run: -costs.get(run[0], 1.0))
-        codes = run_suites(order, jobs)
-        results = {name: codes[name] for name, _, _ in runs}
-    else:
-        results = run_suites(runs, jobs)
+    # Several at once: the longest suites first (Backend.conformance_cost); the report keeps the names' order.
+    order = sorted(runs, key=lambda run: -costs.get(run[0], 1.0)) if jobs > 1 else runs
+    codes = run_suites(order, jobs)
+    results = {name: codes[name] for name, _, _ in runs}
     print("\ncapsspec conformance: results")
     for name, code in results.items():
         status = "passed" if code == 0 else f"FAILED (pytest exit status {code})"
